@@ -1,0 +1,33 @@
+"""GPT-NeoX / Pythia: fused ``query_key_value`` laid out per head as [q_h | k_h | v_h]."""
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter, contiguous_heads
+
+
+class NeoXAdapter(Adapter):
+    family = "GPT-NeoX"
+    model_types = ("gpt_neox",)
+    backbone_path = "gpt_neox"
+    layers_path = "gpt_neox.layers"
+    attn_path = "attention"
+    mlp_path = "mlp"
+    attn_norm_path = "input_layernorm"
+    mlp_norm_path = "post_attention_layernorm"
+    projections = {
+        "q": "attention.query_key_value",
+        "k": "attention.query_key_value",
+        "v": "attention.query_key_value",
+        "o": "attention.dense",
+        "mlp_in": "mlp.dense_h_to_4h",
+        "mlp_out": "mlp.dense_4h_to_h",
+    }
+
+    @property
+    def parallel(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.config, "use_parallel_residual", True))
+
+    def head_columns(self, component: str) -> torch.Tensor:
+        offset = "qkv".index(component) * self.d_head
+        return contiguous_heads(self.n_heads, self.d_head, offset=offset, stride=3 * self.d_head)

@@ -1,0 +1,196 @@
+"""Attribution statistics for eigenpruning (SPEC §2, §5).
+
+For one (layer, component) with per-head thin SVD ``A_h = U_h diag(s_h) V_h``, rows
+(real tokens) carry an input activation ``x`` and an output gradient ``g``:
+
+    P[row, h, i] = x[row, h, :] · U[h, :, i]      G[row, h, i] = g[row, h, :] · V[h, i, :]
+
+Pass 1 keeps per position ``t`` the running max/min of ``P`` (``pmax``/``pmin``).
+Pass 2 keeps ``out[h, i] = max_row s[h, i] · (Q - P) · G``, where the partner term ``Q``
+is ``pmax[pos]`` or ``pmin[pos]`` ("all" pairs: the best partner at that position) or
+``partner · U`` ("shift" pairs: one explicit partner per row).
+
+All statistics are float32 and updated in place, so a data set is streamed batch by
+batch. The CPU fast path here works blockwise over rows: one GEMM per block and
+operand, in-place reductions, never more than ``block × H × r`` values alive. The
+Triton kernels (``kernels/``) keep ``P`` and ``G`` on chip instead.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Backend = Literal["auto", "torch", "triton"]
+
+# Budget, in float32 elements, for one row-block buffer of shape (block, H, r). A
+# handful of such buffers are alive at once; 2**18 (1 MiB each) keeps them in L2-ish
+# cache while still giving the GEMMs a few hundred rows to work with.
+BLOCK_ELEMS = 1 << 18
+
+
+def pass1_update(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    pos: torch.Tensor,
+    pmax: torch.Tensor,
+    pmin: torch.Tensor,
+    *,
+    backend: Backend = "auto",
+) -> None:
+    """Fold rows into the per-position extrema of ``P = x · U``.
+
+    x: (R, H, d_in), possibly stride 0 over H; U: (H, d_in, r); pos: (R,) int64 in
+    [0, T); pmax/pmin: (T, H, r) float32, updated in place (start them at -inf/+inf).
+    """
+    _check(x, U, None, None, None, pos, pmax, pmin, None, None)
+    if _use_triton(backend, x):
+        from kernels import attribution_pass1
+
+        attribution_pass1.pass1_update(x, U, pos, pmax, pmin)
+        return
+    R, H, _ = x.shape
+    r = U.shape[2]
+    # Blocks come out as (block, H*r), the row layout of the (T, H*r) statistics, so
+    # the per-position reduction is a plain row scatter.
+    pmax2, pmin2 = pmax.view(-1, H * r), pmin.view(-1, H * r)
+    project = _projector(x, U)
+    step = _block_rows(H, r)
+    for start in range(0, R, step):
+        stop = min(R, start + step)
+        P = project(start, stop)
+        index = pos[start:stop, None].expand(-1, H * r)
+        pmax2.scatter_reduce_(0, index, P, "amax")
+        pmin2.scatter_reduce_(0, index, P, "amin")
+
+
+def pass2_update(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    s: torch.Tensor,
+    pos: torch.Tensor,
+    pmax: torch.Tensor | None,
+    pmin: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    partner: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> None:
+    """Fold rows into ``out[h, i] = max_row s · (Q - P) · G`` (see module docstring).
+
+    x: (R, H, d_in) and g: (R, H, d_out), each possibly stride 0 over H; U: (H, d_in, r);
+    V: (H, r, d_out); s: (H, r), non-negative (singular values); pos: (R,) int64.
+    partner=None is "all" mode and reads pmax/pmin (T, H, r), which must already hold
+    every position in ``pos``; partner (same layout as x) is "shift" mode and ignores
+    pmax/pmin. out: (H, r) float32, updated in place (start it at -inf).
+    """
+    _check(x, U, g, V, s, pos, pmax, pmin, out, partner)
+    if _use_triton(backend, x):
+        from kernels import attribution_pass2
+
+        attribution_pass2.pass2_update(x, g, U, V, s, pos, pmax, pmin, out, partner=partner)
+        return
+    R, H, _ = x.shape
+    r = U.shape[2]
+    step = _block_rows(H, r)
+    # G is linear in g and P in x, so ``s`` folds into V once per call and the shift
+    # partner into x per block: (Pp - P) = (xp - x) · U costs one GEMM, not two.
+    gradient = _projector(g, V.float().transpose(1, 2) * s.float().unsqueeze(1))
+    if partner is None:
+        project = _projector(x, U)
+        pmax2, pmin2 = pmax.view(-1, H * r), pmin.view(-1, H * r)
+    else:
+        project = _projector(_difference(partner, x), U)
+    best_seen = out.view(H * r)
+    for start in range(0, R, step):
+        stop = min(R, start + step)
+        sG = gradient(start, stop)
+        if partner is None:
+            P = project(start, stop)
+            p = pos[start:stop]
+            # With s >= 0 the sign of sG picks the partner: (Q - P) sG is the larger of
+            # the two candidates, which avoids a select and a sign test.
+            hi = pmax2.index_select(0, p).sub_(P).mul_(sG)
+            lo = pmin2.index_select(0, p).sub_(P).mul_(sG)
+            best = torch.maximum(hi, lo, out=hi)
+        else:
+            best = project(start, stop).mul_(sG)
+        torch.maximum(best_seen, best.amax(0), out=best_seen)
+
+
+def _use_triton(backend: Backend, x: torch.Tensor) -> bool:
+    if backend == "auto":
+        return x.is_cuda
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    return backend == "triton"
+
+
+def _block_rows(H: int, r: int) -> int:
+    return max(1, BLOCK_ELEMS // (H * r))
+
+
+def _is_shared(t: torch.Tensor) -> bool:
+    """True when every head reads the same row vector (H == 1 or stride 0 over H)."""
+    return t.shape[1] == 1 or t.stride(1) == 0
+
+
+def _difference(partner: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``partner - x`` in float32, staying stride-0 over heads when both are."""
+    if partner.shape != x.shape:
+        raise ValueError(f"partner shape {tuple(partner.shape)} != x shape {tuple(x.shape)}")
+    if _is_shared(partner) and _is_shared(x):
+        return (partner[:, :1].float() - x[:, :1].float()).expand(x.shape)
+    return partner.float() - x.float()
+
+
+def _projector(t: torch.Tensor, W: torch.Tensor):
+    """Return ``project(start, stop)`` giving ``t[start:stop] · W`` as (block, H*r) fp32.
+
+    t: (R, H, k) and W: (H, k, r). Head-shared inputs use a single (block, k) x (k, H*r)
+    GEMM, which is as many FLOPs as H small GEMMs but one wide call; per-head inputs
+    use one batched GEMM.
+    """
+    H, k, r = W.shape
+    W = W.float()
+    if _is_shared(t):
+        flat = W.permute(1, 0, 2).reshape(k, H * r)
+        rows = t[:, 0]
+
+        def project(start: int, stop: int) -> torch.Tensor:
+            return rows[start:stop].float() @ flat
+
+    else:
+
+        def project(start: int, stop: int) -> torch.Tensor:
+            P = torch.bmm(t[start:stop].float().transpose(0, 1), W)
+            return P.transpose(0, 1).reshape(stop - start, H * r)
+
+    return project
+
+
+def _check(x, U, g, V, s, pos, pmax, pmin, out, partner) -> None:
+    if x.dim() != 3 or U.dim() != 3:
+        raise ValueError("x must be (R, H, d_in) and U (H, d_in, r)")
+    R, H, d_in = x.shape
+    if U.shape[:2] != (H, d_in):
+        raise ValueError(f"U shape {tuple(U.shape)} does not match x {tuple(x.shape)}")
+    r = U.shape[2]
+    if pos.shape != (R,) or pos.dtype != torch.int64:
+        raise ValueError("pos must be an int64 tensor of shape (R,)")
+    if g is not None:
+        if g.dim() != 3 or g.shape[:2] != (R, H):
+            raise ValueError(f"g shape {tuple(g.shape)} does not match x {tuple(x.shape)}")
+        if V.shape != (H, r, g.shape[2]) or s.shape != (H, r):
+            raise ValueError("V must be (H, r, d_out) and s (H, r)")
+        if out.shape != (H, r) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError("out must be a contiguous float32 (H, r) tensor")
+    if partner is None:
+        for name, stat in (("pmax", pmax), ("pmin", pmin)):
+            if stat is None or stat.dim() != 3 or stat.shape[1:] != (H, r):
+                raise ValueError(f"{name} must be a (T, H, r) tensor")
+            if stat.dtype != torch.float32 or not stat.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous float32 tensor")

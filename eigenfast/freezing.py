@@ -1,0 +1,82 @@
+"""Choose the lowest-scoring rank-one terms and freeze them into position-indexed biases.
+
+Freezing term i of a matrix: ``A' = A − E_i`` and ``b'[t] = b + x̄[t] E_i``.
+All sites that live in one projection module (GPT-2 and NeoX fuse q, k and v)
+are folded into that module together, then it is replaced by a
+:class:`~eigenfast.modules.TokenBiasLinear`.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter, projection_matrix
+from .modules import TokenBiasLinear, connect_positions, replace_module
+from .scoring import Attribution, Key
+
+
+def validate_fraction(p: object, name: str = "p") -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"{name} must be a fraction in [0, 1] (or 'auto'), got {p!r}")
+    return float(p)
+
+
+def select_frozen(scores: dict[Key, torch.Tensor], p: float) -> dict[Key, torch.Tensor]:
+    """Per component type c, mark the ``floor(p · n_c)`` lowest scores across all layers and heads."""
+    p = validate_fraction(p)
+    by_component: dict[str, list[Key]] = defaultdict(list)
+    for key in scores:
+        by_component[key[1]].append(key)
+    frozen = {key: torch.zeros_like(value, dtype=torch.bool) for key, value in scores.items()}
+    for keys in by_component.values():
+        flat = torch.cat([scores[k].flatten() for k in keys])
+        # round() first so that e.g. 0.29 * 100 counts as 29, not 28.999...
+        count = math.floor(round(p * flat.numel(), 9))
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+        chosen[torch.argsort(flat, stable=True)[:count]] = True
+        for key, part in zip(keys, chosen.split([scores[k].numel() for k in keys])):
+            frozen[key] = part.view_as(scores[key])
+    return frozen
+
+
+def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.Tensor], extrapolate: str = "mean") -> None:
+    """Fold the frozen terms into ``model`` in place; modules with nothing frozen stay untouched."""
+    by_module: dict[str, list[Key]] = defaultdict(list)
+    for key, mask in frozen.items():
+        if bool(mask.any()):
+            by_module[attribution.stats[key].site.path].append(key)
+    for path, keys in by_module.items():
+        module = model.get_submodule(path)
+        A = projection_matrix(module).detach().double()
+        delta = torch.zeros_like(A)
+        for key in keys:
+            _add_frozen_terms(delta, attribution, key, frozen[key].to(A.device))
+        bias = module.bias.detach().double() if module.bias is not None else torch.zeros(A.shape[1], dtype=A.dtype, device=A.device)
+        # x̄[t] ΔA sums x̄[t] E_i over every frozen term: ΔA is zero outside each head's block.
+        table = bias + attribution.mean_input(keys[0]).to(A.device) @ delta
+        new = TokenBiasLinear(A.shape[0], A.shape[1], attribution.calib_len, extrapolate)
+        new = new.to(device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_((A - delta).T)
+        new.set_rows(table)
+        replace_module(model, path, new)
+    connect_positions(model)
+
+
+def _add_frozen_terms(delta: torch.Tensor, attribution: Attribution, key: Key, mask: torch.Tensor) -> None:
+    st = attribution.stats[key]
+    site, factors = st.site, st.factors
+    for head in range(site.heads):
+        index = mask[head].nonzero().flatten()
+        if index.numel() == 0:
+            continue
+        terms = factors.terms(head, index.to(factors.U.device)).to(delta.device)
+        if site.out_index is not None:
+            delta[:, site.out_index[head]] += terms
+        elif site.in_index is not None:
+            delta[site.in_index[head], :] += terms
+        else:
+            delta += terms

@@ -1,0 +1,177 @@
+"""``eigenfast.prune``: score, choose p (or sweep it), freeze, report."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+from .data import TaskData, as_task_data
+from .forward import Evaluation, evaluate
+from .freezing import freeze, select_frozen, validate_fraction
+from .modules import EXTRAPOLATE
+from .scoring import Attribution, Key, attribute
+
+DEFAULT_CANDIDATES = (0.01, 0.05, 0.10, 0.30)
+
+
+@dataclass
+class Candidate:
+    """One value of p tried: how much it froze and how the pruned model did on held-out data."""
+
+    p: float
+    frozen: dict[str, int]
+    evaluation: Evaluation | None = None
+
+
+@dataclass
+class PruneReport:
+    p: float
+    components: tuple[str, ...]
+    pairs: str
+    calib_len: int
+    baseline: Evaluation | None
+    candidates: list[Candidate]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """A plain-text table: one row per p, with what it froze and held-out accuracy/loss."""
+        lines = [f"{'p':>6}  {'frozen':<32} {'accuracy':>9} {'loss':>8}"]
+        if self.baseline is not None:
+            lines.append(f"{'base':>6}  {'-':<32} {self.baseline.accuracy:>9.2%} {self.baseline.loss:>8.4f}")
+        for cand in self.candidates:
+            frozen = ", ".join(f"{c}:{n}" for c, n in cand.frozen.items())
+            ev = cand.evaluation
+            acc = f"{ev.accuracy:>9.2%}" if ev else f"{'-':>9}"
+            loss = f"{ev.loss:>8.4f}" if ev else f"{'-':>8}"
+            mark = "  <- kept" if cand.p == self.p and len(self.candidates) > 1 else ""
+            lines.append(f"{cand.p:>6.2f}  {frozen:<32} {acc} {loss}{mark}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "p": self.p,
+            "components": list(self.components),
+            "pairs": self.pairs,
+            "calib_len": self.calib_len,
+            "baseline": None if self.baseline is None else self.baseline.as_dict(),
+            "candidates": [
+                {"p": c.p, "frozen": c.frozen, "evaluation": None if c.evaluation is None else c.evaluation.as_dict()}
+                for c in self.candidates
+            ],
+            "timings": self.timings,
+        }
+
+
+@dataclass
+class PruneResult:
+    """The eigenpruned model (same class as the input, ready to use) and how it was made."""
+
+    model: nn.Module
+    scores: dict[Key, torch.Tensor]
+    frozen: dict[Key, torch.Tensor]
+    report: PruneReport
+    tokenizer: Any = None
+
+    def save(self, directory: str | Path) -> Path:
+        """safetensors + JSON; reload with :func:`eigenfast.load`."""
+        from .serialization import save_model
+
+        tensors = {f"scores.{l}.{c}": v for (l, c), v in self.scores.items()}
+        tensors.update({f"frozen.{l}.{c}": v.to(torch.uint8) for (l, c), v in self.frozen.items()})
+        return save_model(self.model, directory, kind="eigenpruned", report=self.report.as_dict(), tensors=tensors, tokenizer=self.tokenizer)
+
+
+def prune(
+    model: nn.Module,
+    data: "TaskData | dict",
+    p: "float | str" = 0.05,
+    components: Sequence[str] = ("k",),
+    pairs: str = "all",
+    batch_size: int = 32,
+    extrapolate: str = "mean",
+    candidates: Sequence[float] = DEFAULT_CANDIDATES,
+    val_data: "TaskData | dict | None" = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    backend: str = "auto",
+    inplace: bool = False,
+    tokenizer: Any = None,
+    progress_bar: bool = True,
+) -> PruneResult:
+    """Eigenprune ``model`` for the task in ``data`` (SPEC §2).
+
+    ``p`` is the fraction of each component type's singular values to freeze, or
+    ``"auto"``: score once, try every candidate p (plus the defaults) on held-out
+    data (``val_data``, else a seeded ``val_fraction`` split of ``data``) and keep
+    the most accurate. The input model is left untouched unless ``inplace``.
+    """
+    if extrapolate not in EXTRAPOLATE:
+        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+    auto = isinstance(p, str)
+    if auto and p != "auto":
+        raise ValueError(f"p must be a fraction in [0, 1] or 'auto', got {p!r}")
+    if not auto:
+        p = validate_fraction(p)
+    elif inplace:
+        raise ValueError("inplace=True needs a fixed p: p='auto' builds one pruned copy per candidate")
+    get_adapter(model)  # fail early on an unsupported architecture
+    data = as_task_data(data)
+    if val_data is not None:
+        val_data = as_task_data(val_data)
+    elif auto:
+        data, val_data = data.split(1.0 - val_fraction, seed=seed)
+
+    started = time.perf_counter()
+    attribution = attribute(model, data, components, pairs, batch_size, backend=backend, progress_bar=progress_bar)
+    timings = {"score": time.perf_counter() - started, **attribution.timings}
+    scores = attribution.scores
+
+    tried = sorted({validate_fraction(c, "candidate p") for c in candidates}) if auto else [p]
+    baseline = None
+    if val_data is not None:
+        started = time.perf_counter()
+        baseline = evaluate(model, val_data, batch_size, desc="evaluate base model" if progress_bar else None)
+        timings["evaluate"] = time.perf_counter() - started
+
+    results: list[Candidate] = []
+    best: tuple[nn.Module, dict[Key, torch.Tensor], Candidate] | None = None
+    for value in tried:
+        started = time.perf_counter()
+        frozen = select_frozen(scores, value)
+        target = model if inplace else copy.deepcopy(model)
+        freeze(target, attribution, frozen, extrapolate)
+        timings["freeze"] = timings.get("freeze", 0.0) + time.perf_counter() - started
+        candidate = Candidate(value, _count_by_component(frozen))
+        if val_data is not None:
+            started = time.perf_counter()
+            desc = f"evaluate p={value:g}" if progress_bar else None
+            candidate.evaluation = evaluate(target, val_data, batch_size, desc=desc)
+            timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - started
+        results.append(candidate)
+        if best is None or _better(candidate, best[2]):
+            best = (target, frozen, candidate)
+
+    assert best is not None
+    pruned, frozen, chosen = best
+    report = PruneReport(chosen.p, tuple(dict.fromkeys(components)), pairs, attribution.calib_len, baseline, results, timings)
+    return PruneResult(pruned, scores, frozen, report, tokenizer)
+
+
+def _better(a: Candidate, b: Candidate) -> bool:
+    """Higher held-out accuracy wins; ties go to the lower loss, then to the smaller p."""
+    if a.evaluation is None or b.evaluation is None:
+        return False
+    return (a.evaluation.accuracy, -a.evaluation.loss) > (b.evaluation.accuracy, -b.evaluation.loss)
+
+
+def _count_by_component(frozen: dict[Key, torch.Tensor]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for (_, component), mask in frozen.items():
+        counts[component] = counts.get(component, 0) + int(mask.sum())
+    return counts

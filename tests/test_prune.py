@@ -1,0 +1,227 @@
+"""eigenfast.prune: freezing math, equivalences with hook-based references, and the pruned model in use."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import eigenfast
+from eigenfast.adapters import get_adapter, projection_matrix
+from eigenfast.data import TaskData
+from eigenfast.modules import TokenBiasLinear
+
+from conftest import make_data, make_model
+
+ALL = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
+
+
+def components_of(model) -> tuple[str, ...]:
+    return get_adapter(model).components()
+
+
+def logits(model, data: TaskData) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**data.model_inputs()).logits
+
+
+def mean_inputs(model, data: TaskData, path: str) -> torch.Tensor:
+    """x̄[t] of one module's input, by hooks, over real tokens at each true position."""
+    seen = {}
+    handle = model.get_submodule(path).register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
+    logits(model, data)
+    handle.remove()
+    x, mask, pos = seen["x"].double(), data.mask.bool(), data.position_ids
+    return torch.stack([x[mask & (pos == t)].mean(0) for t in range(int(pos.max()) + 1)])
+
+
+def frozen_delta(model, result, path: str) -> torch.Tensor:
+    """Σ E_i over the frozen terms of every site living in ``path``, rebuilt from scratch."""
+    adapter = get_adapter(model)
+    A = projection_matrix(model.get_submodule(path)).detach().double()
+    delta = torch.zeros_like(A)
+    for (layer, component), mask in result.frozen.items():
+        site = adapter.site(layer, component)
+        if site.path != path:
+            continue
+        for h in range(site.heads):
+            rows = site.in_index[h] if site.in_index is not None else torch.arange(A.shape[0])
+            cols = site.out_index[h] if site.out_index is not None else torch.arange(A.shape[1])
+            U, s, V = torch.linalg.svd(A[rows][:, cols], full_matrices=False)
+            for i in mask[h].nonzero().flatten().tolist():
+                delta[rows.unsqueeze(1), cols.unsqueeze(0)] += s[i] * torch.outer(U[:, i], V[i])
+    return delta
+
+
+def pruned_paths(result) -> list[str]:
+    return [name for name, m in result.model.named_modules() if isinstance(m, TokenBiasLinear)]
+
+
+def test_p_zero_changes_nothing(config_name):
+    model = make_model(config_name)
+    data = make_data(padded=True)
+    result = eigenfast.prune(model, data, p=0.0, components=components_of(model))
+    assert pruned_paths(result) == []
+    torch.testing.assert_close(logits(result.model, data), logits(model, data), rtol=0, atol=1e-5)
+
+
+def test_weights_and_tables_follow_the_freezing_rule(config_name):
+    model = make_model(config_name)
+    data = make_data(padded=True)
+    result = eigenfast.prune(model, data, p=0.3, components=components_of(model))
+    paths = pruned_paths(result)
+    assert paths, "p=0.3 should freeze something in every module type"
+    for path in paths:
+        original = model.get_submodule(path)
+        A = projection_matrix(original).detach().double()
+        bias = original.bias.detach().double() if original.bias is not None else torch.zeros(A.shape[1]).double()
+        delta = frozen_delta(model, result, path)
+        pruned = result.model.get_submodule(path)
+        torch.testing.assert_close(pruned.weight.double().T, A - delta, rtol=0, atol=1e-6)
+        expected = bias + mean_inputs(model, data, path) @ delta
+        torch.testing.assert_close(pruned.rows.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_selection_counts_floor_p_per_component_type(family):
+    model = make_model(family)
+    comps = components_of(model)
+    result = eigenfast.prune(model, make_data(), p=0.29, components=comps)
+    for c in comps:
+        scores = torch.cat([v.flatten() for (l, k), v in result.scores.items() if k == c])
+        chosen = torch.cat([v.flatten() for (l, k), v in result.frozen.items() if k == c])
+        assert int(chosen.sum()) == int(0.29 * scores.numel() + 1e-9)
+        # Every frozen score is at most every kept score: the lowest ones went.
+        assert scores[chosen].max() <= scores[~chosen].min()
+
+
+def test_pruned_model_equals_hook_based_frozen_forward(config_name):
+    model = make_model(config_name)
+    data = make_data(padded=True)
+    result = eigenfast.prune(model, data, p=0.2, components=components_of(model))
+    positions = data.position_ids
+    # Means come from the untouched model, before any hook is in place.
+    edits = {path: (frozen_delta(model, result, path).float(), mean_inputs(model, data, path).float()) for path in pruned_paths(result)}
+    handles = []
+    for path, (delta, xbar) in edits.items():
+
+        def hook(mod, args, out, delta=delta, xbar=xbar):
+            # Drop the frozen terms' live effect, add their mean effect at each true position.
+            return out - args[0] @ delta + (xbar @ delta)[positions]
+
+        handles.append(model.get_submodule(path).register_forward_hook(hook))
+    reference = logits(model, data)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(logits(result.model, data), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_with_kv_cache_matches_full_forwards(family):
+    model = make_model(family)
+    data = make_data(n=6, length=6)
+    result = eigenfast.prune(model, data, p=0.2, components=components_of(model), extrapolate="last")
+    prompt = data.input_ids[:2, :4]
+    generated = result.model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, pad_token_id=0
+    )
+    tokens = prompt
+    for _ in range(5):  # no cache: the whole sequence every step
+        with torch.no_grad():
+            nxt = result.model(tokens, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, nxt], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+def test_left_padding_gives_unpadded_logits(family):
+    model = make_model(family)
+    data = make_data(n=8, length=6, padded=True)
+    result = eigenfast.prune(model, data, p=0.2, components=components_of(model))
+    batch = logits(result.model, data)
+    for row in range(len(data)):
+        real = data.mask[row].bool()
+        alone = logits(result.model, TaskData(data.input_ids[row, real][None], data.labels[row : row + 1]))
+        torch.testing.assert_close(batch[row, real], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_save_load_gives_identical_logits(tmp_path, family):
+    model = make_model(family)
+    data = make_data(padded=True)
+    result = eigenfast.prune(model, data, p=0.2, components=components_of(model))
+    result.save(tmp_path / "pruned")
+    loaded = eigenfast.load(tmp_path / "pruned")
+    assert type(loaded) is type(model)
+    assert torch.equal(logits(loaded, data), logits(result.model, data))
+    extras = eigenfast.serialization.load_extras(tmp_path / "pruned")
+    assert torch.equal(extras["scores.0.k"], result.scores[(0, "k")])
+
+
+def test_corrupted_saves_are_refused(tmp_path):
+    model = make_model("gpt2")
+    result = eigenfast.prune(model, make_data(), p=0.2, components=("k", "mlp_in"))
+    target = result.save(tmp_path / "m")
+    weights = target / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(eigenfast.SavedModelError, match="save the model again"):
+        eigenfast.load(target)
+    weights.write_bytes(good)
+    (target / "eigenfast.json").write_text("{not json")
+    with pytest.raises(eigenfast.SavedModelError, match="corrupted"):
+        eigenfast.load(target)
+    with pytest.raises(eigenfast.SavedModelError, match="no eigenfast.json"):
+        eigenfast.load(tmp_path)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError):
+        result.save(tmp_path / "other")
+    assert (tmp_path / "other" / "keep.txt").read_text() == "user data"
+
+
+def test_positions_beyond_calibration_follow_the_rule():
+    model = make_model("llama")
+    data = make_data(n=6, length=4)
+    long = make_data(n=2, length=7, seed=3)
+    with pytest.raises(eigenfast.PositionIndexError, match="calibration length 4"):
+        logits(eigenfast.prune(model, data, p=0.3, components=("k", "o"), extrapolate="error").model, long)
+    for rule in ("mean", "last"):
+        pruned = eigenfast.prune(model, data, p=0.3, components=("k", "o"), extrapolate=rule).model
+        module = pruned.get_submodule("model.layers.0.self_attn.o_proj")
+        expected = module.rows.mean(0) if rule == "mean" else module.rows[-1]
+        torch.testing.assert_close(module.table[4], expected, rtol=0, atol=1e-7)
+        assert torch.isfinite(logits(pruned, long)).all()
+
+
+def test_auto_sweeps_candidates_on_held_out_data():
+    model = make_model("gpt2")
+    data = make_data(n=20)
+    result = eigenfast.prune(model, data, p="auto", components=("k",), candidates=(0.0, 0.1, 0.5))
+    report = result.report
+    assert [c.p for c in report.candidates] == [0.0, 0.1, 0.5]
+    assert all(c.evaluation is not None and c.evaluation.n == 4 for c in report.candidates)
+    best = max(report.candidates, key=lambda c: (c.evaluation.accuracy, -c.evaluation.loss))
+    assert report.p == best.p
+    assert "accuracy" in report.table()
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, "half", True])
+def test_bad_p_is_refused(p):
+    with pytest.raises(ValueError, match="p must be a fraction in"):
+        eigenfast.prune(make_model("gpt2"), make_data(), p=p)
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2))
+    with pytest.raises(eigenfast.UnsupportedModelError, match="gpt2, gpt_neox, llama"):
+        eigenfast.prune(opt, make_data(), p=0.1)
+
+
+def test_plain_dict_data_is_accepted_and_bad_data_is_refused():
+    model = make_model("gpt2")
+    data = make_data()
+    as_dict = {"input_ids": data.input_ids, "labels": data.labels}
+    assert eigenfast.score(model, as_dict)[(0, "k")].shape == (4, 8)
+    with pytest.raises(eigenfast.DataError, match="empty"):
+        eigenfast.prune(model, {"input_ids": torch.zeros(0, 3, dtype=torch.long), "labels": torch.zeros(0, dtype=torch.long)})
+    with pytest.raises(eigenfast.DataError, match="length mismatch"):
+        eigenfast.prune(model, {"input_ids": data.input_ids, "labels": data.labels[:-1]})
+    with pytest.raises(eigenfast.DataError, match="one target token"):
+        eigenfast.prune(model, {"input_ids": data.input_ids, "labels": data.input_ids[:, :2]})
