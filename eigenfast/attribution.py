@@ -18,7 +18,8 @@ Triton kernels (``kernels/``) keep ``P`` and ``G`` on chip instead.
 
 from __future__ import annotations
 
-from typing import Literal
+import importlib.util
+from typing import Callable, Literal
 
 import torch
 
@@ -103,7 +104,7 @@ def pass2_update(
         project = _projector(x, U)
         pmax2, pmin2 = pmax.view(-1, H * r), pmin.view(-1, H * r)
     else:
-        project = _projector(_difference(partner, x), U)
+        project = _projector(partner, U, minus=x)
     best_seen = out.view(H * r)
     for start in range(0, R, step):
         stop = min(R, start + step)
@@ -123,7 +124,8 @@ def pass2_update(
 
 def _use_triton(backend: Backend, x: torch.Tensor) -> bool:
     if backend == "auto":
-        return x.is_cuda
+        # The torch path runs on any device, so a GPU without Triton still works.
+        return x.is_cuda and importlib.util.find_spec("triton") is not None
     if backend not in ("torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     return backend == "triton"
@@ -138,41 +140,49 @@ def _is_shared(t: torch.Tensor) -> bool:
     return t.shape[1] == 1 or t.stride(1) == 0
 
 
-def _difference(partner: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``partner - x`` in float32, staying stride-0 over heads when both are."""
-    if partner.shape != x.shape:
-        raise ValueError(f"partner shape {tuple(partner.shape)} != x shape {tuple(x.shape)}")
-    if _is_shared(partner) and _is_shared(x):
-        return (partner[:, :1].float() - x[:, :1].float()).expand(x.shape)
-    return partner.float() - x.float()
+def _projector(
+    t: torch.Tensor, W: torch.Tensor, minus: torch.Tensor | None = None
+) -> Callable[[int, int], torch.Tensor]:
+    """Return ``project(start, stop)`` giving ``(t - minus)[start:stop] · W`` as a
+    (block, H*r) float32 tensor (``minus`` defaults to nothing).
 
-
-def _projector(t: torch.Tensor, W: torch.Tensor):
-    """Return ``project(start, stop)`` giving ``t[start:stop] · W`` as (block, H*r) fp32.
-
-    t: (R, H, k) and W: (H, k, r). Head-shared inputs use a single (block, k) x (k, H*r)
-    GEMM, which is as many FLOPs as H small GEMMs but one wide call; per-head inputs
-    use one batched GEMM.
+    t, minus: (R, H, k) and W: (H, k, r). Head-shared inputs use a single (block, k) x
+    (k, H*r) GEMM, which is as many FLOPs as H small GEMMs but one wide call; per-head
+    inputs use one batched GEMM.
     """
     H, k, r = W.shape
     W = W.float()
-    if _is_shared(t):
-        flat = W.permute(1, 0, 2).reshape(k, H * r)
-        rows = t[:, 0]
+    shared = _is_shared(t) and (minus is None or _is_shared(minus))
+    if shared:
+        W = W.permute(1, 0, 2).reshape(k, H * r)
+        t = t[:, 0]
+        minus = None if minus is None else minus[:, 0]
 
-        def project(start: int, stop: int) -> torch.Tensor:
-            return rows[start:stop].float() @ flat
+    def rows(start: int, stop: int) -> torch.Tensor:
+        block = t[start:stop].float()
+        return block if minus is None else block - minus[start:stop].float()
 
-    else:
-
-        def project(start: int, stop: int) -> torch.Tensor:
-            P = torch.bmm(t[start:stop].float().transpose(0, 1), W)
-            return P.transpose(0, 1).reshape(stop - start, H * r)
+    def project(start: int, stop: int) -> torch.Tensor:
+        if shared:
+            return rows(start, stop) @ W
+        P = torch.bmm(rows(start, stop).transpose(0, 1), W)
+        return P.transpose(0, 1).reshape(stop - start, H * r)
 
     return project
 
 
-def _check(x, U, g, V, s, pos, pmax, pmin, out, partner) -> None:
+def _check(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    g: torch.Tensor | None,
+    V: torch.Tensor | None,
+    s: torch.Tensor | None,
+    pos: torch.Tensor,
+    pmax: torch.Tensor | None,
+    pmin: torch.Tensor | None,
+    out: torch.Tensor | None,
+    partner: torch.Tensor | None,
+) -> None:
     if x.dim() != 3 or U.dim() != 3:
         raise ValueError("x must be (R, H, d_in) and U (H, d_in, r)")
     R, H, d_in = x.shape
@@ -188,6 +198,8 @@ def _check(x, U, g, V, s, pos, pmax, pmin, out, partner) -> None:
             raise ValueError("V must be (H, r, d_out) and s (H, r)")
         if out.shape != (H, r) or out.dtype != torch.float32 or not out.is_contiguous():
             raise ValueError("out must be a contiguous float32 (H, r) tensor")
+    if partner is not None and partner.shape != x.shape:
+        raise ValueError(f"partner shape {tuple(partner.shape)} != x shape {tuple(x.shape)}")
     if partner is None:
         for name, stat in (("pmax", pmax), ("pmin", pmin)):
             if stat is None or stat.dim() != 3 or stat.shape[1:] != (H, r):

@@ -27,6 +27,7 @@ class Candidate:
     p: float
     frozen: dict[str, int]
     evaluation: Evaluation | None = None
+    test: Evaluation | None = None
 
 
 @dataclass
@@ -37,20 +38,17 @@ class PruneReport:
     calib_len: int
     baseline: Evaluation | None
     candidates: list[Candidate]
+    baseline_test: Evaluation | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def table(self) -> str:
-        """A plain-text table: one row per p, with what it froze and held-out accuracy/loss."""
-        lines = [f"{'p':>6}  {'frozen':<32} {'accuracy':>9} {'loss':>8}"]
-        if self.baseline is not None:
-            lines.append(f"{'base':>6}  {'-':<32} {self.baseline.accuracy:>9.2%} {self.baseline.loss:>8.4f}")
+        """One row per p: what it froze, held-out accuracy/loss (chooses p) and test accuracy/loss (reported only)."""
+        lines = [f"{'p':>6}  {'frozen':<28} {'val acc':>8} {'val loss':>9} {'test acc':>9} {'test loss':>10}"]
+        lines.append(f"{'base':>6}  {'-':<28} {_cells(self.baseline)} {_cells(self.baseline_test, 1)}")
         for cand in self.candidates:
             frozen = ", ".join(f"{c}:{n}" for c, n in cand.frozen.items())
-            ev = cand.evaluation
-            acc = f"{ev.accuracy:>9.2%}" if ev else f"{'-':>9}"
-            loss = f"{ev.loss:>8.4f}" if ev else f"{'-':>8}"
             mark = "  <- kept" if cand.p == self.p and len(self.candidates) > 1 else ""
-            lines.append(f"{cand.p:>6.2f}  {frozen:<32} {acc} {loss}{mark}")
+            lines.append(f"{cand.p:>6.2f}  {frozen:<28} {_cells(cand.evaluation)} {_cells(cand.test, 1)}{mark}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -59,13 +57,24 @@ class PruneReport:
             "components": list(self.components),
             "pairs": self.pairs,
             "calib_len": self.calib_len,
-            "baseline": None if self.baseline is None else self.baseline.as_dict(),
+            "baseline": _as_dict(self.baseline),
+            "baseline_test": _as_dict(self.baseline_test),
             "candidates": [
-                {"p": c.p, "frozen": c.frozen, "evaluation": None if c.evaluation is None else c.evaluation.as_dict()}
+                {"p": c.p, "frozen": c.frozen, "evaluation": _as_dict(c.evaluation), "test": _as_dict(c.test)}
                 for c in self.candidates
             ],
             "timings": self.timings,
         }
+
+
+def _cells(ev: Evaluation | None, pad: int = 0) -> str:
+    if ev is None:
+        return f"{'-':>{8 + pad}} {'-':>{9 + pad}}"
+    return f"{ev.accuracy:>{8 + pad}.2%} {ev.loss:>{9 + pad}.4f}"
+
+
+def _as_dict(ev: Evaluation | None) -> dict[str, float] | None:
+    return None if ev is None else ev.as_dict()
 
 
 @dataclass
@@ -97,6 +106,7 @@ def prune(
     extrapolate: str = "mean",
     candidates: Sequence[float] = DEFAULT_CANDIDATES,
     val_data: "TaskData | dict | None" = None,
+    test_data: "TaskData | dict | None" = None,
     val_fraction: float = 0.2,
     seed: int = 0,
     backend: str = "auto",
@@ -109,7 +119,8 @@ def prune(
     ``p`` is the fraction of each component type's singular values to freeze, or
     ``"auto"``: score once, try every candidate p (plus the defaults) on held-out
     data (``val_data``, else a seeded ``val_fraction`` split of ``data``) and keep
-    the most accurate. The input model is left untouched unless ``inplace``.
+    the most accurate. ``test_data``, if given, is evaluated for the report only,
+    never to choose p. The input model is left untouched unless ``inplace``.
     """
     if extrapolate not in EXTRAPOLATE:
         raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
@@ -133,11 +144,11 @@ def prune(
     scores = attribution.scores
 
     tried = sorted({validate_fraction(c, "candidate p") for c in candidates}) if auto else [p]
-    baseline = None
-    if val_data is not None:
-        started = time.perf_counter()
-        baseline = evaluate(model, val_data, batch_size, desc="evaluate base model" if progress_bar else None)
-        timings["evaluate"] = time.perf_counter() - started
+    test_data = None if test_data is None else as_task_data(test_data)
+    started = time.perf_counter()
+    baseline = _maybe_evaluate(model, val_data, batch_size, progress_bar and "evaluate base model")
+    baseline_test = _maybe_evaluate(model, test_data, batch_size, progress_bar and "test base model")
+    timings["evaluate"] = time.perf_counter() - started
 
     results: list[Candidate] = []
     best: tuple[nn.Module, dict[Key, torch.Tensor], Candidate] | None = None
@@ -147,20 +158,28 @@ def prune(
         target = model if inplace else copy.deepcopy(model)
         freeze(target, attribution, frozen, extrapolate)
         timings["freeze"] = timings.get("freeze", 0.0) + time.perf_counter() - started
-        candidate = Candidate(value, _count_by_component(frozen))
-        if val_data is not None:
-            started = time.perf_counter()
-            desc = f"evaluate p={value:g}" if progress_bar else None
-            candidate.evaluation = evaluate(target, val_data, batch_size, desc=desc)
-            timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - started
+        started = time.perf_counter()
+        candidate = Candidate(
+            value,
+            _count_by_component(frozen),
+            _maybe_evaluate(target, val_data, batch_size, progress_bar and f"evaluate p={value:g}"),
+            _maybe_evaluate(target, test_data, batch_size, progress_bar and f"test p={value:g}"),
+        )
+        timings["evaluate"] += time.perf_counter() - started
         results.append(candidate)
         if best is None or _better(candidate, best[2]):
             best = (target, frozen, candidate)
 
     assert best is not None
     pruned, frozen, chosen = best
-    report = PruneReport(chosen.p, tuple(dict.fromkeys(components)), pairs, attribution.calib_len, baseline, results, timings)
+    report = PruneReport(
+        chosen.p, tuple(dict.fromkeys(components)), pairs, attribution.calib_len, baseline, results, baseline_test, timings
+    )
     return PruneResult(pruned, scores, frozen, report, tokenizer)
+
+
+def _maybe_evaluate(model: nn.Module, data: TaskData | None, batch_size: int, desc: "str | bool") -> Evaluation | None:
+    return None if data is None else evaluate(model, data, batch_size, desc=desc or None)
 
 
 def _better(a: Candidate, b: Candidate) -> bool:

@@ -225,3 +225,13 @@ def test_plain_dict_data_is_accepted_and_bad_data_is_refused():
         eigenfast.prune(model, {"input_ids": data.input_ids, "labels": data.labels[:-1]})
     with pytest.raises(eigenfast.DataError, match="one target token"):
         eigenfast.prune(model, {"input_ids": data.input_ids, "labels": data.input_ids[:, :2]})
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_torch_compile_of_a_pruned_model(name):
+    # aot_eager traces with fake tensors (the op's fake kernel) in one graph, without inductor's long C++ build.
+    model = make_model(name)
+    data = make_data(padded=True)
+    pruned = eigenfast.prune(model, data, p=0.2, components=components_of(model)).model
+    compiled = torch.compile(pruned, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(logits(compiled, data), logits(pruned, data), rtol=0, atol=1e-6)

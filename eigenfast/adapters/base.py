@@ -98,6 +98,7 @@ class Adapter:
     mlp_norm_path: str | None = None  # None: attention and MLP share one norm (parallel block)
     parallel: bool = False
     projections: dict[str, str] = {}
+    cache_argument: str = "past_key_values"  # the keyword a decoder layer hands its attention the KV cache under
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -169,3 +170,16 @@ class Adapter:
         """Output columns of the q/k/v projection owned by each head (separate projections by default)."""
         heads = self.n_heads if component == "q" else self.n_kv_heads
         return contiguous_heads(heads, self.d_head)
+
+    # --- head removal ----------------------------------------------------
+    def kv_head(self, head: int) -> int:
+        """The KV head that query head ``head`` reads (HF ``repeat_kv``: consecutive query heads share one)."""
+        return head // (self.n_heads // self.n_kv_heads)
+
+    def head_count_attributes(self, n_heads: int, n_kv_heads: int) -> dict[str, int]:
+        """The attention module's attributes to set once it keeps ``n_heads`` query and ``n_kv_heads`` KV heads.
+
+        Most HF attentions infer head counts from the projections' shapes and only
+        need the GQA repeat factor; families that store more override this.
+        """
+        return {"num_key_value_groups": n_heads // n_kv_heads}

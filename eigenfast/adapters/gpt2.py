@@ -27,3 +27,7 @@ class GPT2Adapter(Adapter):
     def head_columns(self, component: str) -> torch.Tensor:
         offset = "qkv".index(component) * self.d_model
         return contiguous_heads(self.n_heads, self.d_head, offset=offset)
+
+    def head_count_attributes(self, n_heads: int, n_kv_heads: int) -> dict[str, int]:
+        # GPT2Attention splits c_attn's output into [Q | K | V] by split_size; no GQA.
+        return {"num_heads": n_heads, "split_size": n_heads * self.d_head}

@@ -23,6 +23,7 @@ class NeoXAdapter(Adapter):
         "mlp_in": "mlp.dense_h_to_4h",
         "mlp_out": "mlp.dense_4h_to_h",
     }
+    cache_argument = "layer_past"
 
     @property
     def parallel(self) -> bool:  # type: ignore[override]
@@ -31,3 +32,6 @@ class NeoXAdapter(Adapter):
     def head_columns(self, component: str) -> torch.Tensor:
         offset = "qkv".index(component) * self.d_head
         return contiguous_heads(self.n_heads, self.d_head, offset=offset, stride=3 * self.d_head)
+
+    def head_count_attributes(self, n_heads: int, n_kv_heads: int) -> dict[str, int]:
+        return {}  # GPTNeoXAttention reads the head count off query_key_value's output shape

@@ -103,16 +103,22 @@ def _as_rows(t: Tensor) -> Tensor:
 # Same steps as the C++ kernels (one mm, then the gather-add), so results agree bit for bit.
 
 
+def _gather_rows(bias_table: Tensor, pos: Tensor) -> Tensor:
+    """bias_table[pos] as (rows, d); index_select, unlike indexing, rejects negative
+    positions instead of wrapping them."""
+    return bias_table.index_select(0, pos.reshape(-1))
+
+
 def _linear_fallback(x: Tensor, weight: Tensor, bias_table: Tensor, pos: Tensor) -> Tensor:
     _check_linear(x, weight, bias_table, pos)
     out = _as_rows(x) @ weight.t()
-    out += bias_table[pos.reshape(-1)]
+    out += _gather_rows(bias_table, pos)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def _add_fallback(y: Tensor, bias_table: Tensor, pos: Tensor) -> Tensor:
     _check_add(y, bias_table, pos)
-    return y.contiguous() + bias_table[pos]  # contiguous, as the fake kernel promises
+    return (_as_rows(y) + _gather_rows(bias_table, pos)).view(y.shape)
 
 
 def _define_fallback_ops() -> torch.library.Library:

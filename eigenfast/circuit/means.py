@@ -1,0 +1,120 @@
+"""Mean contributions of every head and MLP to the residual stream, per token position.
+
+Mean ablation (SPEC §3) replaces a component's output by its mean over the
+patching set D_a at the same true position. A head's output is its slice of
+the attention output projection, ``z_h W_O^h`` (the projection's bias belongs
+to no head and stays). That is linear in ``z_h``, so the mean contribution is
+the mean input ``z̄_h[t]`` times ``W_O^h``: one forward collects per-position
+sums of the o-projection inputs and of the MLP outputs, nothing per example.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter, get_adapter, head_inputs, head_matrices, projection_matrix
+from ..data import TaskData, as_task_data
+from ..forward import model_device
+from ..modules import EXTRAPOLATE, PositionIndexError
+from ..scoring import _eval_mode
+
+
+@dataclass
+class ComponentMeans:
+    """Per-position mean outputs over D_a: ``heads (layers, heads, calib_len, d_model)``, ``mlps (layers, calib_len, d_model)``."""
+
+    heads: torch.Tensor
+    mlps: torch.Tensor
+
+    @property
+    def calib_len(self) -> int:
+        return int(self.heads.shape[2])
+
+
+def extend_rows(rows: torch.Tensor, extrapolate: str) -> torch.Tensor:
+    """``(..., calib_len, d)`` → ``(..., calib_len + 1, d)``: the extra row serves positions ≥ calib_len.
+
+    The same rule as :class:`eigenfast.modules.PositionTable`, so a hook-ablated
+    model and a physically extracted one agree past the calibration length too.
+    """
+    if extrapolate not in EXTRAPOLATE:
+        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+    tail = rows[..., -1:, :] if extrapolate == "last" else rows.mean(dim=-2, keepdim=True)
+    return torch.cat([rows, tail], dim=-2)
+
+
+def clamp_positions(positions: torch.Tensor, calib_len: int, extrapolate: str) -> torch.Tensor:
+    """Row indices into an :func:`extend_rows` table (raises past ``calib_len`` under ``"error"``)."""
+    if extrapolate == "error":
+        longest = int(positions.max())
+        if longest >= calib_len:
+            raise PositionIndexError(
+                f"token position {longest} is beyond the calibration length {calib_len} of the means; "
+                "compute them on longer sequences or pick extrapolate='mean' or 'last'"
+            )
+    return positions.clamp(max=calib_len)
+
+
+@torch.no_grad()
+def component_means(model: nn.Module, patch_data: "TaskData | dict", batch_size: int = 32) -> ComponentMeans:
+    """Mean output of every head and MLP at each true position of the patching set (one forward pass)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    data = as_task_data(patch_data)
+    adapter = get_adapter(model)
+    device = model_device(model)
+    calib_len = data.max_length
+    n_layers, d_model = adapter.n_layers, adapter.d_model
+    o_paths = [adapter.site(layer, "o").path for layer in range(n_layers)]
+    d_o = projection_matrix(model.get_submodule(o_paths[0])).shape[0]
+    # float64 sums: long data sets must not lose the small per-position means.
+    z_sums = torch.zeros(n_layers, calib_len, d_o, dtype=torch.float64, device=device)
+    mlp_sums = torch.zeros(n_layers, calib_len, d_model, dtype=torch.float64, device=device)
+    counts = torch.zeros(calib_len, dtype=torch.float64, device=device)
+
+    with _eval_mode(model):
+        for batch in data.batches(batch_size):
+            real = batch.mask.to(device).bool().reshape(-1)
+            pos = batch.position_ids.to(device).reshape(-1)[real]
+            counts.index_add_(0, pos, torch.ones_like(pos, dtype=torch.float64))
+
+            def add(sums: torch.Tensor, x: torch.Tensor) -> None:
+                sums.index_add_(0, pos, x.reshape(-1, x.shape[-1])[real].double())
+
+            with _collect(adapter, o_paths, lambda l, z: add(z_sums[l], z), lambda l, y: add(mlp_sums[l], y)):
+                adapter.backbone()(**batch.model_inputs(device), use_cache=False)
+
+    counts = counts.unsqueeze(1)
+    heads = torch.stack([
+        _head_contributions(adapter, layer, z_sums[layer] / counts) for layer in range(n_layers)
+    ])
+    dtype = projection_matrix(model.get_submodule(o_paths[0])).dtype
+    return ComponentMeans(heads.to(dtype), (mlp_sums / counts).to(dtype))
+
+
+def _head_contributions(adapter: Adapter, layer: int, z_mean: torch.Tensor) -> torch.Tensor:
+    """Mean o-projection inputs ``(T, d_o)`` → each head's mean contribution ``(heads, T, d_model)``."""
+    site = adapter.site(layer, "o")
+    A = head_matrices(projection_matrix(adapter.model.get_submodule(site.path)).double(), site)
+    return torch.einsum("thd,hdm->htm", head_inputs(z_mean, site), A)
+
+
+@contextlib.contextmanager
+def _collect(adapter: Adapter, o_paths: list[str], on_z, on_mlp) -> Iterator[None]:
+    handles = []
+    for layer, path in enumerate(o_paths):
+        handles.append(adapter.model.get_submodule(path).register_forward_pre_hook(
+            lambda module, args, _l=layer: on_z(_l, args[0])
+        ))
+        handles.append(adapter.mlp(layer).register_forward_hook(
+            lambda module, args, output, _l=layer: on_mlp(_l, output)
+        ))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,340 @@
+"""Physical removal of pruned heads and MLPs: "truly pruning" (SPEC §3, paper appendix C).
+
+A head's contribution to the residual stream is ``z_h W_O^h``, so removing it means
+dropping its Q/K/V output columns and its rows of O. Under mean ablation its mean
+contribution at each true position joins the output projection's bias, which becomes
+a position-indexed table (:class:`~eigenfast.modules.TokenBiasLinear`); under zero
+ablation the original bias is all that is left. A layer with no head left, or a
+pruned MLP, becomes a stand-in that returns the mean (or constant) output and never
+reads its input, so the norm feeding it goes as well unless another reader shares it.
+
+GQA: a KV head leaves with the last query head that reads it. HF attention repeats
+each KV head ``num_key_value_groups`` times, so every KV head must serve the same
+number of kept query heads. When the kept groups are uneven (say 2 and 1), the KV
+heads are duplicated: the group size becomes ``g = gcd`` of the kept counts and each
+KV head is copied ``count / g`` times. That costs the copies' K/V weights and cache,
+but keeps the stock HF attention (eager, SDPA, flash, KV cache) untouched; an
+index-select instead of ``repeat_kv`` would mean replacing HF's attention functions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter, get_adapter, projection_matrix
+from ..modules import EXTRAPOLATE, MODULE_KINDS, PositionTable, TokenBiasLinear, connect_positions, register_kind, replace_module
+from .ablation import ABLATIONS
+from .means import ComponentMeans
+ATTRIBUTES = "eigenfast_attributes"  # plain attributes eigenfast changed on an HF module, for saving
+
+
+@register_kind
+class PlainLinear(nn.Linear):
+    """A projection cut down to the kept heads; records its size so a saved model can be rebuilt."""
+
+    kind = "linear"
+
+    def spec(self) -> dict[str, Any]:
+        return {"d_in": self.in_features, "d_out": self.out_features, "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "PlainLinear":
+        return cls(spec["d_in"], spec["d_out"], bias=spec["bias"])
+
+
+@register_kind
+class PositionMean(PositionTable):
+    """Stands in for a removed component under mean ablation: returns ``table[pos]``, whatever its input."""
+
+    kind = "position_mean"
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.table.to(x.dtype)[self.positions(x.shape[:-1])]
+
+    def spec(self) -> dict[str, Any]:
+        return {"dim": self.table.shape[1], **self.spec_fields()}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "PositionMean":
+        return cls(spec["calib_len"], spec["dim"], spec["extrapolate"])
+
+
+@register_kind
+class ConstantOutput(nn.Module):
+    """Stands in for a removed component under zero ablation: returns a constant (a leftover bias, or zeros)."""
+
+    kind = "constant_output"
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("value", torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.value.to(x.dtype).expand(*x.shape[:-1], self.value.shape[0])
+
+    def spec(self) -> dict[str, Any]:
+        return {"dim": self.value.shape[0]}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "ConstantOutput":
+        return cls(spec["dim"])
+
+
+@register_kind
+class RemovedAttention(nn.Module):
+    """An attention layer with every head removed: returns its stand-in's output as HF attention does, ``(out, None)``.
+
+    It still appends a one-wide placeholder to its KV-cache entry, because HF reads the
+    sequence length during generation off the cache (layer 0 first).
+    """
+
+    kind = "removed_attention"
+
+    def __init__(self, output: nn.Module, layer_idx: int, cache_argument: str) -> None:
+        super().__init__()
+        self.output = output
+        self.layer_idx = layer_idx
+        self.cache_argument = cache_argument
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        cache = kwargs.get(self.cache_argument)
+        if cache is not None:
+            placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            cache.update(placeholder, placeholder, self.layer_idx)
+        return self.output(hidden_states), None
+
+    def spec(self) -> dict[str, Any]:
+        output = {"kind": self.output.kind, "spec": self.output.spec()}
+        return {"layer_idx": self.layer_idx, "cache_argument": self.cache_argument, "output": output}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "RemovedAttention":
+        output = MODULE_KINDS[spec["output"]["kind"]].from_spec(spec["output"]["spec"])
+        return cls(output, spec["layer_idx"], spec["cache_argument"])
+
+
+@register_kind
+class RemovedNorm(nn.Identity):
+    """Where a norm fed only removed components: nothing reads its output any more."""
+
+    kind = "removed_norm"
+
+    def spec(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "RemovedNorm":
+        return cls()
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """The heads a shrunk attention keeps, in slot order: query heads, and the KV head each KV slot copies."""
+
+    q_heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]  # repeats where a KV head is duplicated
+
+    @property
+    def group(self) -> int:
+        return len(self.q_heads) // len(self.kv_heads)
+
+
+def head_layout(adapter: Adapter, kept: Sequence[int]) -> HeadLayout:
+    """Kept query heads in index order, and KV slots so that slot ``i // group`` serves query slot ``i``."""
+    q_heads = tuple(sorted(kept))
+    counts: dict[int, int] = {}
+    for head in q_heads:
+        counts[adapter.kv_head(head)] = counts.get(adapter.kv_head(head), 0) + 1
+    group = math.gcd(*counts.values())
+    kv_heads = tuple(kv for kv, count in counts.items() for _ in range(count // group))
+    return HeadLayout(q_heads, kv_heads)
+
+
+def remove_components(
+    model: nn.Module,
+    heads_removed: Mapping[int, Sequence[int]],
+    mlps_removed: Sequence[int],
+    means: ComponentMeans | None,
+    ablation: str = "mean",
+    extrapolate: str = "mean",
+) -> None:
+    """Remove heads (per layer) and MLPs from an unpruned ``model`` in place (SPEC §3).
+
+    ``means`` (from :func:`eigenfast.circuit.means.component_means`) is needed for mean
+    ablation only. The result's logits equal the hook-ablated model's.
+    """
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+    if extrapolate not in EXTRAPOLATE:
+        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+    if ablation == "mean" and means is None:
+        raise ValueError("mean ablation needs the components' means: pass means=component_means(model, patch_data)")
+    adapter = get_adapter(model)
+    heads = _validated_heads(adapter, heads_removed)
+    mlps = _validated_layers(adapter, mlps_removed)
+    _refuse_pruned(adapter, set(heads) | set(mlps))
+    stand_in = _StandIns(adapter, means if ablation == "mean" else None, extrapolate)
+
+    attention_gone = set()
+    for layer, removed in heads.items():
+        kept = [h for h in range(adapter.n_heads) if h not in removed]
+        if kept:
+            bias_rows = stand_in.attention_bias(layer, removed)
+            _shrink_attention(adapter, layer, head_layout(adapter, kept), bias_rows, extrapolate)
+        else:
+            output = stand_in.attention(layer)
+            module = RemovedAttention(output, layer, adapter.cache_argument)
+            replace_module(model, _attention_path(adapter, layer), module)
+            attention_gone.add(layer)
+    for layer in mlps:
+        replace_module(model, _mlp_path(adapter, layer), stand_in.mlp(layer))
+    _remove_unread_norms(adapter, attention_gone, set(mlps))
+    connect_positions(model)
+
+
+class _StandIns:
+    """Builds what replaces removed components: mean tables (mean ablation) or constants (zero ablation)."""
+
+    def __init__(self, adapter: Adapter, means: ComponentMeans | None, extrapolate: str) -> None:
+        self.adapter = adapter
+        self.means = means
+        self.extrapolate = extrapolate
+        weight = projection_matrix(adapter.model.get_submodule(adapter.site(0, "o").path))
+        self.like = {"dtype": weight.dtype, "device": weight.device}
+
+    def _o_bias(self, layer: int) -> torch.Tensor:
+        bias = self.adapter.model.get_submodule(self.adapter.site(layer, "o").path).bias
+        return torch.zeros(self.adapter.d_model, **self.like) if bias is None else bias.detach()
+
+    def attention_bias(self, layer: int, removed: Sequence[int]) -> torch.Tensor | None:
+        """The shrunk output projection's bias rows ``(calib_len, d)``, or None to keep its plain bias."""
+        if self.means is None:
+            return None
+        mean = self.means.heads[layer, list(removed)].sum(dim=0).to(**self.like)
+        return self._o_bias(layer) + mean
+
+    def attention(self, layer: int) -> nn.Module:
+        if self.means is None:
+            return self._constant(self._o_bias(layer))
+        mean = self.means.heads[layer].sum(dim=0).to(**self.like)
+        return self._table(self._o_bias(layer) + mean)
+
+    def mlp(self, layer: int) -> nn.Module:
+        if self.means is None:
+            return self._constant(torch.zeros(self.adapter.d_model, **self.like))
+        return self._table(self.means.mlps[layer].to(**self.like))
+
+    def _table(self, rows: torch.Tensor) -> PositionMean:
+        module = PositionMean(rows.shape[0], rows.shape[1], self.extrapolate).to(**self.like)
+        module.set_rows(rows)
+        return module
+
+    def _constant(self, value: torch.Tensor) -> ConstantOutput:
+        module = ConstantOutput(value.shape[0]).to(**self.like)
+        module.value.copy_(value)
+        return module
+
+
+def _shrink_attention(
+    adapter: Adapter, layer: int, layout: HeadLayout, bias_rows: torch.Tensor | None, extrapolate: str
+) -> None:
+    """Cut Q/K/V/O down to ``layout``; ``bias_rows`` (mean ablation) becomes O's position-indexed bias."""
+    model = adapter.model
+    heads = {"q": layout.q_heads, "k": layout.kv_heads, "v": layout.kv_heads}
+    blocks: dict[str, list[torch.Tensor]] = {}
+    for component, kept in heads.items():
+        site = adapter.site(layer, component)
+        blocks.setdefault(site.path, []).extend(site.out_index[h] for h in kept)
+    for path, columns in blocks.items():
+        # Fused projections (GPT-2 [Q|K|V], NeoX per-head [q|k|v]) keep their layout: head blocks stay in
+        # their original column order; the stable sort leaves a duplicated KV head's copies side by side.
+        columns = sorted(columns, key=lambda block: int(block[0]))
+        replace_module(model, path, _cut_linear(model.get_submodule(path), columns=torch.cat(columns)))
+
+    o = adapter.site(layer, "o")
+    rows = torch.cat([o.in_index[h] for h in layout.q_heads])
+    module = model.get_submodule(o.path)
+    if bias_rows is None:
+        replace_module(model, o.path, _cut_linear(module, rows=rows))
+    else:
+        cut = projection_matrix(module).detach()[rows]
+        new = TokenBiasLinear(cut.shape[0], cut.shape[1], bias_rows.shape[0], extrapolate)
+        new = new.to(dtype=cut.dtype, device=cut.device)
+        with torch.no_grad():
+            new.weight.copy_(cut.T)
+        new.set_rows(bias_rows)
+        replace_module(model, o.path, new)
+
+    attention = adapter.attention(layer)
+    attributes = adapter.head_count_attributes(len(layout.q_heads), len(layout.kv_heads))
+    for name, value in attributes.items():
+        setattr(attention, name, value)
+    setattr(attention, ATTRIBUTES, attributes)
+
+
+def _cut_linear(module: nn.Module, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> PlainLinear:
+    """The projection restricted to input ``rows`` / output ``columns`` (math orientation), as a PlainLinear."""
+    A = projection_matrix(module).detach()
+    A = A if rows is None else A[rows]
+    A = A if columns is None else A[:, columns]
+    bias = module.bias
+    new = PlainLinear(A.shape[0], A.shape[1], bias=bias is not None, dtype=A.dtype, device=A.device)
+    with torch.no_grad():
+        new.weight.copy_(A.T)
+        if bias is not None:
+            new.bias.copy_(bias if columns is None else bias[columns])
+    return new
+
+
+def _remove_unread_norms(adapter: Adapter, attention_gone: set[int], mlps_gone: set[int]) -> None:
+    """Drop each norm whose every reader left; a parallel block's shared norm (Phi) stays while the MLP does."""
+    shared = adapter.mlp_norm_path is None
+    for layer in attention_gone | mlps_gone:
+        unread = []
+        if layer in attention_gone and (not shared or layer in mlps_gone):
+            unread.append(adapter.attn_norm_path)
+        if layer in mlps_gone and not shared:
+            unread.append(adapter.mlp_norm_path)
+        for name in unread:
+            replace_module(adapter.model, f"{adapter.layer_path(layer)}.{name}", RemovedNorm())
+
+
+def _attention_path(adapter: Adapter, layer: int) -> str:
+    return f"{adapter.layer_path(layer)}.{adapter.attn_path}"
+
+
+def _mlp_path(adapter: Adapter, layer: int) -> str:
+    return f"{adapter.layer_path(layer)}.{adapter.mlp_path}"
+
+
+def _validated_layers(adapter: Adapter, layers: Sequence[int]) -> list[int]:
+    bad = [layer for layer in layers if not 0 <= layer < adapter.n_layers]
+    if bad:
+        raise ValueError(f"layer(s) {bad} out of range: the model has {adapter.n_layers} layers")
+    return sorted(set(layers))
+
+
+def _validated_heads(adapter: Adapter, heads: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
+    out = {}
+    for layer in _validated_layers(adapter, list(heads)):
+        bad = [h for h in heads[layer] if not 0 <= h < adapter.n_heads]
+        if bad:
+            raise ValueError(f"head(s) {bad} of layer {layer} out of range: layers have {adapter.n_heads} heads")
+        if heads[layer]:
+            out[layer] = sorted(set(heads[layer]))
+    return out
+
+
+def _refuse_pruned(adapter: Adapter, layers: set[int]) -> None:
+    """Head indices refer to the original model: refuse layers that a previous removal already changed."""
+    for layer in layers:
+        attention, mlp = adapter.attention(layer), adapter.mlp(layer)
+        if isinstance(attention, RemovedAttention) or hasattr(attention, ATTRIBUTES) or isinstance(mlp, (PositionMean, ConstantOutput)):
+            raise ValueError(
+                f"layer {layer} already had components removed; remove_components works on the unpruned model, "
+                "so pass every component to remove in one call"
+            )
