@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 try:
     import torch
@@ -52,20 +52,23 @@ def cuda_toolkit_found() -> bool:
     return any(Path(CUDA_HOME, "bin", name).exists() for name in ("nvcc", "nvcc.exe"))
 
 
-def extension():
+def extension() -> Extension:
     """eigenfast._C: the CPU kernels always; the CUDA kernel where it can be built."""
     omp = openmp_flags()
-    cxx_flags = ["-O3", *omp]
-    # Sources relative to this file, as setuptools requires; headers listed so that
-    # they reach the sdist and a change to them triggers a rebuild.
+    # -g0 overrides the -g in Python's CFLAGS: debug info made the object 40x larger
+    # and the compile a third slower, for a library with one small kernel.
+    cxx_flags = ["-O3", "-g0", *omp]
+    # Paths relative to this file, as setuptools requires. Every csrc file is a
+    # dependency: edits trigger a rebuild, and an sdist made on a machine without CUDA
+    # still carries the CUDA sources.
     csrc = Path("csrc")
     sources = [str(csrc / "token_bias.cpp")]
-    depends = [str(csrc / "token_bias.h")]
+    depends = sorted(str(path.relative_to(ROOT)) for path in (ROOT / csrc).iterdir())
     if cuda_toolkit_found():
         return CUDAExtension(
             "eigenfast._C",
             sources=[*sources, str(csrc / "token_bias_cuda.cpp"), str(csrc / "token_bias_cuda.cu")],
-            depends=[*depends, str(csrc / "token_bias_cuda.h")],
+            depends=depends,
             define_macros=[("EIGENFAST_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=omp,

@@ -66,16 +66,19 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def seconds(fn: Callable[[], object], device: str, repeat: int = 5) -> float:
-    """Best of ``repeat`` runs after one warm-up: the machine may be shared."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
+def seconds(fns: dict[str, Callable[[], object]], device: str, repeat: int = 5) -> dict[str, float]:
+    """Best time of each function over ``repeat`` rounds, after a warm-up round. The
+    functions take turns within a round, so load from other processes on a shared
+    machine hits all of them alike."""
+    best = {name: float("inf") for name in fns}
+    for round_ in range(repeat + 1):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if round_:
+                best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -137,7 +140,9 @@ def mib(n: int | None) -> str:
 # --------------------------------------------------------------------------- workloads
 
 
-def make_inputs(c: Component, rows: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def make_inputs(
+    c: Component, rows: int, device: str, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     H = c.heads
 
@@ -170,7 +175,8 @@ def stats(c: Component, device: str):
 
 def ours_shift(d, c: Component) -> torch.Tensor:
     _, _, out = stats(c, d["x"].device.type)
-    pass2_update(d["x"], d["g"], d["U"], d["V"], d["s"], d["pos"], None, None, out, partner=d["partner"])
+    args = [d[k] for k in ("x", "g", "U", "V", "s", "pos")]
+    pass2_update(*args, None, None, out, partner=d["partner"])
     return out
 
 
@@ -194,21 +200,29 @@ def reference_loop(d, c: Component, iters: int | None = None) -> torch.Tensor:
     return out
 
 
-def gemm_limit(d, c: Component, mode: str, device: str) -> float:
-    """Seconds torch needs for GEMMs with the M, N, K of ours, one call each."""
+def gemm_limit(d, c: Component, mode: str) -> Callable[[], None]:
+    """torch.matmul on GEMMs with the M, N, K of ours, one call each over all rows: the
+    time they take is the limit our scoring could reach."""
     R, H = d["x"].shape[:2]
-    r = c.rank
+    device, r = d["x"].device, c.rank
     gen = torch.Generator().manual_seed(1)
 
-    def operands(k: int, shared: bool):
+    def operands(k: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if shared:  # (R, k) x (k, H*r)
-            return [torch.randn(R, k, generator=gen).to(device), torch.randn(k, H * r, generator=gen).to(device)]
-        return [torch.randn(H, R, k, generator=gen).to(device), torch.randn(H, k, r, generator=gen).to(device)]
+            a, b = torch.randn(R, k, generator=gen), torch.randn(k, H * r, generator=gen)
+        else:  # H x (R, k) x (k, r)
+            a, b = torch.randn(H, R, k, generator=gen), torch.randn(H, k, r, generator=gen)
+        return a.to(device), b.to(device)
 
     gemms = [operands(c.d_in, c.x_shared), operands(c.d_out, c.g_shared)]
     if mode == "all":  # pass 1 computes P once more
         gemms.append(gemms[0])
-    return sum(seconds(lambda a=a, b=b: torch.matmul(a, b), device) for a, b in gemms)
+
+    def run() -> None:
+        for a, b in gemms:
+            torch.matmul(a, b)
+
+    return run
 
 
 # --------------------------------------------------------------------------- tables
@@ -224,32 +238,48 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--ref-iters", type=int, default=4, help="reference-loop iterations timed")
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds, best kept")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = args.device, getattr(torch, args.dtype)
     memory = PeakMemory(device)
-    print(f"device={device} dtype={args.dtype} rows={args.rows} positions={T} threads={torch.get_num_threads()}")
+    threads = torch.get_num_threads()
+    print(f"device={device} dtype={args.dtype} rows={args.rows} positions={T} threads={threads}")
 
     speed, limit, mem = [], [], []
     for c in COMPONENTS:
         d = make_inputs(c, args.rows, device, dtype)
         iters = min(args.ref_iters, c.rank)
-        t_ref = seconds(lambda: reference_loop(d, c, iters), device, repeat=1) * c.rank / iters
-        t_shift = seconds(lambda: ours_shift(d, c), device)
-        t_all = seconds(lambda: ours_all(d, c), device)
-        ok = torch.allclose(ours_shift(d, c)[:, :iters], reference_loop(d, c, iters)[:, :iters], rtol=1e-3, atol=1e-3)
-        speed.append([c.name, f"{t_ref:.2f}", f"{t_shift * 1e3:.1f}", f"{t_ref / t_shift:.0f}x",
-                      f"{t_all * 1e3:.1f}", "yes" if ok else "NO"])  # fmt: skip
-        for mode, t in (("shift", t_shift), ("all", t_all)):
-            t_mm = gemm_limit(d, c, mode, device)
-            limit.append([c.name, mode, f"{t * 1e3:.1f}", f"{t_mm * 1e3:.1f}", f"{t_mm / t:.0%}"])
+        t_ref = seconds({"ref": lambda: reference_loop(d, c, iters)}, device, repeat=1)["ref"]
+        t_ref *= c.rank / iters
+        t = seconds(
+            {
+                "shift": lambda: ours_shift(d, c),
+                "all": lambda: ours_all(d, c),
+                "limit shift": gemm_limit(d, c, "shift"),
+                "limit all": gemm_limit(d, c, "all"),
+            },
+            device,
+            repeat=args.repeat,
+        )
+        want = reference_loop(d, c, iters)[:, :iters]
+        same = torch.allclose(ours_shift(d, c)[:, :iters], want, rtol=1e-3, atol=1e-3)
+        speed.append([c.name, f"{t_ref:.2f}", f"{t['shift'] * 1e3:.1f}",
+                      f"{t_ref / t['shift']:.0f}x", f"{t['all'] * 1e3:.1f}",
+                      "yes" if same else "NO"])  # fmt: skip
+        for mode in ("shift", "all"):
+            t_mm = t[f"limit {mode}"]
+            limit.append([c.name, mode, f"{t[mode] * 1e3:.1f}", f"{t_mm * 1e3:.1f}",
+                          f"{t_mm / t[mode]:.0%}"])  # fmt: skip
         for rows in (args.rows // 4, args.rows, args.rows * 2):
             d = make_inputs(c, rows, device, dtype)
             stat_bytes = sum(t.numel() * t.element_size() for t in stats(c, device))
@@ -259,7 +289,8 @@ def main() -> None:
 
     table(
         "(a) scoring time, shift pairs: reference per-singular-value loop vs ours",
-        ["component", "reference s", "ours shift ms", "speed-up", "ours all ms (pass 1+2)", "same scores"],
+        ["component", "reference s", "ours shift ms", "speed-up", "ours all ms (pass 1+2)",
+         "same scores"],  # fmt: skip
         speed,
     )
     table(

@@ -19,16 +19,18 @@ Triton kernels (``kernels/``) keep ``P`` and ``G`` on chip instead.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Callable, Literal
 
 import torch
 
 Backend = Literal["auto", "torch", "triton"]
 
-# Budget, in float32 elements, for one row-block buffer of shape (block, H, r). A
-# handful of such buffers are alive at once; 2**18 (1 MiB each) keeps them in L2-ish
-# cache while still giving the GEMMs a few hundred rows to work with.
-BLOCK_ELEMS = 1 << 18
+# Budget, in float32 elements, for one row-block buffer of shape (block, H*r). About
+# five such buffers are alive at once: 2**20 (4 MiB each) gives the GEMMs a thousand
+# or more rows per call, where BLAS runs at full speed, and caps the working memory
+# at ~20 MiB whatever the number of rows.
+BLOCK_ELEMS = 1 << 20
 
 
 def pass1_update(
@@ -54,16 +56,19 @@ def pass1_update(
     R, H, _ = x.shape
     r = U.shape[2]
     # Blocks come out as (block, H*r), the row layout of the (T, H*r) statistics, so
-    # the per-position reduction is a plain row scatter.
+    # the per-position reduction is a row-wise index_reduce_. (scatter_reduce_ with an
+    # expanded index is as fast on one thread but ~100x slower on two contended ones.)
     pmax2, pmin2 = pmax.view(-1, H * r), pmin.view(-1, H * r)
     project = _projector(x, U)
     step = _block_rows(H, r)
-    for start in range(0, R, step):
-        stop = min(R, start + step)
-        P = project(start, stop)
-        index = pos[start:stop, None].expand(-1, H * r)
-        pmax2.scatter_reduce_(0, index, P, "amax")
-        pmin2.scatter_reduce_(0, index, P, "amin")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="index_reduce\\(\\) is in beta")
+        for start in range(0, R, step):
+            stop = min(R, start + step)
+            P = project(start, stop)
+            p = pos[start:stop]
+            pmax2.index_reduce_(0, p, P, "amax")
+            pmin2.index_reduce_(0, p, P, "amin")
 
 
 def pass2_update(
@@ -102,7 +107,8 @@ def pass2_update(
     gradient = _projector(g, V.float().transpose(1, 2) * s.float().unsqueeze(1))
     if partner is None:
         project = _projector(x, U)
-        pmax2, pmin2 = pmax.view(-1, H * r), pmin.view(-1, H * r)
+        pmax2 = pmax.view(-1, H * r)
+        spread = pmax2 - pmin.view(-1, H * r)
     else:
         project = _projector(partner, U, minus=x)
     best_seen = out.view(H * r)
@@ -110,16 +116,15 @@ def pass2_update(
         stop = min(R, start + step)
         sG = gradient(start, stop)
         if partner is None:
-            P = project(start, stop)
             p = pos[start:stop]
-            # With s >= 0 the sign of sG picks the partner: (Q - P) sG is the larger of
-            # the two candidates, which avoids a select and a sign test.
-            hi = pmax2.index_select(0, p).sub_(P).mul_(sG)
-            lo = pmin2.index_select(0, p).sub_(P).mul_(sG)
-            best = torch.maximum(hi, lo, out=hi)
+            # With s >= 0 the best partner is Pmax where sG >= 0 and Pmin = Pmax - spread
+            # elsewhere, so (Q - P) sG = (Pmax - P) sG - spread min(sG, 0): no select,
+            # and the GEMM writes Pmax - P straight into the gathered Pmax rows.
+            gain = project(start, stop, minus_from=pmax2.index_select(0, p)).mul_(sG)
+            gain.addcmul_(spread.index_select(0, p), sG.clamp_(max=0), value=-1)
         else:
-            best = project(start, stop).mul_(sG)
-        torch.maximum(best_seen, best.amax(0), out=best_seen)
+            gain = project(start, stop).mul_(sG)
+        torch.maximum(best_seen, gain.amax(0), out=best_seen)
 
 
 def _use_triton(backend: Backend, x: torch.Tensor) -> bool:
@@ -142,9 +147,11 @@ def _is_shared(t: torch.Tensor) -> bool:
 
 def _projector(
     t: torch.Tensor, W: torch.Tensor, minus: torch.Tensor | None = None
-) -> Callable[[int, int], torch.Tensor]:
-    """Return ``project(start, stop)`` giving ``(t - minus)[start:stop] · W`` as a
-    (block, H*r) float32 tensor (``minus`` defaults to nothing).
+) -> Callable[..., torch.Tensor]:
+    """Return ``project(start, stop, minus_from=None)`` giving ``(t - minus)[start:stop]
+    · W`` as a (block, H*r) float32 tensor (``minus`` defaults to nothing), or, given
+    ``minus_from`` of that shape, ``minus_from - (t - minus)[start:stop] · W`` computed
+    in place by the GEMM.
 
     t, minus: (R, H, k) and W: (H, k, r). Head-shared inputs use a single (block, k) x
     (k, H*r) GEMM, which is as many FLOPs as H small GEMMs but one wide call; per-head
@@ -162,11 +169,19 @@ def _projector(
         block = t[start:stop].float()
         return block if minus is None else block - minus[start:stop].float()
 
-    def project(start: int, stop: int) -> torch.Tensor:
+    def project(start: int, stop: int, minus_from: torch.Tensor | None = None) -> torch.Tensor:
+        block = rows(start, stop)
         if shared:
-            return rows(start, stop) @ W
-        P = torch.bmm(rows(start, stop).transpose(0, 1), W)
-        return P.transpose(0, 1).reshape(stop - start, H * r)
+            return block @ W if minus_from is None else minus_from.addmm_(block, W, alpha=-1)
+        out = block.new_empty(stop - start, H * r) if minus_from is None else minus_from
+        # The batched GEMM writes its (H, block, r) result straight into the
+        # (block, H*r) layout through a transposed view: no copy afterwards.
+        heads_first = out.view(stop - start, H, r).transpose(0, 1)
+        if minus_from is None:
+            torch.bmm(block.transpose(0, 1), W, out=heads_first)
+        else:
+            heads_first.baddbmm_(block.transpose(0, 1), W, alpha=-1)
+        return out
 
     return project
 

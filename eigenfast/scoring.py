@@ -74,7 +74,8 @@ def score(
     progress_bar: bool = True,
 ) -> dict[Key, torch.Tensor]:
     """ΔL of every rank-one term: ``{(layer, component): (heads, rank)}``, singular values descending."""
-    return attribute(model, data, components, pairs, batch_size, layers, backend, progress_bar).scores
+    # Scores alone need pass 1 only for the all-pairs ranges, never for the means.
+    return attribute(model, data, components, pairs, batch_size, layers, backend, progress_bar, need_means=False).scores
 
 
 def attribute(

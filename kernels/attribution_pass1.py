@@ -63,8 +63,10 @@ def _pass1_kernel(
     for k0 in range(0, D_IN, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D_IN
-        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        u = tl.load(u_cols + ks[:, None] * stride_uk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        x_mask = row_ok[:, None] & k_ok[None, :]
+        u_mask = k_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=x_mask, other=0.0)
+        u = tl.load(u_cols + ks[:, None] * stride_uk, mask=u_mask, other=0.0)
         acc = tl.dot(x.to(DOT_TYPE), u.to(DOT_TYPE), acc, input_precision=PRECISION)
 
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
@@ -80,7 +82,9 @@ def dot_type(dtype: torch.dtype) -> tl.dtype:
     #11584, unsupported there): the interpreter gets float32 tiles instead."""
     if dtype == torch.bfloat16 and triton.knobs.runtime.interpret:
         return tl.float32
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[
+        dtype
+    ]
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -90,8 +90,8 @@ def _pass2_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D_IN
         x_mask = row_ok[:, None] & k_ok[None, :]
-        u = tl.load(u_cols + ks[:, None] * stride_uk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        u = u.to(DOT_TYPE_X)
+        u_mask = k_ok[:, None] & col_ok[None, :]
+        u = tl.load(u_cols + ks[:, None] * stride_uk, mask=u_mask, other=0.0).to(DOT_TYPE_X)
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=x_mask, other=0.0)
         p = tl.dot(x.to(DOT_TYPE_X), u, p, input_precision=PRECISION_X)
         if SHIFT:
@@ -105,8 +105,10 @@ def _pass2_kernel(
     for o0 in range(0, D_OUT, BLOCK_K):
         js = o0 + tl.arange(0, BLOCK_K)
         j_ok = js < D_OUT
-        g = tl.load(g_rows + js[None, :] * stride_go, mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        v = tl.load(v_cols + js[:, None] * stride_vo, mask=j_ok[:, None] & col_ok[None, :], other=0.0)
+        g_mask = row_ok[:, None] & j_ok[None, :]
+        v_mask = j_ok[:, None] & col_ok[None, :]
+        g = tl.load(g_rows + js[None, :] * stride_go, mask=g_mask, other=0.0)
+        v = tl.load(v_cols + js[:, None] * stride_vo, mask=v_mask, other=0.0)
         grad = tl.dot(g.to(DOT_TYPE_G), v.to(DOT_TYPE_G), grad, input_precision=PRECISION_G)
 
     s = tl.load(s_ptr + h * stride_sh + cols * stride_sn, mask=col_ok, other=0.0).to(tl.float32)

@@ -126,7 +126,9 @@ def run_both_passes(d, case: Case, mode: str, backend: str, rows=slice(None), st
     x, g, pos = d["x"][rows], d["g"][rows], d["pos"][rows]
     pass1_update(x, d["U"], pos, pmax, pmin, backend=backend)
     partner = d["partner"][rows] if mode == "shift" else None
-    pass2_update(x, g, d["U"], d["V"], d["s"], pos, pmax, pmin, out, partner=partner, backend=backend)
+    pass2_update(
+        x, g, d["U"], d["V"], d["s"], pos, pmax, pmin, out, partner=partner, backend=backend
+    )
     return pmax, pmin, out
 
 
@@ -202,7 +204,8 @@ def test_shift_mode_needs_no_pass1_statistics():
     case = CASES[0]
     d = make_rows(case, torch.float32, device="cpu")
     _, _, out = fresh_stats(case, "cpu")
-    pass2_update(d["x"], d["g"], d["U"], d["V"], d["s"], d["pos"], None, None, out, partner=d["partner"])
+    args = [d[k] for k in ("x", "g", "U", "V", "s", "pos")]
+    pass2_update(*args, None, None, out, partner=d["partner"])
     assert out.isfinite().all()
 
 
@@ -261,7 +264,8 @@ def test_kernels_in_interpreter():
         "TRITON_INTERPRET": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
     }
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_triton_"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    cmd += ["-k", "test_triton_"]
     child = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-4000:]
     assert " passed" in child.stdout and "skipped" not in child.stdout, child.stdout[-2000:]

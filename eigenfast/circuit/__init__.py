@@ -14,3 +14,11 @@ __all__ = [
     "component_means",
     "discover",
 ]
+
+# Physical removal and the extraction pipeline (SPEC §3, "truly pruning").
+from .extract import CircuitResult, extract_circuit  # noqa: E402
+from .removal import remove_components  # noqa: E402
+from .report import CircuitReport  # noqa: E402
+from .sweep import Sweep, sweep  # noqa: E402
+
+__all__ += ["CircuitReport", "CircuitResult", "Sweep", "extract_circuit", "remove_components", "sweep"]

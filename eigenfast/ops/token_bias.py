@@ -175,7 +175,9 @@ def _table_grad(grad: Tensor, pos: Tensor, table_rows: int) -> Tensor:
 
 def _linear_setup(ctx, inputs: tuple, output: Tensor) -> None:
     x, weight, bias_table, pos = inputs
-    ctx.save_for_backward(x, weight, pos)
+    # Keep activations alive only for a weight gradient: scoring backpropagates to
+    # activations alone (SPEC §2) and should not hold every layer's input.
+    ctx.save_for_backward(x if weight.requires_grad else None, weight if x.requires_grad else None, pos)
     ctx.table_rows = bias_table.shape[0]
 
 
@@ -207,6 +209,10 @@ torch.library.register_autograd("eigenfast::token_bias_add", _add_backward, setu
 
 # -- public face ------------------------------------------------------------------------
 
+# Resolved once: looking an overload up through torch.ops costs microseconds a call.
+_LINEAR_OP = torch.ops.eigenfast.token_bias_linear.default
+_ADD_OP = torch.ops.eigenfast.token_bias_add.default
+
 
 def token_bias_linear(x: Tensor, weight: Tensor, bias_table: Tensor, pos: Tensor) -> Tensor:
     """``x @ weight.T + bias_table[pos]``.
@@ -216,13 +222,13 @@ def token_bias_linear(x: Tensor, weight: Tensor, bias_table: Tensor, pos: Tensor
     dtype (float32/64, bfloat16, float16) and device. Differentiable in x, weight and
     bias_table.
     """
-    return torch.ops.eigenfast.token_bias_linear(x, weight, bias_table, pos)
+    return _LINEAR_OP(x, weight, bias_table, pos)
 
 
 def token_bias_add(y: Tensor, bias_table: Tensor, pos: Tensor) -> Tensor:
     """``y + bias_table[pos]`` (a new tensor). y: (..., d); bias_table: (T, d); pos: int64
     of shape y.shape[:-1], each in [0, T). Differentiable in y and bias_table."""
-    return torch.ops.eigenfast.token_bias_add(y, bias_table, pos)
+    return _ADD_OP(y, bias_table, pos)
 
 
 def extension_available() -> bool:

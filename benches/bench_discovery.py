@@ -1,0 +1,98 @@
+"""Benchmark of circuit discovery (eigenfast.circuit.discover) against a literal Algorithm 1.
+
+The literal loop (``naive_discover`` in tests/test_circuit_discovery.py) runs one
+full hook-ablated forward over D_v per candidate. Ours runs only the layers
+from the visited one up, with several candidates stacked in one forward. Both
+must return the same circuit (asserted). The model is GPT-2-small-shaped (12
+layers x 12 heads, d_model 768, the full 50257-token vocabulary) with random
+weights, perturbed like the test models so that heads differ in importance;
+D_a and D_v are random left-padded prompts.
+
+Usage: python benches/bench_discovery.py [--threshold 3e-4] [--val 16] [--length 10]
+       [--batch-size 192] [--mlps both|yes|no] [--repeat 1] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+os.environ.setdefault("EIGENFAST_QUIET", "1")
+
+from eigenfast.circuit import discover  # noqa: E402
+from eigenfast.data import TaskData  # noqa: E402
+from test_circuit_discovery import naive_discover  # noqa: E402
+
+
+def gpt2_small(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(GPT2Config(), attn_implementation="eager")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    return model.eval()
+
+
+def prompts(n: int, length: int, seed: int) -> TaskData:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(length - 3, length + 1, (n,), generator=g)
+    lengths[0] = length
+    mask = (torch.arange(length).unsqueeze(0) >= (length - lengths).unsqueeze(1)).long()
+    ids = torch.randint(0, 50257, (n, length), generator=g) * mask
+    return TaskData(ids, torch.zeros(n, dtype=torch.long), mask)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threshold", type=float, default=3e-4)
+    parser.add_argument("--patch", type=int, default=32, help="examples in D_a")
+    parser.add_argument("--val", type=int, default=16, help="examples in D_v")
+    parser.add_argument("--length", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=192, help="rows per stacked forward (ours)")
+    parser.add_argument("--mlps", choices=("both", "yes", "no"), default="both")
+    parser.add_argument("--ablation", choices=("mean", "zero"), default="mean")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs of ours (the fastest counts)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = gpt2_small()
+    patch, val = prompts(args.patch, args.length, seed=1), prompts(args.val, args.length, seed=2)
+    settings = {"both": (False, True), "yes": (True,), "no": (False,)}[args.mlps]
+    print(
+        f"GPT-2-small shape, random weights, {torch.get_num_threads()} threads; |D_a|={args.patch} |D_v|={args.val} "
+        f"T={args.length}; {args.ablation} ablation, alpha={args.threshold:g}, batch_size={args.batch_size}\n"
+    )
+    header = f"{'include_mlps':>12} | {'ours (s)':>9} | {'naive (s)':>9} | {'speed-up':>8} | {'kept heads':>10} | {'kept mlps':>9} | {'evals/decisions':>15}"
+    print(header)
+    print("-" * len(header))
+    for include_mlps in settings:
+        ours = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            found = discover(
+                model, patch, val, args.threshold, args.ablation, include_mlps, batch_size=args.batch_size, progress=False
+            )
+            ours.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        heads, mlps, _ = naive_discover(model, patch, val, args.threshold, args.ablation, include_mlps)
+        naive = time.perf_counter() - start
+        assert (heads, mlps) == (found.heads, found.mlps), "the fast search changed a decision"
+        best = min(ours)
+        print(
+            f"{str(include_mlps):>12} | {best:9.1f} | {naive:9.1f} | {naive / best:7.2f}x | "
+            f"{len(found.heads):>4}/{12 * 12:<5} | {len(found.mlps):>4}/12   | "
+            f"{found.evaluations:>7}/{len(found.kl_trace):<7}"
+        )
+
+
+if __name__ == "__main__":
+    main()

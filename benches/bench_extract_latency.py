@@ -1,0 +1,123 @@
+"""Latency of physically extracted circuits against the unpruned model (GPT-2-small shape, full vocabulary).
+
+Discovery on a random model says nothing about speed, so this removes seeded random
+fractions of the heads and MLPs directly (mean ablation, as extraction does), checks
+each cut model against the hook-ablated one, and times both side by side in one run:
+the base and the cut model alternate, on the same inputs, and each gets the median of
+``--repeats`` forwards. A forward is what the tasks run: the backbone over the whole
+prompt and the LM head at the last position (``eigenfast.forward.last_logits``).
+
+"FLOPs removed" is the fraction of non-embedding FLOPs (the backbone's, counted by
+``torch.utils.flop_counter`` at batch 32) that the cut model no longer does. The
+target: at batch 32, latency falls by at least 80% of the FLOP reduction.
+
+Usage: python benches/bench_extract_latency.py [--seq-len 16] [--repeats 7] [--device cuda] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from transformers import AutoModelForCausalLM, GPT2Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eigenfast.adapters import get_adapter  # noqa: E402
+from eigenfast.circuit import ablated, component_means, remove_components  # noqa: E402
+from eigenfast.circuit.report import count_parameters, latency_batch, time_forward  # noqa: E402
+from eigenfast.data import TaskData  # noqa: E402
+
+# (fraction of heads removed, fraction of MLPs removed)
+CASES = [(0.25, 0.0), (0.5, 0.25), (0.75, 0.5), (0.9, 0.75)]
+BATCHES = (1, 32)
+
+
+@register_flop_formula(torch.ops.eigenfast.token_bias_linear)
+def _token_bias_linear_flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    """The op is a matmul plus a gather-add: count it like ``nn.Linear``."""
+    rows = 1
+    for size in x_shape[:-1]:
+        rows *= size
+    return 2 * rows * weight_shape[0] * weight_shape[1]
+
+
+def backbone_flops(model: torch.nn.Module, batch: TaskData) -> int:
+    adapter = get_adapter(model)
+    device = next(model.parameters()).device
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        adapter.backbone()(**batch.model_inputs(device), use_cache=False)
+    return counter.get_total_flops()
+
+
+def choose(n: int, fraction: float, generator: torch.Generator) -> list[int]:
+    return sorted(torch.randperm(n, generator=generator)[: round(fraction * n)].tolist())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=16, help="prompt length (int_sum prompts are ~6 GPT-2 tokens)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval().to(args.device)
+    adapter = get_adapter(base)
+    g = torch.Generator().manual_seed(0)
+    data = TaskData(torch.randint(0, config.vocab_size, (64, args.seq_len), generator=g), torch.zeros(64, dtype=torch.long))
+    patch, val = data.subset(range(32)), data.subset(range(32, 64))
+    means = component_means(base, patch)
+    batches = {b: latency_batch(val, b) for b in BATCHES}
+    base_flops = backbone_flops(base, batches[32])
+    base_params = count_parameters(base).non_embedding
+
+    print(f"GPT-2-small shape (12x12x768, vocab 50257), random weights, seq len {args.seq_len}, device {args.device}, "
+          f"{torch.get_num_threads()} threads; medians of {args.repeats} forwards (ms)")
+    header = (f"{'heads/MLPs removed':>19} {'params kept':>11} {'FLOPs removed':>13} | "
+              + " | ".join(f"b={b:<2} base  circuit  faster" for b in BATCHES)
+              + " | latency/FLOP reduction (b=32) | max |Δ| vs hooks")
+    print(header)
+    print("-" * len(header))
+    for head_fraction, mlp_fraction in CASES:
+        heads: dict[int, list[int]] = {}
+        for index in choose(adapter.n_layers * adapter.n_heads, head_fraction, g):
+            heads.setdefault(index // adapter.n_heads, []).append(index % adapter.n_heads)
+        mlps = choose(adapter.n_layers, mlp_fraction, g)
+        circuit = copy.deepcopy(base)
+        remove_components(circuit, heads, mlps, means, "mean")
+
+        check = batches[32].subset(range(4))
+        with torch.no_grad(), ablated(base, [(l, h) for l, hs in heads.items() for h in hs], mlps, means) as hooked:
+            reference = hooked(**check.model_inputs(args.device)).logits
+        with torch.no_grad():
+            error = float((circuit(**check.model_inputs(args.device)).logits - reference).abs().max())
+
+        flops_removed = 1 - backbone_flops(circuit, batches[32]) / base_flops
+        cells, reductions = [], {}
+        for b, batch in batches.items():
+            for model in (base, circuit):  # warm-up
+                time_forward(model, batch)
+            times = {"base": [], "circuit": []}
+            for _ in range(args.repeats):  # alternate, so both see the same machine load
+                times["base"].append(time_forward(base, batch))
+                times["circuit"].append(time_forward(circuit, batch))
+            t_base, t_circuit = statistics.median(times["base"]), statistics.median(times["circuit"])
+            reductions[b] = 1 - t_circuit / t_base
+            cells.append(f"{t_base * 1e3:>9.2f} {t_circuit * 1e3:>8.2f} {reductions[b]:>7.1%}")
+        kept = count_parameters(circuit).non_embedding / base_params
+        print(f"{f'{head_fraction:.0%} / {mlp_fraction:.0%}':>19} {kept:>11.1%} {flops_removed:>13.1%} | "
+              + " | ".join(cells)
+              + f" | {reductions[32] / flops_removed:>29.2f} | {error:>16.1e}")
+        del circuit
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Tiny models eigenfast trains itself and ships, so demos and tests need no download.
+
+Each model is a folder beside this file holding HF ``save_pretrained`` output,
+its tokenizer and a ``training.json`` written by :mod:`eigenfast.builtin.train`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+BUILTIN_MODELS: dict[str, str] = {
+    "int_sum_gpt2": "4-layer GPT-2 (d_model 128) trained on the int_sum train split; "
+    "stopped early at about 54% test accuracy so pruning has room to help",
+}
+
+_HERE = Path(__file__).resolve().parent
+
+
+def builtin_path(name: str = "int_sum_gpt2") -> Path:
+    """The folder of a shipped model."""
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(sorted(BUILTIN_MODELS))}")
+    path = _HERE / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"built-in model {name!r} is missing its files at {path}; "
+            f"rebuild it with: python -m eigenfast.builtin.train --out {path}"
+        )
+    return path
+
+
+def load_builtin(name: str = "int_sum_gpt2") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` loaded offline, the model in eval mode and float32."""
+    path = builtin_path(name)
+    # Eager attention is what the model was trained and scored with (and exposes attention weights).
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tokenizer

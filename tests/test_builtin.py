@@ -1,0 +1,109 @@
+"""The shipped int_sum_gpt2 model: offline loading, tokenizer, recorded accuracy, size, determinism."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eigenfast.builtin import BUILTIN_MODELS, builtin_path, load_builtin
+from eigenfast.builtin.train import int_sum_split
+from eigenfast.data import int_mult_pairs, int_sum_pairs
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAX_SHIPPED_BYTES = 10 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return load_builtin("int_sum_gpt2")
+
+
+@pytest.fixture(scope="module")
+def record() -> dict:
+    return json.loads((builtin_path() / "training.json").read_text(encoding="utf-8"))
+
+
+def test_loads_in_eval_float32(builtin):
+    model, tokenizer = builtin
+    assert not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.config.vocab_size == len(tokenizer)
+    assert tokenizer.padding_side == "left"
+    assert {tokenizer.pad_token, tokenizer.unk_token, tokenizer.eos_token} == {"<pad>", "<unk>", "<eos>"}
+
+
+def test_loads_with_plain_auto_classes_offline():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = builtin_path()
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    assert model.config.model_type == "gpt2"
+    assert len(tokenizer("12 + 7 =")["input_ids"]) == 4
+
+
+def test_unknown_name_lists_available_models():
+    with pytest.raises(ValueError, match="int_sum_gpt2"):
+        builtin_path("no_such_model")
+    with pytest.raises(ValueError, match="available"):
+        load_builtin("no_such_model")
+    assert "int_sum_gpt2" in BUILTIN_MODELS
+
+
+@pytest.mark.parametrize("pairs", [int_sum_pairs, int_mult_pairs], ids=["int_sum", "int_mult"])
+def test_every_target_is_one_token_and_every_prompt_four(builtin, pairs):
+    _, tokenizer = builtin
+    prompts, targets = pairs()
+    for target in set(targets):
+        ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and ids[0] != tokenizer.unk_token_id, target
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        assert len(ids) == 4 and tokenizer.unk_token_id not in ids, prompt
+
+
+def test_test_split_accuracy_matches_training_record(builtin, record):
+    model, tokenizer = builtin
+    _, test = int_sum_split(tokenizer)
+    assert len(test) == record["split"]["test"]
+    with torch.no_grad():
+        logits = model(**test.model_inputs()).logits[:, -1]
+    accuracy = (logits.argmax(dim=-1) == test.labels).float().mean().item()
+    assert accuracy == pytest.approx(record["final_test_accuracy"], abs=0.005)
+    # The shipped model must leave room for pruning to help, and be well above chance.
+    assert 0.30 <= accuracy <= 0.90
+
+
+def test_shipped_folder_is_small():
+    size = sum(f.stat().st_size for f in builtin_path().rglob("*") if f.is_file())
+    assert size <= MAX_SHIPPED_BYTES, f"{size / 2**20:.1f} MiB"
+
+
+def _start_training(out: Path, steps: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen(
+        [sys.executable, "-m", "eigenfast.builtin.train", "--out", str(out), "--steps", str(steps)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def test_training_is_deterministic(tmp_path):
+    # Two separate processes (run side by side, each pinned to one thread): a rerun in the
+    # same process could hide state leaking between runs.
+    outs = [tmp_path / "a", tmp_path / "b"]
+    runs = [_start_training(out, steps=2) for out in outs]
+    for run in runs:
+        log, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, log
+    first, second = (load_file(out / "model.safetensors") for out in outs)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    record = json.loads((outs[0] / "training.json").read_text(encoding="utf-8"))
+    assert record["steps"] == 2 and record["seed"] == 0
