@@ -32,7 +32,7 @@ class Evaluation:
         return {"accuracy": self.accuracy, "loss": self.loss, "n": self.n}
 
 
-@torch.no_grad()
+@torch.inference_mode()  # also skips the Python autograd layer of eigenfast's ops
 def evaluate(model: nn.Module, data: "TaskData | dict", batch_size: int = 64, desc: str | None = None) -> Evaluation:
     """Accuracy (argmax == label) and mean cross-entropy of the next token."""
     data = as_task_data(data)

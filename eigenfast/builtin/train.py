@@ -12,7 +12,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,7 @@ def shuffled_batches(data: TaskData, batch_size: int, generator: torch.Generator
             yield data.subset(order[start:start + batch_size])
 
 
-def warmup_cosine(warmup: int, total: int):
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     """Linear warm-up, then cosine decay to zero: the final weights come from a calm, low-LR phase."""
     def factor(step: int) -> float:
         return min((step + 1) / warmup, 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))

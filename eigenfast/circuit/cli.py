@@ -10,6 +10,8 @@ from ..cli import load_model, parse_floats
 from ..data import DataError, TaskData, load_task
 from ..modules import EXTRAPOLATE
 from .ablation import ABLATIONS
+from .extract import extract_circuit
+from .sweep import sweep
 
 
 def register(subparsers: Any) -> None:
@@ -38,9 +40,6 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from .extract import extract_circuit
-    from .sweep import sweep
-
     model, tokenizer = load_model(args.model)
     patch, val = draw(load_task(args.task, tokenizer), args.n_patch, args.n_val, args.seed)
     options = dict(ablation=args.ablation, include_mlps=args.mlps, extrapolate=args.extrapolate, batch_size=args.batch_size)

@@ -79,9 +79,9 @@ class Discovery:
 
 
 def kl_divergence(logp_f: torch.Tensor, logits_g: torch.Tensor) -> torch.Tensor:
-    """Per-example KL(f‖g) ``(B,)`` from f's log-probabilities and g's logits."""
+    """Per-example KL(f‖g) from f's log-probabilities ``(B, V)`` and g's logits ``(..., B, V)``."""
     logp_g = torch.log_softmax(logits_g.float(), dim=-1)
-    return nn.functional.kl_div(logp_g, logp_f, log_target=True, reduction="none").sum(dim=-1)
+    return (logp_f.exp() * (logp_f - logp_g)).sum(dim=-1)
 
 
 @dataclass
@@ -98,10 +98,19 @@ class _Chunk:
 class _Runner:
     """Runs layers ``L..end`` for a stack of candidate ablations over cached inputs; returns their KL."""
 
-    def __init__(self, adapter: Adapter, patcher: Patcher, chunks: list[_Chunk], tail: list[nn.Module]) -> None:
+    def __init__(
+        self,
+        adapter: Adapter,
+        means: ComponentMeans | None,
+        ablation: str,
+        extrapolate: str,
+        chunks: list[_Chunk],
+        tail: list[nn.Module],
+    ) -> None:
         self.adapter = adapter
-        self.patcher = patcher
         self.chunks = chunks
+        self.chunk = chunks[0]  # the chunk in flight: its positions index the mean tables
+        self.patcher = Patcher(adapter, means, ablation, extrapolate, positions=lambda: self.chunk.positions)
         self.tail = tail
         self.n_examples = sum(c.size for c in chunks)
 
@@ -112,7 +121,7 @@ class _Runner:
         total = torch.zeros(groups, dtype=torch.float64)
         layers = self.adapter.layers()
         for chunk in self.chunks:
-            self.patcher.positions = lambda: chunk.positions
+            self.chunk = chunk
             hidden = chunk.inputs[layer].repeat(groups, 1, 1)
             for index in range(layer, len(layers)):
                 args, kwargs = chunk.calls[index]
@@ -122,8 +131,8 @@ class _Runner:
             last = hidden[:, -1]
             for module in self.tail:
                 last = module(last)
-            kl = kl_divergence(chunk.logp_f.repeat(groups, 1), self.adapter.lm_head()(last))
-            total += kl.view(groups, chunk.size).sum(dim=1).double().cpu()
+            logits = self.adapter.lm_head()(last).unflatten(0, (groups, chunk.size))
+            total += kl_divergence(chunk.logp_f, logits).sum(dim=1).double().cpu()
         return (total / self.n_examples).tolist()
 
 
@@ -232,10 +241,9 @@ def discover(
         chunks, tail = _cache(adapter, val, batch_size)
         timings["cache"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        patcher = Patcher(adapter, means, ablation, extrapolate, positions=lambda: chunks[0].positions)
-        runner = _Runner(adapter, patcher, chunks, tail)
+        runner = _Runner(adapter, means, ablation, extrapolate, chunks, tail)
         group_size = max(1, batch_size // max(c.size for c in chunks))
-        with patcher.hooks():
+        with runner.patcher.hooks():
             trace, evaluations = _search(adapter, runner, threshold, include_mlps, group_size, progress)
         timings["search"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - start

@@ -26,9 +26,12 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter, get_adapter, projection_matrix
-from ..modules import EXTRAPOLATE, MODULE_KINDS, PositionTable, TokenBiasLinear, connect_positions, register_kind, replace_module
+from ..modules import (
+    EXTRAPOLATE, MODULE_KINDS, PositionTable, TokenBiasLinear, connect_positions, register_kind, replace_module,
+)
 from .ablation import ABLATIONS
 from .means import ComponentMeans
+
 ATTRIBUTES = "eigenfast_attributes"  # where a module remembers the plain attributes eigenfast changed
 
 
@@ -177,7 +180,10 @@ def remove_components(
     """Remove heads (per layer) and MLPs from an unpruned ``model`` in place (SPEC §3).
 
     ``means`` (from :func:`eigenfast.circuit.means.component_means`) is needed for mean
-    ablation only. The result's logits equal the hook-ablated model's.
+    ablation only; positions past its calibration length follow ``extrapolate``. The
+    result's logits equal the hook-ablated model's (:func:`eigenfast.circuit.ablated`).
+    The parameter count drops by the removed weights; under mean ablation a shrunk
+    output projection's bias also leaves the parameters, for its position table (a buffer).
     """
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
@@ -215,7 +221,7 @@ class _StandIns:
         self.adapter = adapter
         self.means = means
         self.extrapolate = extrapolate
-        weight = projection_matrix(adapter.model.get_submodule(adapter.site(0, "o").path))
+        weight = next(adapter.model.parameters())
         self.like = {"dtype": weight.dtype, "device": weight.device}
 
     def _o_bias(self, layer: int) -> torch.Tensor:
@@ -265,36 +271,38 @@ def _shrink_attention(
         # Fused projections (GPT-2 [Q|K|V], NeoX per-head [q|k|v]) keep their layout: head blocks stay in
         # their original column order; the stable sort leaves a duplicated KV head's copies side by side.
         columns = sorted(columns, key=lambda block: int(block[0]))
-        replace_module(model, path, _cut_linear(model.get_submodule(path), columns=torch.cat(columns)))
-
+        replace_module(model, path, _cut(model.get_submodule(path), columns=torch.cat(columns)))
     o = adapter.site(layer, "o")
     rows = torch.cat([o.in_index[h] for h in layout.q_heads])
-    module = model.get_submodule(o.path)
-    if bias_rows is None:
-        replace_module(model, o.path, _cut_linear(module, rows=rows))
-    else:
-        cut = projection_matrix(module).detach()[rows]
-        new = TokenBiasLinear(cut.shape[0], cut.shape[1], bias_rows.shape[0], extrapolate)
-        new = new.to(dtype=cut.dtype, device=cut.device)
-        with torch.no_grad():
-            new.weight.copy_(cut.T)
-        new.set_rows(bias_rows)
-        replace_module(model, o.path, new)
-
+    replace_module(model, o.path, _cut(model.get_submodule(o.path), rows=rows, table=bias_rows, extrapolate=extrapolate))
     set_attributes(adapter.attention(layer), adapter.head_count_attributes(len(layout.q_heads), len(layout.kv_heads)))
 
 
-def _cut_linear(module: nn.Module, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> PlainLinear:
-    """The projection restricted to input ``rows`` / output ``columns`` (math orientation), as a PlainLinear."""
+def _cut(
+    module: nn.Module,
+    rows: torch.Tensor | None = None,
+    columns: torch.Tensor | None = None,
+    table: torch.Tensor | None = None,
+    extrapolate: str = "mean",
+) -> nn.Linear | TokenBiasLinear:
+    """The projection restricted to input ``rows`` / output ``columns`` (math orientation).
+
+    With a bias ``table`` (calib_len, d_out) it becomes a TokenBiasLinear reading it at
+    true positions; otherwise a PlainLinear keeping the original bias.
+    """
     A = projection_matrix(module).detach()
     A = A if rows is None else A[rows]
     A = A if columns is None else A[:, columns]
-    bias = module.bias
-    new = PlainLinear(A.shape[0], A.shape[1], bias=bias is not None, dtype=A.dtype, device=A.device)
+    if table is None:
+        new = PlainLinear(A.shape[0], A.shape[1], bias=module.bias is not None, dtype=A.dtype, device=A.device)
+        if module.bias is not None:
+            with torch.no_grad():
+                new.bias.copy_(module.bias if columns is None else module.bias[columns])
+    else:
+        new = TokenBiasLinear(A.shape[0], A.shape[1], table.shape[0], extrapolate).to(dtype=A.dtype, device=A.device)
+        new.set_rows(table)
     with torch.no_grad():
         new.weight.copy_(A.T)
-        if bias is not None:
-            new.bias.copy_(bias if columns is None else bias[columns])
     return new
 
 
@@ -341,7 +349,8 @@ def _refuse_pruned(adapter: Adapter, layers: set[int]) -> None:
     """Head indices refer to the original model: refuse layers that a previous removal already changed."""
     for layer in layers:
         attention, mlp = adapter.attention(layer), adapter.mlp(layer)
-        if isinstance(attention, RemovedAttention) or hasattr(attention, ATTRIBUTES) or isinstance(mlp, (PositionMean, ConstantOutput)):
+        changed = isinstance(attention, RemovedAttention) or hasattr(attention, ATTRIBUTES)
+        if changed or isinstance(mlp, (PositionMean, ConstantOutput)):
             raise ValueError(
                 f"layer {layer} already had components removed; remove_components works on the unpruned model, "
                 "so pass every component to remove in one call"
