@@ -66,7 +66,9 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def seconds(fns: dict[str, Callable[[], object]], device: str, repeat: int = 5) -> dict[str, float]:
+def seconds(
+    fns: dict[str, Callable[[], object]], device: str, repeat: int = 5
+) -> dict[str, float]:
     """Best time of each function over ``repeat`` rounds, after a warm-up round. The
     functions take turns within a round, so load from other processes on a shared
     machine hits all of them alike."""
@@ -188,8 +190,8 @@ def ours_all(d, c: Component) -> torch.Tensor:
 
 
 def reference_loop(d, c: Component, iters: int | None = None) -> torch.Tensor:
-    """The reference eigenpruning code's scoring, shift pairs: one full rank-one matrix
-    per singular value, applied to every row of every head."""
+    """A re-implementation of the reference eigenpruning code's scoring, shift pairs:
+    one full rank-one matrix per singular value, applied to every row of every head."""
     x, partner, g, U, V, s = (d[k].float() for k in ("x", "partner", "g", "U", "V", "s"))
     delta = partner - x  # (R, H, d_in)
     out = torch.empty(c.heads, c.rank, device=x.device)
@@ -202,9 +204,11 @@ def reference_loop(d, c: Component, iters: int | None = None) -> torch.Tensor:
 
 def gemm_limit(d, c: Component, mode: str) -> Callable[[], None]:
     """torch.matmul on GEMMs with the M, N, K of ours, one call each over all rows: the
-    time they take is the limit our scoring could reach."""
+    time they take is the limit our scoring could reach. Operands come in the dtype our
+    GEMMs run in: the input's for the Triton kernels, float32 for the CPU path."""
     R, H = d["x"].shape[:2]
     device, r = d["x"].device, c.rank
+    dtype = d["x"].dtype if device.type == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(1)
 
     def operands(k: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +216,7 @@ def gemm_limit(d, c: Component, mode: str) -> Callable[[], None]:
             a, b = torch.randn(R, k, generator=gen), torch.randn(k, H * r, generator=gen)
         else:  # H x (R, k) x (k, r)
             a, b = torch.randn(H, R, k, generator=gen), torch.randn(H, k, r, generator=gen)
-        return a.to(device), b.to(device)
+        return a.to(device, dtype), b.to(device, dtype)
 
     gemms = [operands(c.d_in, c.x_shared), operands(c.d_out, c.g_shared)]
     if mode == "all":  # pass 1 computes P once more
@@ -282,7 +286,7 @@ def main() -> None:
                           f"{t_mm / t[mode]:.0%}"])  # fmt: skip
         for rows in (args.rows // 4, args.rows, args.rows * 2):
             d = make_inputs(c, rows, device, dtype)
-            stat_bytes = sum(t.numel() * t.element_size() for t in stats(c, device))
+            stat_bytes = sum(st.numel() * st.element_size() for st in stats(c, device))
             mem.append([c.name, str(rows), mib(stat_bytes), mib(memory(lambda: ours_all(d, c))),
                         mib(memory(lambda: reference_loop(d, c, 1)))])  # fmt: skip
         del d

@@ -15,7 +15,11 @@ columns give that ratio against both fractions. Matmul FLOPs shrink with the mod
 the elementwise work between them (GELU, norms, residual adds) shrinks less, or not at all
 where a layer keeps some heads, so the ratio sits below 1.
 
-Usage: python benches/bench_extract_latency.py [--seq-len 16] [--repeats 7] [--device cuda] [--threads N]
+On a CPU shared with other jobs, wall time swings by tens of percent between runs;
+``--clock cpu`` times with the process's CPU time instead (``time.process_time``,
+summed over torch's threads), which such load barely moves.
+
+Usage: python benches/bench_extract_latency.py [--seq-len 16] [--repeats 7] [--clock wall|cpu] [--threads N] [--device cuda]
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import argparse
 import copy
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -70,11 +75,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=16, help="prompt length (int_sum prompts are ~6 GPT-2 tokens)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu measures CPU work; time accelerators with --clock wall")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     config = GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
     base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval().to(args.device)
@@ -88,7 +97,7 @@ def main() -> None:
     base_params = count_parameters(base).non_embedding
 
     print(f"GPT-2-small shape (12x12x768, vocab 50257), random weights, seq len {args.seq_len}, device {args.device}, "
-          f"{torch.get_num_threads()} threads; medians of {args.repeats} forwards (ms)")
+          f"{torch.get_num_threads()} threads; medians of {args.repeats} forwards (ms, {args.clock} clock)")
     header = (f"{'heads/MLPs removed':>18} {'params kept':>11} {'FLOPs removed: non-emb':>22} {'timed':>6} | "
               + " | ".join(f"b={b:<2} base  circuit  faster" for b in BATCHES)
               + " | latency/FLOP reduction, b=32: non-emb  timed | max |Δ| vs hooks")
@@ -112,11 +121,11 @@ def main() -> None:
         cells, reductions = [], {}
         for b, batch in batches.items():
             for model in (base, circuit):  # warm-up
-                time_forward(model, batch)
+                time_forward(model, batch, clock)
             times = {"base": [], "circuit": []}
             for _ in range(args.repeats):  # alternate, so both see the same machine load
-                times["base"].append(time_forward(base, batch))
-                times["circuit"].append(time_forward(circuit, batch))
+                times["base"].append(time_forward(base, batch, clock))
+                times["circuit"].append(time_forward(circuit, batch, clock))
             t_base, t_circuit = statistics.median(times["base"]), statistics.median(times["circuit"])
             reductions[b] = 1 - t_circuit / t_base
             cells.append(f"{t_base * 1e3:>9.2f} {t_circuit * 1e3:>8.2f} {reductions[b]:>7.1%}")

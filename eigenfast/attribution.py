@@ -26,11 +26,12 @@ import torch
 
 Backend = Literal["auto", "torch", "triton"]
 
-# Budget, in float32 elements, for one row-block buffer of shape (block, H*r). About
-# five such buffers are alive at once: 2**20 (4 MiB each) gives the GEMMs a thousand
-# or more rows per call, where BLAS runs at full speed, and caps the working memory
-# at ~20 MiB whatever the number of rows.
-BLOCK_ELEMS = 1 << 20
+# Budget, in float32 elements, for one row-block buffer of shape (block, H, r). About
+# five such buffers are alive at once: 2**21 (8 MiB each) caps the working memory near
+# 40 MiB whatever the number of rows, and gives the GEMMs thousands of rows per call.
+# Each torch op is a parallel region, so fewer, larger blocks also mean fewer thread
+# synchronisations, which is what costs most on a busy machine.
+BLOCK_ELEMS = 1 << 21
 
 
 def pass1_update(
@@ -54,21 +55,17 @@ def pass1_update(
         attribution_pass1.pass1_update(x, U, pos, pmax, pmin)
         return
     R, H, _ = x.shape
-    r = U.shape[2]
-    # Blocks come out as (block, H*r), the row layout of the (T, H*r) statistics, so
-    # the per-position reduction is a row-wise index_reduce_. (scatter_reduce_ with an
-    # expanded index is as fast on one thread but ~100x slower on two contended ones.)
-    pmax2, pmin2 = pmax.view(-1, H * r), pmin.view(-1, H * r)
     project = _projector(x, U)
-    step = _block_rows(H, r)
+    step = _block_rows(H, U.shape[2])
+    # index_reduce_ rather than scatter_reduce_ with an expanded index: as fast on one
+    # thread, but the latter was ~100x slower on two contended ones.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="index_reduce\\(\\) is in beta")
         for start in range(0, R, step):
             stop = min(R, start + step)
             P = project(start, stop)
-            p = pos[start:stop]
-            pmax2.index_reduce_(0, p, P, "amax")
-            pmin2.index_reduce_(0, p, P, "amin")
+            pmax.index_reduce_(0, pos[start:stop], P, "amax")
+            pmin.index_reduce_(0, pos[start:stop], P, "amin")
 
 
 def pass2_update(
@@ -100,18 +97,15 @@ def pass2_update(
         attribution_pass2.pass2_update(x, g, U, V, s, pos, pmax, pmin, out, partner=partner)
         return
     R, H, _ = x.shape
-    r = U.shape[2]
-    step = _block_rows(H, r)
+    step = _block_rows(H, U.shape[2])
     # G is linear in g and P in x, so ``s`` folds into V once per call and the shift
     # partner into x per block: (Pp - P) = (xp - x) · U costs one GEMM, not two.
     gradient = _projector(g, V.float().transpose(1, 2) * s.float().unsqueeze(1))
     if partner is None:
         project = _projector(x, U)
-        pmax2 = pmax.view(-1, H * r)
-        spread = pmax2 - pmin.view(-1, H * r)
+        spread = pmax - pmin
     else:
         project = _projector(partner, U, minus=x)
-    best_seen = out.view(H * r)
     for start in range(0, R, step):
         stop = min(R, start + step)
         sG = gradient(start, stop)
@@ -120,11 +114,11 @@ def pass2_update(
             # With s >= 0 the best partner is Pmax where sG >= 0 and Pmin = Pmax - spread
             # elsewhere, so (Q - P) sG = (Pmax - P) sG - spread min(sG, 0): no select,
             # and the GEMM writes Pmax - P straight into the gathered Pmax rows.
-            gain = project(start, stop, minus_from=pmax2.index_select(0, p)).mul_(sG)
+            gain = project(start, stop, minus_from=pmax.index_select(0, p)).mul_(sG)
             gain.addcmul_(spread.index_select(0, p), sG.clamp_(max=0), value=-1)
         else:
             gain = project(start, stop).mul_(sG)
-        torch.maximum(best_seen, gain.amax(0), out=best_seen)
+        torch.maximum(out, gain.amax(0), out=out)
 
 
 def _use_triton(backend: Backend, x: torch.Tensor) -> bool:
@@ -149,13 +143,15 @@ def _projector(
     t: torch.Tensor, W: torch.Tensor, minus: torch.Tensor | None = None
 ) -> Callable[..., torch.Tensor]:
     """Return ``project(start, stop, minus_from=None)`` giving ``(t - minus)[start:stop]
-    · W`` as a (block, H*r) float32 tensor (``minus`` defaults to nothing), or, given
-    ``minus_from`` of that shape, ``minus_from - (t - minus)[start:stop] · W`` computed
-    in place by the GEMM.
+    · W`` as a float32 (block, H, r) tensor (``minus`` defaults to nothing), or, given a
+    contiguous ``minus_from`` of that shape, ``minus_from - (t - minus)[start:stop] · W``
+    written into it.
 
     t, minus: (R, H, k) and W: (H, k, r). Head-shared inputs use a single (block, k) x
-    (k, H*r) GEMM, which is as many FLOPs as H small GEMMs but one wide call; per-head
-    inputs use one batched GEMM.
+    (k, H*r) GEMM, which is as many FLOPs as H small GEMMs but one wide call, and can
+    subtract from ``minus_from`` inside the GEMM. Per-head inputs use one batched GEMM
+    whose (H, block, r) result is returned as a transposed view: the elementwise ops
+    after it read it in place, where a copy to (block, H, r) would be one more pass.
     """
     H, k, r = W.shape
     W = W.float()
@@ -172,16 +168,12 @@ def _projector(
     def project(start: int, stop: int, minus_from: torch.Tensor | None = None) -> torch.Tensor:
         block = rows(start, stop)
         if shared:
-            return block @ W if minus_from is None else minus_from.addmm_(block, W, alpha=-1)
-        out = block.new_empty(stop - start, H * r) if minus_from is None else minus_from
-        # The batched GEMM writes its (H, block, r) result straight into the
-        # (block, H*r) layout through a transposed view: no copy afterwards.
-        heads_first = out.view(stop - start, H, r).transpose(0, 1)
-        if minus_from is None:
-            torch.bmm(block.transpose(0, 1), W, out=heads_first)
-        else:
-            heads_first.baddbmm_(block.transpose(0, 1), W, alpha=-1)
-        return out
+            if minus_from is None:
+                return (block @ W).view(stop - start, H, r)
+            minus_from.view(stop - start, H * r).addmm_(block, W, alpha=-1)
+            return minus_from
+        P = torch.bmm(block.transpose(0, 1), W).transpose(0, 1)
+        return P if minus_from is None else minus_from.sub_(P)
 
     return project
 

@@ -4,9 +4,9 @@ Each program owns a (rows block, head, rank block) tile: it computes the P tile 
 with an fp32 accumulator and folds it into ``pmax``/``pmin`` (T, H, r) with fp32
 atomic max/min at ``pos[row]``.
 
-Why atomics rather than sorting rows by position: the caller's rows are token-major
-runs of whole sequences, so the rows of one tile mostly hit distinct positions and
-the atomics rarely contend; each atomic is paid once per P element, which costs d_in
+Why atomics rather than sorting rows by position: the caller's rows come sequence by
+sequence, so the rows of one tile mostly hit distinct positions and the atomics
+rarely contend; each atomic is paid once per P element, which costs d_in
 multiply-adds, so they are cheap next to the GEMM. Sorting would need an extra pass
 and a permuted copy of X (R x d_in) for no gain in the result.
 """

@@ -16,7 +16,7 @@ it cheaper without changing a single decision:
   prediction, the rest of the group is evaluated again under the true state.
   Every recorded KL is therefore that of exactly the model the sequential
   algorithm would have built. Predictions come from a candidate's stale
-  evaluation when it has one, else from the decisions so far.
+  evaluation when it has one, else from the last decision.
 """
 from __future__ import annotations
 
@@ -185,17 +185,21 @@ def _cache(adapter: Adapter, data: TaskData, batch_size: int) -> tuple[list[_Chu
 
 
 class _Predictor:
-    """Guesses a candidate's decision: its stale evaluation if it has one, else the majority so far."""
+    """Guesses a candidate's decision: its stale evaluation if it has one, else the last decision made.
+
+    Decisions come in runs (upper layers mostly pruned, lower ones, which the
+    pruned model leans on more, mostly kept), so the last one is a good guess.
+    """
 
     def __init__(self) -> None:
         self.stale: dict[Component, bool] = {}
-        self.counts = {True: 0, False: 0}
+        self.last = True
 
     def __call__(self, component: Component) -> bool:
-        return self.stale.get(component, self.counts[True] >= self.counts[False])
+        return self.stale.get(component, self.last)
 
     def record(self, pruned: bool) -> None:
-        self.counts[pruned] += 1
+        self.last = pruned
 
 
 def _with(state: Ablation, c: Component) -> Ablation:

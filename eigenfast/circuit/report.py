@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Collection, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -57,17 +57,21 @@ def latency_batch(data: TaskData, batch: int) -> TaskData:
 
 
 @torch.no_grad()
-def time_forward(model: nn.Module, batch: TaskData) -> float:
-    """Seconds of one forward producing the last-token logits, as evaluation and the task use them."""
+def time_forward(model: nn.Module, batch: TaskData, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds of one forward producing the last-token logits, as evaluation and the task use them.
+
+    ``clock`` is wall time by default; ``time.process_time`` (CPU seconds of this process)
+    compares models fairly on a CPU that other jobs share.
+    """
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     last_logits(adapter, batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def median_latency(model: nn.Module, batch: TaskData, repeats: int, warmup: int = 2) -> float:
