@@ -197,7 +197,7 @@ def test_auto_sweeps_candidates_on_held_out_data():
     assert all(c.evaluation is not None and c.evaluation.n == 4 for c in report.candidates)
     best = max(report.candidates, key=lambda c: (c.evaluation.accuracy, -c.evaluation.loss))
     assert report.p == best.p
-    assert "accuracy" in report.table()
+    assert "val acc" in report.table() and "<- kept" in report.table()
 
 
 @pytest.mark.parametrize("p", [-0.1, 1.5, "half", True])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -43,8 +43,12 @@ class Component(NamedTuple):
     layer: int
     head: int | None
 
+    @property
+    def is_mlp(self) -> bool:
+        return self.head is None
+
     def __str__(self) -> str:
-        return f"L{self.layer}.MLP" if self.head is None else f"L{self.layer}.H{self.head}"
+        return f"L{self.layer}.MLP" if self.is_mlp else f"L{self.layer}.H{self.head}"
 
 
 class Step(NamedTuple):
@@ -185,25 +189,27 @@ def _cache(adapter: Adapter, data: TaskData, batch_size: int) -> tuple[list[_Chu
 
 
 class _Predictor:
-    """Guesses a candidate's decision: its stale evaluation if it has one, else the last decision made.
+    """Guesses a candidate's decision: its stale evaluation if it has one, else the last decision
+    on a component of its kind (head or MLP).
 
     Decisions come in runs (upper layers mostly pruned, lower ones, which the
-    pruned model leans on more, mostly kept), so the last one is a good guess.
+    pruned model leans on more, mostly kept), so the last one is a good guess;
+    heads and MLPs run separately.
     """
 
     def __init__(self) -> None:
         self.stale: dict[Component, bool] = {}
-        self.last = True
+        self.last = {False: True, True: True}  # by Component.is_mlp
 
-    def __call__(self, component: Component) -> bool:
-        return self.stale.get(component, self.last)
+    def __call__(self, c: Component) -> bool:
+        return self.stale.get(c, self.last[c.is_mlp])
 
-    def record(self, pruned: bool) -> None:
-        self.last = pruned
+    def record(self, c: Component, pruned: bool) -> None:
+        self.last[c.is_mlp] = pruned
 
 
 def _with(state: Ablation, c: Component) -> Ablation:
-    if c.head is None:
+    if c.is_mlp:
         return Ablation(state.heads, state.mlps | {c.layer})
     return Ablation(state.heads | {(c.layer, c.head)}, state.mlps)
 
@@ -215,7 +221,7 @@ def discover(
     threshold: float,
     ablation: str = "mean",
     include_mlps: bool = False,
-    batch_size: int = 64,
+    batch_size: int = 128,
     progress: bool = True,
     extrapolate: str = "mean",
 ) -> Discovery:
@@ -224,7 +230,8 @@ def discover(
     ``patch_data`` (D_a) gives the mean activations (unused, may be None, for
     zero ablation); ``val_data`` (D_v) the KL. ``batch_size`` bounds the rows of
     one forward: candidates are stacked ``batch_size // len(D_v)`` at a time
-    (one at a time, over chunks of D_v, when D_v is larger).
+    (one at a time, over chunks of D_v, when D_v is larger). The residual
+    stream entering every layer is kept for D_v: O(layers · |D_v| · T · d_model).
     """
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
@@ -253,8 +260,8 @@ def discover(
     timings["total"] = time.perf_counter() - start
 
     pruned = [s.component for s in trace if s.pruned]
-    pruned_heads = {(c.layer, c.head) for c in pruned if c.head is not None}
-    pruned_mlps = {c.layer for c in pruned if c.head is None}
+    pruned_heads = {(c.layer, c.head) for c in pruned if not c.is_mlp}
+    pruned_mlps = {c.layer for c in pruned if c.is_mlp}
     all_heads = [(l, h) for l in range(adapter.n_layers) for h in range(adapter.n_heads)]
     return Discovery(
         heads=[lh for lh in all_heads if lh not in pruned_heads],
@@ -301,7 +308,7 @@ def _search(
                     delta = kl_after - kl
                     pruned = delta < threshold
                     trace.append(Step(c, kl, kl_after, delta, pruned))
-                    predict.record(pruned)
+                    predict.record(c, pruned)
                     pending.pop(0)
                     if pruned:
                         state, kl = _with(state, c), kl_after

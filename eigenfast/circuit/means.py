@@ -70,9 +70,9 @@ def component_means(model: nn.Module, patch_data: "TaskData | dict", batch_size:
     calib_len = data.max_length
     n_layers, d_model = adapter.n_layers, adapter.d_model
     o_paths = [adapter.site(layer, "o").path for layer in range(n_layers)]
-    d_o = projection_matrix(model.get_submodule(o_paths[0])).shape[0]
+    A_o = projection_matrix(model.get_submodule(o_paths[0]))
     # float64 sums: long data sets must not lose the small per-position means.
-    z_sums = torch.zeros(n_layers, calib_len, d_o, dtype=torch.float64, device=device)
+    z_sums = torch.zeros(n_layers, calib_len, A_o.shape[0], dtype=torch.float64, device=device)
     mlp_sums = torch.zeros(n_layers, calib_len, d_model, dtype=torch.float64, device=device)
     counts = torch.zeros(calib_len, dtype=torch.float64, device=device)
 
@@ -92,8 +92,7 @@ def component_means(model: nn.Module, patch_data: "TaskData | dict", batch_size:
     heads = torch.stack([
         _head_contributions(adapter, layer, z_sums[layer] / counts) for layer in range(n_layers)
     ])
-    dtype = projection_matrix(model.get_submodule(o_paths[0])).dtype
-    return ComponentMeans(heads.to(dtype), (mlp_sums / counts).to(dtype))
+    return ComponentMeans(heads.to(A_o.dtype), (mlp_sums / counts).to(A_o.dtype))
 
 
 def _head_contributions(adapter: Adapter, layer: int, z_mean: torch.Tensor) -> torch.Tensor:
