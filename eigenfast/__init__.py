@@ -3,8 +3,10 @@
     result = eigenfast.prune(model, data, p=0.05)          # eigenpruning (SPEC §2)
     scores = eigenfast.score(model, data, components=("k",))
     model = eigenfast.load(directory)                      # after result.save(directory)
+    circuit = eigenfast.extract_circuit(model, patch_data, val_data, threshold=0.01)   # SPEC §3
 """
 from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
+from .circuit import CircuitResult, extract_circuit
 from .data import DataError, TaskData, as_task_data, from_jsonl, from_pairs, int_mult, int_sum, load_task
 from .forward import evaluate
 from .modules import PositionIndexError
@@ -15,6 +17,7 @@ from .serialization import SavedModelError, load
 __version__ = "0.1.0"
 
 __all__ = [
+    "CircuitResult",
     "DataError",
     "PositionIndexError",
     "PruneResult",
@@ -24,6 +27,7 @@ __all__ = [
     "UnsupportedModelError",
     "as_task_data",
     "evaluate",
+    "extract_circuit",
     "from_jsonl",
     "from_pairs",
     "get_adapter",

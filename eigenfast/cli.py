@@ -139,12 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=("train", "test", "all"), default="test")
     ev.set_defaults(func=cmd_eval)
 
-    try:
-        from .circuit.cli import register
-    except ImportError:
-        pass
-    else:
-        register(sub)
+    from .circuit.cli import register  # here, not at the top: circuit.cli imports this module
+
+    register(sub)
     return parser
 
 

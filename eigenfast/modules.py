@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .ops import token_bias_add, token_bias_linear
+from .ops import token_bias_linear
 from .positions import PositionTracker, attach_tracker
 
 EXTRAPOLATE = ("mean", "last", "error")
@@ -124,21 +124,3 @@ class TokenBiasLinear(PositionTable):
 
     def extra_repr(self) -> str:
         return f"d_in={self.in_features}, d_out={self.out_features}, calib_len={self.calib_len}, extrapolate={self.extrapolate}"
-
-
-@register_kind
-class PositionBias(PositionTable):
-    """Stands in for a removed component: adds its mean output ``table[pos]`` (or nothing if zero-ablated)."""
-
-    kind = "position_bias"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return token_bias_add(x, self.table.to(x.dtype), self.positions(x.shape[:-1]))
-
-    def spec(self) -> dict[str, Any]:
-        return {"dim": self.table.shape[1], **self.spec_fields()}
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "PositionBias":
-        return cls(spec["calib_len"], spec["dim"], spec["extrapolate"])
-

@@ -191,3 +191,4 @@ def test_synthetic_task_recovers_its_circuit(model_type, ablation):
     assert head_rates(found.heads, task.true_heads, 3, 4) == (1.0, 0.0)
     # The heads outside the circuit write nothing: ablating them is exactly free.
     assert all(s.delta == 0.0 for s in found.kl_trace if s.pruned)
+    assert found.evaluations > len(found.kl_trace)  # each true head broke a speculated group

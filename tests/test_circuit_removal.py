@@ -105,21 +105,21 @@ def expected_drop(model, heads, mlps, ablation) -> int:
     size = lambda path: sum(p.numel() for p in model.get_submodule(path).parameters())  # noqa: E731
     shared_norm = adapter.mlp_norm_path is None
     drop = 0
-    for layer, removed in heads.items():
+    for layer, gone in heads.items():
         base = adapter.layer_path(layer)
-        if len(removed) == adapter.n_heads:
+        if len(gone) == adapter.n_heads:
             drop += size(f"{base}.{adapter.attn_path}")
             if not shared_norm or layer in mlps:
                 drop += size(f"{base}.{adapter.attn_norm_path}")
             continue
-        layout = head_layout(adapter, [h for h in range(adapter.n_heads) if h not in removed])
+        layout = head_layout(adapter, [h for h in range(adapter.n_heads) if h not in gone])
         kept = {"q": len(layout.q_heads), "k": len(layout.kv_heads), "v": len(layout.kv_heads)}
         for component, n_kept in kept.items():
             module = model.get_submodule(adapter.site(layer, component).path)
             column = projection_matrix(module).shape[0] + (module.bias is not None)  # weights + bias of one output
             n_total = adapter.n_heads if component == "q" else adapter.n_kv_heads
             drop += (n_total - n_kept) * adapter.d_head * column  # negative for duplicated KV heads
-        drop += len(removed) * adapter.d_head * adapter.d_model
+        drop += len(gone) * adapter.d_head * adapter.d_model
         o_bias = model.get_submodule(adapter.site(layer, "o").path).bias
         if ablation == "mean" and o_bias is not None:
             drop += o_bias.numel()  # it moves into the position table, a buffer
