@@ -88,6 +88,21 @@ def connect_positions(model: nn.Module) -> None:
             table.tracker = tracker
 
 
+ATTRIBUTES = "eigenfast_attributes"  # where a module remembers the plain attributes eigenfast changed
+
+
+def set_attributes(module: nn.Module, values: dict[str, Any]) -> None:
+    """Change plain (JSON-able) attributes of a HF module, such as a shrunk attention's head counts,
+    and remember them so that a saved model gets them back."""
+    for name, value in values.items():
+        if not hasattr(module, name):
+            raise AttributeError(f"{type(module).__name__} has no attribute {name!r}")
+        if not isinstance(value, (bool, int, float, str)):
+            raise TypeError(f"attribute {name!r} must be a bool, int, float or str, got {type(value).__name__}")
+        setattr(module, name, value)
+    setattr(module, ATTRIBUTES, {**getattr(module, ATTRIBUTES, {}), **values})
+
+
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, new)

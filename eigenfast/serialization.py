@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .adapters import get_adapter
-from .modules import MODULE_KINDS, connect_positions, replace_module
+from .modules import ATTRIBUTES, MODULE_KINDS, connect_positions, replace_module, set_attributes
 
 FORMAT = "eigenfast"
 VERSION = 1
@@ -72,6 +72,11 @@ def save_model(
                 for path, module in model.named_modules()
                 if type(module) in MODULE_KINDS.values()
             ],
+            "attributes": {
+                path: getattr(module, ATTRIBUTES)
+                for path, module in model.named_modules()
+                if hasattr(module, ATTRIBUTES)
+            },
             "report": report or {},
         }
         (staging / SPEC_FILE).write_text(json.dumps(spec, indent=2))
@@ -134,6 +139,11 @@ def load(directory: str | Path) -> nn.Module:
             replace_module(model, record["path"], cls.from_spec(record["spec"]).to(dtype))
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise SavedModelError(f"{SPEC_FILE} entry {record.get('path')!r} does not fit the model: {err}") from None
+    for path, values in spec.get("attributes", {}).items():
+        try:
+            set_attributes(model.get_submodule(path), values)
+        except (AttributeError, TypeError) as err:
+            raise SavedModelError(f"{SPEC_FILE} attributes of {path!r} do not fit the model: {err}") from None
     try:
         load_model(model, str(weights), strict=True)
     except (SafetensorError, RuntimeError, OSError) as err:

@@ -113,6 +113,7 @@ class Patcher:
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
+        """Install the hooks for the block (they do nothing in layers without a plan)."""
         handles = []
         for layer, site in enumerate(self.sites):
             o_proj = self.adapter.model.get_submodule(site.path)

@@ -118,7 +118,7 @@ class _Runner:
         self.tail = tail
         self.n_examples = sum(c.size for c in chunks)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def kl(self, layer: int, states: list[Ablation]) -> list[float]:
         self.patcher.set(states)
         groups = len(states)
@@ -151,7 +151,7 @@ def _repeat(value: Any, n: int, groups: int) -> Any:
     return value
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _cache(adapter: Adapter, data: TaskData, batch_size: int) -> tuple[list[_Chunk], list[nn.Module]]:
     """One unpruned forward per chunk of D_v: f's log-probs, each layer's input and call arguments.
 

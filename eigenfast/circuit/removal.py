@@ -27,25 +27,18 @@ from torch import nn
 
 from ..adapters import Adapter, get_adapter, projection_matrix
 from ..modules import (
-    EXTRAPOLATE, MODULE_KINDS, PositionTable, TokenBiasLinear, connect_positions, register_kind, replace_module,
+    ATTRIBUTES,
+    EXTRAPOLATE,
+    MODULE_KINDS,
+    PositionTable,
+    TokenBiasLinear,
+    connect_positions,
+    register_kind,
+    replace_module,
+    set_attributes,
 )
 from .ablation import ABLATIONS
 from .means import ComponentMeans
-
-ATTRIBUTES = "eigenfast_attributes"  # where a module remembers the plain attributes eigenfast changed
-
-
-def set_attributes(module: nn.Module, values: dict[str, Any]) -> None:
-    """Change plain (JSON-able) attributes of a HF module, such as a shrunk attention's head counts,
-    and remember them so that a saved model gets them back."""
-    for name, value in values.items():
-        if not hasattr(module, name):
-            raise AttributeError(f"{type(module).__name__} has no attribute {name!r}")
-        if not isinstance(value, (bool, int, float, str)):
-            raise TypeError(f"attribute {name!r} must be a bool, int, float or str, got {type(value).__name__}")
-        setattr(module, name, value)
-    setattr(module, ATTRIBUTES, {**getattr(module, ATTRIBUTES, {}), **values})
-
 
 @register_kind
 class PlainLinear(nn.Linear):
