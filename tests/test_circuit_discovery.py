@@ -192,3 +192,16 @@ def test_synthetic_task_recovers_its_circuit(model_type, ablation):
     # The heads outside the circuit write nothing: ablating them is exactly free.
     assert all(s.delta == 0.0 for s in found.kl_trace if s.pruned)
     assert found.evaluations > len(found.kl_trace)  # each true head broke a speculated group
+
+
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_pruning_everything_matches_algorithm_1(family, ablation):
+    """Whole layers and MLPs pruned: discovery skips their work, the KL must not notice."""
+    model = make_model(family)
+    patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
+    found = discover(model, patch, val, float("inf"), ablation, True, batch_size=24, progress=False)
+    *_, trace = naive_discover(model, patch, val, float("inf"), ablation, True)
+    assert found.heads == [] and found.mlps == []
+    torch.testing.assert_close(
+        torch.tensor([s.kl_after for s in found.kl_trace]), torch.tensor([k for _, _, k, _ in trace]), atol=1e-6, rtol=1e-4
+    )

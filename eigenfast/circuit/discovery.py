@@ -8,8 +8,8 @@ it cheaper without changing a single decision:
 * When layer L is visited, nothing below it has been touched, so the residual
   stream entering L is the unpruned model's. One forward caches it (and each
   layer's call arguments: masks, rotary tables, position ids) and every
-  candidate runs layers L..end only, then the final norm and LM head at the
-  last position only.
+  candidate runs layers L..end only; the top layer's output projection and
+  MLP, the final norm and the LM head run at the last position only.
 * Several candidates share one forward, stacked along the batch. Candidate k
   of a group is evaluated on top of the decisions *predicted* for candidates
   0..k-1; the decisions are then replayed in order and, at the first wrong
@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -127,17 +127,66 @@ class _Runner:
         for chunk in self.chunks:
             self.chunk = chunk
             hidden = chunk.inputs[layer].repeat(groups, 1, 1)
-            for index in range(layer, len(layers)):
-                args, kwargs = chunk.calls[index]
-                hidden = layers[index](
-                    hidden, *_repeat(args, chunk.size, groups), **_repeat(kwargs, chunk.size, groups)
-                )
+            with self._skipping_ablated(len(hidden)):
+                for index in range(layer, len(layers)):
+                    args, kwargs = chunk.calls[index]
+                    hidden = layers[index](
+                        hidden, *_repeat(args, chunk.size, groups), **_repeat(kwargs, chunk.size, groups)
+                    )
             last = hidden[:, -1]
             for module in self.tail:
                 last = module(last)
             logits = self.adapter.lm_head()(last).unflatten(0, (groups, chunk.size))
             total += kl_divergence(chunk.logp_f, logits).sum(dim=1).double().cpu()
         return (total / self.n_examples).tolist()
+
+
+    @contextlib.contextmanager
+    def _skipping_ablated(self, rows: int) -> Iterator[None]:
+        """Skip what every group ablates anyway: attention blocks with no head left, and MLPs.
+
+        Such an attention block's output is its output projection applied to
+        zeros, which the ablation hooks turn into the bias plus the heads' means;
+        one zero position per row is enough, the means broadcast over positions.
+        An ablated MLP's output is replaced by its hook whatever it computed, so
+        it computes nothing. (HF attention modules return ``(output, weights)``.)
+        """
+        skipped = []
+        for layer, plan in self.patcher.plans.items():
+            if plan.keep is not None and len(plan.keep) == 1 and not plan.keep.any():
+                o_proj = self.adapter.model.get_submodule(self.adapter.site(layer, "o").path)
+                zeros = plan.keep.new_zeros(rows, 1, plan.keep.shape[1])
+                skipped.append(self.adapter.attention(layer))
+                skipped[-1].forward = lambda *args, _o=o_proj, _z=zeros, **kwargs: (_o(_z), None)
+            if plan.mlp_off is not None and len(plan.mlp_off) == 1 and bool(plan.mlp_off):
+                skipped.append(self.adapter.mlp(layer))
+                skipped[-1].forward = lambda x, *args, **kwargs: torch.zeros_like(x)
+        try:
+            yield
+        finally:
+            for module in skipped:
+                del module.forward  # back to the class's forward
+
+    @contextlib.contextmanager
+    def last_position_only(self) -> Iterator[None]:
+        """Feed the top layer's output projection and MLP the last position alone.
+
+        Both act on each position separately and only the last position's
+        output is read, so this is exact; the residual additions broadcast it
+        over the (then meaningless) earlier positions.
+        """
+        top = self.adapter.n_layers - 1
+        modules = [self.adapter.model.get_submodule(self.adapter.site(top, "o").path), self.adapter.mlp(top)]
+        # prepend: run before the ablation hooks, so they see what the module will.
+        handles = [
+            m.register_forward_pre_hook(lambda module, args: (args[0][:, -1:], *args[1:]), prepend=True)
+            for m in modules
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def _repeat(value: Any, n: int, groups: int) -> Any:
@@ -254,7 +303,7 @@ def discover(
         mark = time.perf_counter()
         runner = _Runner(adapter, means, ablation, extrapolate, chunks, tail)
         group_size = max(1, batch_size // max(c.size for c in chunks))
-        with runner.patcher.hooks():
+        with runner.patcher.hooks(), runner.last_position_only():
             trace, evaluations = _search(adapter, runner, threshold, include_mlps, group_size, progress)
         timings["search"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - start
