@@ -2,22 +2,25 @@
 
 The literal loop (``naive_discover`` in tests/test_circuit_discovery.py) runs one
 full hook-ablated forward over D_v per candidate. Ours runs only the layers
-from the visited one up, with several candidates stacked in one forward. Both
-must return the same circuit (asserted). The model is GPT-2-small-shaped (12
+from the visited one up (skipping what is pruned in all of them, and the top
+layer's position-wise work past the last position), several candidates
+stacked in one forward. Both must return the same circuit (asserted). The model is GPT-2-small-shaped (12
 layers x 12 heads, d_model 768, the full 50257-token vocabulary) with random
 weights, perturbed like the test models so that heads differ in importance;
 D_a and D_v are random left-padded prompts.
 
-Usage: python benches/bench_discovery.py [--threshold 3e-4] [--val 16] [--length 10]
-       [--batch-size 192] [--mlps both|yes|no] [--repeat 1] [--threads N]
+Usage: python benches/bench_discovery.py [--threshold 1e-3] [--val 16] [--length 10]
+       [--batch-size 64] [--mlps both|yes|no] [--repeat 2] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
@@ -51,14 +54,14 @@ def prompts(n: int, length: int, seed: int) -> TaskData:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threshold", type=float, default=3e-4)
+    parser.add_argument("--threshold", type=float, default=1e-3)
     parser.add_argument("--patch", type=int, default=32, help="examples in D_a")
     parser.add_argument("--val", type=int, default=16, help="examples in D_v")
     parser.add_argument("--length", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=192, help="rows per stacked forward (ours)")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per stacked forward (ours)")
     parser.add_argument("--mlps", choices=("both", "yes", "no"), default="both")
     parser.add_argument("--ablation", choices=("mean", "zero"), default="mean")
-    parser.add_argument("--repeat", type=int, default=1, help="timed runs of ours (the fastest counts)")
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs of each, interleaved (the fastest counts)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -69,29 +72,43 @@ def main() -> None:
     settings = {"both": (False, True), "yes": (True,), "no": (False,)}[args.mlps]
     print(
         f"GPT-2-small shape, random weights, {torch.get_num_threads()} threads; |D_a|={args.patch} |D_v|={args.val} "
-        f"T={args.length}; {args.ablation} ablation, alpha={args.threshold:g}, batch_size={args.batch_size}\n"
+        f"T={args.length}; {args.ablation} ablation, alpha={args.threshold:g}, batch_size={args.batch_size}; "
+        f"best of {args.repeat} interleaved run(s) each, wall clock (process CPU time in brackets)\n"
     )
-    header = f"{'include_mlps':>12} | {'ours (s)':>9} | {'naive (s)':>9} | {'speed-up':>8} | {'kept heads':>10} | {'kept mlps':>9} | {'evals/decisions':>15}"
+    header = (
+        f"{'include_mlps':>12} | {'ours (s)':>14} | {'naive (s)':>14} | {'speed-up':>14} | "
+        f"{'kept heads':>10} | {'kept mlps':>9} | {'evals/decisions':>15}"
+    )
     print(header)
     print("-" * len(header))
     for include_mlps in settings:
-        ours = []
+        ours, naive = [], []
         for _ in range(args.repeat):
-            start = time.perf_counter()
-            found = discover(
-                model, patch, val, args.threshold, args.ablation, include_mlps, batch_size=args.batch_size, progress=False
-            )
-            ours.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        heads, mlps, _ = naive_discover(model, patch, val, args.threshold, args.ablation, include_mlps)
-        naive = time.perf_counter() - start
-        assert (heads, mlps) == (found.heads, found.mlps), "the fast search changed a decision"
-        best = min(ours)
+            with timed(ours):
+                found = discover(
+                    model, patch, val, args.threshold, args.ablation, include_mlps,
+                    batch_size=args.batch_size, progress=False,
+                )
+            with timed(naive):
+                heads, mlps, _ = naive_discover(model, patch, val, args.threshold, args.ablation, include_mlps)
+            assert (heads, mlps) == (found.heads, found.mlps), "the fast search changed a decision"
+        (o_wall, o_cpu), (n_wall, n_cpu) = best(ours), best(naive)
         print(
-            f"{str(include_mlps):>12} | {best:9.1f} | {naive:9.1f} | {naive / best:7.2f}x | "
-            f"{len(found.heads):>4}/{12 * 12:<5} | {len(found.mlps):>4}/12   | "
-            f"{found.evaluations:>7}/{len(found.kl_trace):<7}"
+            f"{str(include_mlps):>12} | {o_wall:5.1f} [{o_cpu:5.1f}] | {n_wall:5.1f} [{n_cpu:5.1f}] | "
+            f"{n_wall / o_wall:4.2f}x [{n_cpu / o_cpu:4.2f}x] | {len(found.heads):>4}/{12 * 12:<5} | "
+            f"{len(found.mlps):>4}/12   | {found.evaluations:>7}/{len(found.kl_trace):<7}"
         )
+
+
+@contextlib.contextmanager
+def timed(runs: list[tuple[float, float]]) -> Iterator[None]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    runs.append((time.perf_counter() - wall, time.process_time() - cpu))
+
+
+def best(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return min(w for w, _ in runs), min(c for _, c in runs)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ it cheaper without changing a single decision:
 * When layer L is visited, nothing below it has been touched, so the residual
   stream entering L is the unpruned model's. One forward caches it (and each
   layer's call arguments: masks, rotary tables, position ids) and every
-  candidate runs layers L..end only; the top layer's output projection and
-  MLP, the final norm and the LM head run at the last position only.
+  candidate runs layers L..end only. There, nothing is computed only to be
+  ablated (attention blocks with no head left, pruned MLPs), and the top
+  layer's output projection and MLP, the final norm and the LM head run at
+  the last position only.
 * Several candidates share one forward, stacked along the batch. Candidate k
   of a group is evaluated on top of the decisions *predicted* for candidates
   0..k-1; the decisions are then replayed in order and, at the first wrong
@@ -139,7 +141,6 @@ class _Runner:
             logits = self.adapter.lm_head()(last).unflatten(0, (groups, chunk.size))
             total += kl_divergence(chunk.logp_f, logits).sum(dim=1).double().cpu()
         return (total / self.n_examples).tolist()
-
 
     @contextlib.contextmanager
     def _skipping_ablated(self, rows: int) -> Iterator[None]:
