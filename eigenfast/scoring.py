@@ -111,7 +111,7 @@ def attribute(
     }
     n_batches = -(-len(data) // batch_size)
 
-    with _eval_mode(model):
+    with eval_mode(model):
         if pairs == "all" or need_means:
             start = time.perf_counter()
             desc = "pass 1: forward statistics" if progress_bar else None
@@ -308,7 +308,8 @@ def _frozen_parameters(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the duration, its mode restored after."""
     was_training = model.training
     model.eval()
     try:

@@ -20,7 +20,7 @@ from ..adapters import Adapter, get_adapter, head_inputs, head_matrices, project
 from ..data import TaskData, as_task_data
 from ..forward import model_device
 from ..modules import EXTRAPOLATE, PositionIndexError
-from ..scoring import _eval_mode
+from ..scoring import eval_mode
 
 
 @dataclass
@@ -76,7 +76,7 @@ def component_means(model: nn.Module, patch_data: "TaskData | dict", batch_size:
     mlp_sums = torch.zeros(n_layers, calib_len, d_model, dtype=torch.float64, device=device)
     counts = torch.zeros(calib_len, dtype=torch.float64, device=device)
 
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in data.batches(batch_size):
             real = batch.mask.to(device).bool().reshape(-1)
             pos = batch.position_ids.to(device).reshape(-1)[real]
