@@ -1,7 +1,9 @@
 """Forwards that read only the last position: the loss, accuracy and KL all live there."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -13,6 +15,17 @@ from .progress import progress
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the duration, its mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def last_logits(adapter: Adapter, batch: TaskData) -> torch.Tensor:
@@ -38,9 +51,10 @@ def evaluate(model: nn.Module, data: "TaskData | dict", batch_size: int = 64, de
     data = as_task_data(data)
     adapter = get_adapter(model)
     correct, loss = 0, 0.0
-    for batch in progress(data.batches(batch_size), total=-(-len(data) // batch_size), desc=desc):
-        logits = last_logits(adapter, batch)
-        labels = batch.labels.to(logits.device)
-        correct += int((logits.argmax(-1) == labels).sum())
-        loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+    with eval_mode(model):
+        for batch in progress(data.batches(batch_size), total=-(-len(data) // batch_size), desc=desc):
+            logits = last_logits(adapter, batch)
+            labels = batch.labels.to(logits.device)
+            correct += int((logits.argmax(-1) == labels).sum())
+            loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
     return Evaluation(correct / len(data), loss / len(data), len(data))

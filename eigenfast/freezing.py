@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from .adapters import get_adapter, projection_matrix
+from .adapters import projection_matrix
 from .modules import TokenBiasLinear, connect_positions, replace_module
 from .scoring import Attribution, Key
 

@@ -15,7 +15,7 @@ from .data import TaskData, as_task_data
 from .forward import Evaluation, evaluate
 from .freezing import freeze, select_frozen, validate_fraction
 from .modules import EXTRAPOLATE
-from .scoring import Attribution, Key, attribute
+from .scoring import Key, attribute
 
 DEFAULT_CANDIDATES = (0.01, 0.05, 0.10, 0.30)
 

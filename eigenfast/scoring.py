@@ -21,7 +21,7 @@ from torch import nn
 from .adapters import Adapter, Site, get_adapter, head_inputs, head_outputs, projection_matrix
 from .attribution import pass1_update, pass2_update
 from .data import TaskData, as_task_data
-from .forward import model_device
+from .forward import eval_mode, last_logits, model_device
 from .progress import progress
 from .svd import Factors, site_factors
 
@@ -227,8 +227,7 @@ def _pass2_batch(adapter: Adapter, batch: TaskData, stats: dict[Key, SiteStats],
 
     bottom = min(st.site.layer for st in stats.values())
     with _frozen_parameters(adapter.model), _grad_hooks(adapter, stats, on_grad), _grad_from(adapter.layers()[bottom]):
-        hidden = adapter.backbone()(**batch.model_inputs(device), use_cache=False).last_hidden_state
-        logits = adapter.lm_head()(hidden[:, -1]).float()
+        logits = last_logits(adapter, batch)
         # Summed, not averaged: each example's gradient is its own loss's, whatever the batch.
         loss = nn.functional.cross_entropy(logits, batch.labels.to(device), reduction="sum")
         loss.backward()
@@ -306,13 +305,3 @@ def _frozen_parameters(model: nn.Module) -> Iterator[None]:
         for p, flag in flags:
             p.requires_grad_(flag)
 
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode (no dropout) for the duration, its mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

@@ -67,7 +67,7 @@ def test_extraction_finds_the_known_circuit_and_matches_hook_ablation():
 
 def test_zero_ablation_with_mlps_in_place(config_name):
     model = make_model(config_name)
-    patch, val = make_data(n=8, seed=1), make_data(n=8, seed=2, padded=True)
+    val = make_data(n=8, seed=2, padded=True)  # zero ablation needs no patching data
     reference_model = make_model(config_name)
     result = extract_circuit(model, None, val, threshold=5e-3, ablation="zero", include_mlps=True, inplace=True,
                              progress=False, latency_repeats=0)

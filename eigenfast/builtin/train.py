@@ -22,6 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from eigenfast.builtin.tokenizer import build_tokenizer
 from eigenfast.data import TaskData, from_pairs, int_sum_pairs
+from eigenfast.forward import evaluate
 
 ARCHITECTURE = {
     "n_layer": 4,
@@ -65,19 +66,6 @@ def build_model(tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
 def int_sum_split(tokenizer: Any) -> tuple[TaskData, TaskData]:
     """The (train, test) split every eigenfast tool uses for int_sum."""
     return from_pairs(*int_sum_pairs(), tokenizer).split(TRAIN_FRACTION, seed=SPLIT_SEED)
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, data: TaskData, batch_size: int = EVAL_BATCH_SIZE) -> float:
-    """Share of examples whose argmax at the last position is the target token."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for batch in data.batches(batch_size):
-        logits = model(**batch.model_inputs(), logits_to_keep=1).logits[:, -1]
-        correct += int((logits.argmax(dim=-1) == batch.labels).sum())
-    model.train(was_training)
-    return correct / len(data)
 
 
 def shuffled_batches(data: TaskData, batch_size: int, generator: torch.Generator) -> Iterator[TaskData]:
@@ -127,8 +115,8 @@ def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str,
                 "step": step,
                 "epoch": round(step / steps_per_epoch, 3),
                 "loss": round(loss.item(), 4),
-                "train_accuracy": accuracy(model, train_data),
-                "test_accuracy": accuracy(model, test_data),
+                "train_accuracy": evaluate(model, train_data, EVAL_BATCH_SIZE).accuracy,
+                "test_accuracy": evaluate(model, test_data, EVAL_BATCH_SIZE).accuracy,
             }
             history.append(row)
             tqdm.write(

@@ -32,9 +32,8 @@ from torch import nn
 
 from ..adapters import Adapter, get_adapter
 from ..data import TaskData, as_task_data
-from ..forward import model_device
+from ..forward import eval_mode, last_logits, model_device
 from ..progress import progress as progress_bar
-from ..scoring import eval_mode
 from .ablation import ABLATIONS, Ablation, Patcher
 from .means import ComponentMeans, component_means
 
@@ -230,10 +229,8 @@ def _cache(adapter: Adapter, data: TaskData, batch_size: int) -> tuple[list[_Chu
             for child in adapter.backbone().children():
                 if child is not layers:
                     stack.callback(child.register_forward_hook(lambda m, *_: order.append(m)).remove)
-            inputs_kw = batch.model_inputs(device)
-            hidden = adapter.backbone()(**inputs_kw, use_cache=False).last_hidden_state
-        logp_f = torch.log_softmax(adapter.lm_head()(hidden[:, -1]).float(), dim=-1)
-        chunks.append(_Chunk(len(batch), inputs_kw["position_ids"], logp_f, inputs, calls))
+            logp_f = torch.log_softmax(last_logits(adapter, batch), dim=-1)
+        chunks.append(_Chunk(len(batch), batch.position_ids.to(device), logp_f, inputs, calls))
         tail = order[order.index(None) + 1:]
     return chunks, tail
 

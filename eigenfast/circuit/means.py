@@ -18,9 +18,8 @@ from torch import nn
 
 from ..adapters import Adapter, get_adapter, head_inputs, head_matrices, projection_matrix
 from ..data import TaskData, as_task_data
-from ..forward import model_device
+from ..forward import eval_mode, model_device
 from ..modules import EXTRAPOLATE, PositionIndexError
-from ..scoring import eval_mode
 
 
 @dataclass
