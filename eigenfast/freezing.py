@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .adapters import projection_matrix
-from .modules import TokenBiasLinear, connect_positions, replace_module
+from .modules import TokenBiasLinear, replace_module
+from .positional import install
 from .scoring import Attribution, Key
 
 
@@ -63,7 +64,8 @@ def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.T
             new.weight.copy_((A - delta).T)
         new.set_rows(table)
         replace_module(model, path, new)
-    connect_positions(model)
+    if by_module:
+        install(model)
 
 
 def _add_frozen_terms(delta: torch.Tensor, attribution: Attribution, key: Key, mask: torch.Tensor) -> None:

@@ -11,9 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import get_adapter
 from .ops import token_bias_linear
-from .positions import PositionTracker, attach_tracker
+from .projection import PositionalModule
 
 EXTRAPOLATE = ("mean", "last", "error")
 
@@ -22,49 +21,68 @@ class PositionIndexError(IndexError):
     """A token position beyond the calibration length under ``extrapolate="error"``."""
 
 
-class PositionTable(nn.Module):
+def validate_extrapolate(extrapolate: str) -> str:
+    if extrapolate not in EXTRAPOLATE:
+        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+    return extrapolate
+
+
+def extend_rows(rows: torch.Tensor, extrapolate: str) -> torch.Tensor:
+    """``(..., calib_len, d)`` → ``(..., calib_len + 1, d)``: the extra row serves every position ≥ calib_len
+    ("last": the last calibrated row; "mean" and "error": the mean row, which "error" never reads)."""
+    validate_extrapolate(extrapolate)
+    tail = rows[..., -1:, :] if extrapolate == "last" else rows.mean(dim=-2, keepdim=True)
+    return torch.cat([rows, tail], dim=-2)
+
+
+def table_positions(positions: torch.Tensor, calib_len: int, extrapolate: str) -> torch.Tensor:
+    """Row indices into an :func:`extend_rows` table; past ``calib_len`` raises under ``"error"``.
+
+    Only ``"error"`` looks at the values on the host (one sync); the other rules are a clamp.
+    """
+    if extrapolate == "error" and not torch.compiler.is_compiling():
+        longest = int(positions.max())
+        if longest >= calib_len:
+            raise PositionIndexError(
+                f"token position {longest} is beyond the calibration length {calib_len}; "
+                "calibrate on longer sequences or pick extrapolate='mean' or 'last'"
+            )
+    return positions.clamp(0, calib_len)
+
+
+class PositionTable(PositionalModule):
     """A ``(calib_len, d)`` table read at true token positions.
 
     The buffer ``table`` holds one more row than the calibration length: the row
-    used for positions at or past it (the table mean or the last row), so the hot
-    path is a clamp and a gather. With ``extrapolate="error"`` such positions raise.
+    used for positions at or past it (see :func:`extend_rows`), so the hot path is a
+    clamp and a gather. With ``extrapolate="error"`` such positions raise.
     """
 
     def __init__(self, calib_len: int, dim: int, extrapolate: str = "mean") -> None:
         super().__init__()
-        if extrapolate not in EXTRAPOLATE:
-            raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
         if calib_len < 1:
             raise ValueError("a position table needs at least one calibrated position")
         self.calib_len = calib_len
-        self.extrapolate = extrapolate
+        self.extrapolate = validate_extrapolate(extrapolate)
         self.register_buffer("table", torch.zeros(calib_len + 1, dim))
-        self.tracker: PositionTracker | None = None
 
     def set_rows(self, rows: torch.Tensor) -> None:
         """Fill the calibrated rows ``(calib_len, d)`` and derive the extrapolation row."""
+        self.set_table(extend_rows(rows, self.extrapolate))
+
+    def set_table(self, table: torch.Tensor) -> None:
+        """Fill the whole table ``(calib_len + 1, d)``, extrapolation row included."""
         with torch.no_grad():
-            self.table[: self.calib_len].copy_(rows)
-            tail = rows[-1] if self.extrapolate == "last" else rows.mean(dim=0)
-            self.table[self.calib_len].copy_(tail)
+            self.table.copy_(table)
 
     @property
     def rows(self) -> torch.Tensor:
         """The calibrated rows (without the extrapolation row)."""
         return self.table[: self.calib_len]
 
-    def positions(self, shape: torch.Size) -> torch.Tensor:
-        if self.tracker is None:
-            raise RuntimeError("this module is not attached to a model; use eigenfast.load() to rebuild saved models")
-        pos = self.tracker.current()
-        if self.extrapolate == "error" and not torch.compiler.is_compiling():
-            longest = int(pos.max())
-            if longest >= self.calib_len:
-                raise PositionIndexError(
-                    f"token position {longest} is beyond the calibration length {self.calib_len}; "
-                    "calibrate on longer sequences or pick extrapolate='mean' or 'last'"
-                )
-        return pos.clamp(max=self.calib_len).expand(shape)
+    def read_at(self, positions: torch.Tensor, leading: torch.Size) -> torch.Tensor:
+        """Table row indices for a tensor whose leading shape is ``leading``."""
+        return table_positions(positions, self.calib_len, self.extrapolate).expand(leading)
 
     def spec_fields(self) -> dict[str, Any]:
         return {"calib_len": self.calib_len, "extrapolate": self.extrapolate}
@@ -77,15 +95,6 @@ def register_kind(cls: type[nn.Module]) -> type[nn.Module]:
     """Make a module class rebuildable from its ``spec()`` when a saved model is loaded."""
     MODULE_KINDS[cls.kind] = cls
     return cls
-
-
-def connect_positions(model: nn.Module) -> None:
-    """Point every position table in ``model`` at the tracker on the model's backbone."""
-    tables = [m for m in model.modules() if isinstance(m, PositionTable)]
-    if tables:
-        tracker = attach_tracker(get_adapter(model).backbone())
-        for table in tables:
-            table.tracker = tracker
 
 
 ATTRIBUTES = "eigenfast_attributes"  # where a module remembers the plain attributes eigenfast changed
@@ -113,6 +122,7 @@ class TokenBiasLinear(PositionTable):
     """``y = x A'^T + table[pos]``: a projection whose bias depends on the token position."""
 
     kind = "token_bias_linear"
+    linear_layout = True  # weight is (d_out, d_in), as nn.Linear stores it
 
     def __init__(self, d_in: int, d_out: int, calib_len: int, extrapolate: str = "mean") -> None:
         super().__init__(calib_len, d_out, extrapolate)
@@ -126,9 +136,8 @@ class TokenBiasLinear(PositionTable):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pos = self.positions(x.shape[:-1])
-        return token_bias_linear(x, self.weight, self.table.to(x.dtype), pos)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return token_bias_linear(x, self.weight, self.table.to(x.dtype), self.read_at(positions, x.shape[:-1]))
 
     def spec(self) -> dict[str, Any]:
         return {"d_in": self.in_features, "d_out": self.out_features, **self.spec_fields()}

@@ -52,13 +52,3 @@ def _infer_positions(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
     cache = kwargs.get("past_key_values")
     start = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
     return (torch.arange(length, device=tokens.device) + start).unsqueeze(0)
-
-
-def attach_tracker(backbone: nn.Module) -> PositionTracker:
-    """The backbone's tracker, installing one on first use."""
-    tracker = getattr(backbone, "_eigenfast_tracker", None)
-    if tracker is None:
-        tracker = PositionTracker()
-        backbone.register_forward_pre_hook(tracker, with_kwargs=True)
-        backbone._eigenfast_tracker = tracker
-    return tracker

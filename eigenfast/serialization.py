@@ -23,10 +23,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .adapters import get_adapter
-from .modules import ATTRIBUTES, MODULE_KINDS, connect_positions, replace_module, set_attributes
+from .modules import ATTRIBUTES, MODULE_KINDS, replace_module, set_attributes
+from .positional import install
 
 FORMAT = "eigenfast"
-VERSION = 1
+VERSION = 2  # 2: positions are arguments of the forward; RemovedAttention lost its cache_argument
 SPEC_FILE = "eigenfast.json"
 WEIGHTS_FILE = "model.safetensors"
 EXTRAS_FILE = "extras.safetensors"
@@ -150,7 +151,8 @@ def load(directory: str | Path) -> nn.Module:
         raise SavedModelError(
             f"{weights} does not match {SPEC_FILE} or is corrupted: {str(err)[:500]}; save the model again"
         ) from None
-    connect_positions(model)
+    if spec["modules"]:
+        install(model)
     return model.eval()
 
 

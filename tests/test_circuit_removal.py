@@ -11,7 +11,7 @@ import eigenfast
 from eigenfast.adapters import get_adapter, projection_matrix
 from eigenfast.circuit import ablated, component_means
 from eigenfast.circuit.removal import PositionMean, RemovedAttention, RemovedNorm, head_layout, remove_components
-from eigenfast.data import TaskData
+from eigenfast.data import TaskData, positions_from_mask
 from eigenfast.modules import PositionIndexError
 
 from conftest import make_data, make_model
@@ -170,8 +170,10 @@ def test_generate_with_kv_cache_matches_full_forwards(family):
         eos_token_id=None, output_scores=True, return_dict_in_generate=True,
     )
     full_mask = torch.cat([mask, torch.ones(2, 4, dtype=torch.long)], dim=1)
-    with torch.no_grad():  # no cache: the whole sequence in one forward
-        full = pruned(out.sequences[:, :-1], attention_mask=full_mask, use_cache=False).logits[:, 3:]
+    with torch.no_grad():  # no cache: the whole sequence in one forward, positions as generate() derives them
+        full = pruned(
+            out.sequences[:, :-1], attention_mask=full_mask, position_ids=positions_from_mask(full_mask), use_cache=False
+        ).logits[:, 3:]
     torch.testing.assert_close(torch.stack(out.scores, dim=1), full, rtol=0, atol=1e-4)
     assert torch.equal(out.sequences[:, 4:], full.argmax(-1))
 

@@ -9,11 +9,14 @@ head. A weight matrix ``A`` maps a row activation ``x`` (d_in) to ``x A + b``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from ..projection import project
 
 COMPONENTS = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
 HEAD_OUTPUT_COMPONENTS = ("q", "k", "v")  # each head owns some output columns
@@ -45,11 +48,26 @@ class Site:
         return (self.layer, self.component)
 
 
+@dataclass
+class LayerCall:
+    """The arguments a backbone called one decoder layer with, named the same for every family."""
+
+    attention_mask: Any
+    cache: Any
+    position_ids: torch.Tensor | None
+    position_embeddings: Any
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the rest, handed on to the attention function
+
+
 def projection_matrix(module: nn.Module) -> torch.Tensor:
-    """The math-orientation matrix ``A`` (d_in, d_out) of a projection module (a view, no copy)."""
+    """The math-orientation matrix ``A`` (d_in, d_out) of a projection module (a view, no copy).
+
+    eigenfast's own projections (a position-indexed bias instead of a plain one) store
+    their weight as ``nn.Linear`` does and say so with ``linear_layout``.
+    """
     if isinstance(module, Conv1D):
         return module.weight
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or getattr(module, "linear_layout", False):
         return module.weight.T
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
 
@@ -98,7 +116,8 @@ class Adapter:
     mlp_norm_path: str | None = None  # None: attention and MLP share one norm (parallel block)
     parallel: bool = False
     projections: dict[str, str] = {}
-    cache_argument: str = "past_key_values"  # the keyword a decoder layer hands its attention the KV cache under
+    cache_argument: str = "past_key_values"  # the keyword a backbone hands its decoder layers the KV cache under
+    mlp_activation: str = "act"  # the MLP's activation attribute
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -183,3 +202,66 @@ class Adapter:
         need the GQA repeat factor; families that store more override this.
         """
         return {"num_key_value_groups": n_heads // n_kv_heads}
+
+    # --- the positional forward (eigenfast/positional.py) ----------------
+    # Class methods: they describe how one module of the family computes, whatever model it is in.
+    @classmethod
+    def layer_call(cls, args: tuple, kwargs: dict[str, Any]) -> LayerCall:
+        """Name the arguments a decoder layer was called with (keywords here; GPT-2 passes some by position)."""
+        rest = dict(kwargs)
+        return LayerCall(
+            attention_mask=rest.pop("attention_mask", None),
+            cache=rest.pop(cls.cache_argument, None),
+            position_ids=rest.get("position_ids"),  # also handed on: flash attention reads it
+            position_embeddings=rest.pop("position_embeddings", None),
+            kwargs=rest,
+        )
+
+    @classmethod
+    def parallel_layer(cls, layer: nn.Module) -> bool:
+        """Whether this decoder layer runs attention and MLP side by side on the same input."""
+        return cls.parallel
+
+    @classmethod
+    def _local(cls, component: str, parent: str) -> str | None:
+        path = cls.projections.get(component)
+        return None if path is None else path.removeprefix(parent + ".")
+
+    @classmethod
+    def output_projection(cls) -> str:
+        """The output projection's name inside the attention module."""
+        return cls._local("o", cls.attn_path)
+
+    @classmethod
+    def mlp_parts(cls) -> tuple[str, str | None, str]:
+        """The MLP's (in, gate or None, out) projection names inside the MLP module."""
+        return (cls._local("mlp_in", cls.mlp_path), cls._local("mlp_gate", cls.mlp_path), cls._local("mlp_out", cls.mlp_path))
+
+    @classmethod
+    def project_qkv(
+        cls, attention: nn.Module, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K, V as ``(B, heads, T, d_head)`` from separate projections (fused families override)."""
+        shape = (*x.shape[:-1], -1, attention.head_dim)
+        q, k, v = (
+            project(attention.get_submodule(cls._local(c, cls.attn_path)), x, positions).view(shape).transpose(1, 2)
+            for c in "qkv"
+        )
+        return q, k, v
+
+    @classmethod
+    def rotate(
+        cls, attention: nn.Module, q: torch.Tensor, k: torch.Tensor, position_embeddings: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's rotary embedding of Q and K; none by default (learned absolute positions)."""
+        return q, k
+
+    @classmethod
+    def eager_attention(cls) -> Callable:
+        """The family's eager attention function (the fallback of transformers' attention interface)."""
+        raise NotImplementedError
+
+    @classmethod
+    def attention_options(cls, attention: nn.Module) -> dict[str, Any]:
+        """Extra keyword arguments the family's attention passes to the attention function."""
+        return {}

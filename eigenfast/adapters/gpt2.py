@@ -1,9 +1,14 @@
 """GPT-2: fused ``c_attn`` Conv1D holding [Q | K | V], each split into heads."""
 from __future__ import annotations
 
-import torch
+from typing import Any, Callable
 
-from .base import Adapter, contiguous_heads
+import torch
+from torch import nn
+from transformers.models.gpt2 import modeling_gpt2
+
+from ..projection import project
+from .base import Adapter, LayerCall, contiguous_heads
 
 
 class GPT2Adapter(Adapter):
@@ -31,3 +36,26 @@ class GPT2Adapter(Adapter):
     def head_count_attributes(self, n_heads: int, n_kv_heads: int) -> dict[str, int]:
         # GPT2Attention splits c_attn's output into [Q | K | V] by split_size; no GQA.
         return {"num_heads": n_heads, "split_size": n_heads * self.d_head}
+
+    @classmethod
+    def layer_call(cls, args: tuple, kwargs: dict[str, Any]) -> LayerCall:
+        # GPT2Model passes the cache, the mask and encoder states by position (for gradient checkpointing).
+        names = ("past_key_values", "attention_mask", "encoder_hidden_states")
+        call = super().layer_call((), {**dict(zip(names, args)), **kwargs})
+        encoder = call.kwargs.pop("encoder_hidden_states", None)
+        call.kwargs.pop("encoder_attention_mask", None)
+        if encoder is not None:
+            raise NotImplementedError("eigenfast does not support GPT-2 cross-attention (encoder_hidden_states)")
+        return call
+
+    @classmethod
+    def project_qkv(
+        cls, attention: nn.Module, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = (*x.shape[:-1], -1, attention.head_dim)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in project(attention.c_attn, x, positions).split(attention.split_size, dim=-1))
+        return q, k, v
+
+    @classmethod
+    def eager_attention(cls) -> Callable:
+        return modeling_gpt2.eager_attention_forward

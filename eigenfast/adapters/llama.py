@@ -1,6 +1,12 @@
 """Llama family (Llama, Mistral, Qwen2): separate q/k/v projections, GQA, gated MLP, RMSNorm."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers.models.llama import modeling_llama
+
 from .base import Adapter
 
 
@@ -22,3 +28,21 @@ class LlamaAdapter(Adapter):
         "mlp_gate": "mlp.gate_proj",
         "mlp_out": "mlp.down_proj",
     }
+    mlp_activation = "act_fn"
+
+    @classmethod
+    def rotate(
+        cls, attention: nn.Module, q: torch.Tensor, k: torch.Tensor, position_embeddings: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = position_embeddings
+        return modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+
+    @classmethod
+    def eager_attention(cls) -> Callable:
+        return modeling_llama.eager_attention_forward  # Mistral's and Qwen2's are the same function
+
+    @classmethod
+    def attention_options(cls, attention: nn.Module) -> dict[str, Any]:
+        # Qwen2 keeps a per-layer window on the module, Mistral one for all layers in the config.
+        window = getattr(attention, "sliding_window", getattr(attention.config, "sliding_window", None))
+        return {} if window is None else {"sliding_window": window}

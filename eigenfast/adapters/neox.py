@@ -1,8 +1,13 @@
 """GPT-NeoX / Pythia: fused ``query_key_value`` laid out per head as [q_h | k_h | v_h]."""
 from __future__ import annotations
 
-import torch
+from typing import Any, Callable
 
+import torch
+from torch import nn
+from transformers.models.gpt_neox import modeling_gpt_neox
+
+from ..projection import project
 from .base import Adapter, contiguous_heads
 
 
@@ -35,3 +40,27 @@ class NeoXAdapter(Adapter):
 
     def head_count_attributes(self, n_heads: int, n_kv_heads: int) -> dict[str, int]:
         return {}  # GPTNeoXAttention reads the head count off query_key_value's output shape
+
+    @classmethod
+    def parallel_layer(cls, layer: nn.Module) -> bool:
+        return bool(layer.use_parallel_residual)
+
+    @classmethod
+    def project_qkv(
+        cls, attention: nn.Module, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        qkv = project(attention.query_key_value, x, positions)
+        qkv = qkv.view(*x.shape[:-1], -1, 3 * attention.head_size).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        return q, k, v
+
+    @classmethod
+    def rotate(
+        cls, attention: nn.Module, q: torch.Tensor, k: torch.Tensor, position_embeddings: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = position_embeddings
+        return modeling_gpt_neox.apply_rotary_pos_emb(q, k, cos, sin)  # partial rotary: cos/sin say how much
+
+    @classmethod
+    def eager_attention(cls) -> Callable:
+        return modeling_gpt_neox.eager_attention_forward

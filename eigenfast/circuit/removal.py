@@ -32,11 +32,12 @@ from ..modules import (
     MODULE_KINDS,
     PositionTable,
     TokenBiasLinear,
-    connect_positions,
     register_kind,
     replace_module,
     set_attributes,
 )
+from ..positional import install
+from ..projection import PositionalModule
 from .ablation import ABLATIONS
 from .means import ComponentMeans
 
@@ -60,8 +61,8 @@ class PositionMean(PositionTable):
 
     kind = "position_mean"
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.table.to(x.dtype)[self.positions(x.shape[:-1])]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.table.to(x.dtype)[self.read_at(positions, x.shape[:-1])]
 
     def spec(self) -> dict[str, Any]:
         return {"dim": self.table.shape[1], **self.spec_fields()}
@@ -72,7 +73,7 @@ class PositionMean(PositionTable):
 
 
 @register_kind
-class ConstantOutput(nn.Module):
+class ConstantOutput(PositionalModule):
     """Stands in for a removed component under zero ablation: returns a constant (a leftover bias, or zeros)."""
 
     kind = "constant_output"
@@ -81,7 +82,7 @@ class ConstantOutput(nn.Module):
         super().__init__()
         self.register_buffer("value", torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.value.to(x.dtype).expand(*x.shape[:-1], self.value.shape[0])
 
     def spec(self) -> dict[str, Any]:
@@ -93,36 +94,35 @@ class ConstantOutput(nn.Module):
 
 
 @register_kind
-class RemovedAttention(nn.Module):
-    """An attention layer with every head removed: returns its stand-in's output as HF attention does, ``(out, None)``.
+class RemovedAttention(PositionalModule):
+    """An attention layer with every head removed: returns its stand-in's output as attention does, ``(out, None)``.
 
-    It still appends a one-wide placeholder to its KV-cache entry, because HF reads the
-    sequence length during generation off the cache (layer 0 first).
+    It still appends a one-wide placeholder to its KV-cache entry, because transformers
+    reads the sequence length during generation off the cache (layer 0 first).
     """
 
     kind = "removed_attention"
 
-    def __init__(self, output: nn.Module, layer_idx: int, cache_argument: str) -> None:
+    def __init__(self, output: nn.Module, layer_idx: int) -> None:
         super().__init__()
         self.output = output
         self.layer_idx = layer_idx
-        self.cache_argument = cache_argument
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        cache = kwargs.get(self.cache_argument)
+    def forward(
+        self, hidden_states: torch.Tensor, positions: torch.Tensor, attention_mask: Any, cache: Any, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, None]:
         if cache is not None:
             placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
             cache.update(placeholder, placeholder, self.layer_idx)
-        return self.output(hidden_states), None
+        return self.output(hidden_states, positions), None
 
     def spec(self) -> dict[str, Any]:
-        output = {"kind": self.output.kind, "spec": self.output.spec()}
-        return {"layer_idx": self.layer_idx, "cache_argument": self.cache_argument, "output": output}
+        return {"layer_idx": self.layer_idx, "output": {"kind": self.output.kind, "spec": self.output.spec()}}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "RemovedAttention":
         output = MODULE_KINDS[spec["output"]["kind"]].from_spec(spec["output"]["spec"])
-        return cls(output, spec["layer_idx"], spec["cache_argument"])
+        return cls(output, spec["layer_idx"])
 
 
 @register_kind
@@ -198,13 +198,13 @@ def remove_components(
             _shrink_attention(adapter, layer, head_layout(adapter, kept), bias_rows, extrapolate)
         else:
             output = stand_in.attention(layer)
-            module = RemovedAttention(output, layer, adapter.cache_argument)
+            module = RemovedAttention(output, layer)
             replace_module(model, _attention_path(adapter, layer), module)
             attention_gone.add(layer)
     for layer in mlps:
         replace_module(model, _mlp_path(adapter, layer), stand_in.mlp(layer))
     _remove_unread_norms(adapter, attention_gone, set(mlps))
-    connect_positions(model)
+    install(model)
 
 
 class _StandIns:

@@ -1,0 +1,124 @@
+"""Decoder layers whose forward hands token positions to eigenfast's modules as arguments.
+
+A pruned projection adds ``bias_table[pos]`` (docs/MATH.md §2), so it needs each
+token's position. Serving stacks (static KV caches, CUDA graphs, ``torch.export``,
+ONNX) need those positions to flow through the forward, not through hooks or state
+kept between calls (docs/MATH.md §6). Transformers already passes every decoder layer
+its ``position_ids``; what it does not do is hand them on to the attention's and
+MLP's projections. So a model that eigenfast changed gets, for each decoder layer,
+attention and MLP, a subclass (same module, same parameters and state-dict keys) whose
+forward passes ``positions`` down explicitly:
+
+    block(hidden, position_ids=...)  ->  attention(x, positions, ...)  ->  project(q_proj, x, positions)
+                                     ->  mlp(x, positions)             ->  project(up_proj, x, positions)
+
+The architecture-specific pieces (how Q/K/V are laid out, the rotary embedding, the
+MLP's parts, how a layer is called) come from the adapter, so this file is
+architecture-blind. ``install`` swaps the classes in place; it is idempotent and runs
+after freezing, after removal and after loading.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .adapters import Adapter, get_adapter
+from .projection import PositionalModule, project
+
+
+class PositionalBlock(nn.Module):
+    """Mixin for a HF decoder layer: the same computation, with positions handed down."""
+
+    eigenfast_adapter: type[Adapter]
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter = self.eigenfast_adapter
+        call = adapter.layer_call(args, kwargs)
+        if call.position_ids is None:
+            raise ValueError(
+                "a model changed by eigenfast needs the decoder layers' position_ids; call the whole model "
+                "(transformers passes them), or pass position_ids when running a layer directly"
+            )
+        positions = call.position_ids
+        attention = self.get_submodule(adapter.attn_path)
+        mlp = self.get_submodule(adapter.mlp_path)
+        x = self.get_submodule(adapter.attn_norm_path)(hidden_states)
+        attn_out, _ = attention(
+            x, positions, call.attention_mask, call.cache, call.position_embeddings, **call.kwargs
+        )
+        if adapter.parallel_layer(self):
+            mlp_in = x if adapter.mlp_norm_path is None else self.get_submodule(adapter.mlp_norm_path)(hidden_states)
+            return hidden_states + attn_out + mlp(mlp_in, positions)
+        hidden_states = hidden_states + attn_out
+        return hidden_states + mlp(self.get_submodule(adapter.mlp_norm_path)(hidden_states), positions)
+
+
+class PositionalAttention(nn.Module):
+    """Mixin for a HF attention module: Q/K/V and O projections get the positions."""
+
+    eigenfast_adapter: type[Adapter]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Any,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        adapter = self.eigenfast_adapter
+        q, k, v = adapter.project_qkv(self, hidden_states, positions)  # each (B, heads, T, d_head)
+        q, k = adapter.rotate(self, q, k, position_embeddings)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, adapter.eager_attention())
+        out, weights = attend(
+            self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling,
+            **adapter.attention_options(self), **kwargs,
+        )
+        out = out.reshape(*hidden_states.shape[:-1], -1)
+        return project(self.get_submodule(adapter.output_projection()), out, positions), weights
+
+
+class PositionalMLP(nn.Module):
+    """Mixin for a HF MLP: ``out(act(gate(x)) * in(x))`` or ``out(act(in(x)))``, positions handed down."""
+
+    eigenfast_adapter: type[Adapter]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        adapter = self.eigenfast_adapter
+        up, gate, down = (None if name is None else self.get_submodule(name) for name in adapter.mlp_parts())
+        act = getattr(self, adapter.mlp_activation)
+        h = project(up, x, positions)
+        h = act(project(gate, x, positions)) * h if gate is not None else act(h)
+        return project(down, h, positions)
+
+
+@lru_cache(maxsize=None)
+def _subclass(mixin: type[nn.Module], base: type[nn.Module], adapter: type[Adapter]) -> type[nn.Module]:
+    # One class per (mixin, HF class): named so that repr() and tracebacks say what it is.
+    return type(f"Positional{base.__name__}", (mixin, base), {"eigenfast_adapter": adapter})
+
+
+def _swap(module: nn.Module, mixin: type[nn.Module], adapter: type[Adapter]) -> None:
+    if not isinstance(module, (mixin, PositionalModule)):
+        module.__class__ = _subclass(mixin, type(module), adapter)
+
+
+def install(model: nn.Module) -> None:
+    """Give every decoder layer of ``model`` (and its attention and MLP) the positional forward."""
+    adapter = get_adapter(model)
+    kind = type(adapter)
+    for index, layer in enumerate(adapter.layers()):
+        _swap(layer, PositionalBlock, kind)
+        _swap(adapter.attention(index), PositionalAttention, kind)
+        _swap(adapter.mlp(index), PositionalMLP, kind)
+
+
+def is_installed(model: nn.Module) -> bool:
+    return any(isinstance(layer, PositionalBlock) for layer in get_adapter(model).layers())
