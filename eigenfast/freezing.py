@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import projection_matrix
-from .modules import TokenBiasLinear, replace_module
+from .modules import TokenBiasLinear, bias_table, extend_rows, replace_module, resample_table
 from .positional import install
 from .scoring import Attribution, Key
 
@@ -55,14 +55,16 @@ def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.T
         delta = torch.zeros_like(A)
         for key in keys:
             _add_frozen_terms(delta, attribution, key, frozen[key].to(A.device))
-        bias = module.bias.detach().double() if module.bias is not None else torch.zeros(A.shape[1], dtype=A.dtype, device=A.device)
         # x̄[t] ΔA sums x̄[t] E_i over every frozen term: ΔA is zero outside each head's block.
-        table = bias + attribution.mean_input(keys[0]).to(A.device) @ delta
-        new = TokenBiasLinear(A.shape[0], A.shape[1], attribution.calib_len, extrapolate)
+        delta_rows = extend_rows(attribution.mean_input(keys[0]).to(A.device) @ delta, extrapolate)
+        # A module pruned before may hold a table of another calibration length: add both, read on the longer.
+        length = max(attribution.calib_len, getattr(module, "calib_len", 0))
+        table = bias_table(module, length).double() + resample_table(delta_rows, length)
+        new = TokenBiasLinear(A.shape[0], A.shape[1], length, extrapolate)
         new = new.to(device=module.weight.device, dtype=module.weight.dtype)
         with torch.no_grad():
             new.weight.copy_((A - delta).T)
-        new.set_rows(table)
+        new.set_table(table)
         replace_module(model, path, new)
     if by_module:
         install(model)

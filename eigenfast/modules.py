@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import projection_matrix
 from .ops import token_bias_linear
 from .projection import PositionalModule
 
@@ -48,6 +49,23 @@ def table_positions(positions: torch.Tensor, calib_len: int, extrapolate: str) -
                 "calibrate on longer sequences or pick extrapolate='mean' or 'last'"
             )
     return positions.clamp(0, calib_len)
+
+
+def resample_table(table: torch.Tensor, length: int) -> torch.Tensor:
+    """An extended table ``(L0 + 1, d)`` read at positions ``0..length``: ``(length + 1, d)``, the last row
+    serving every position ≥ length. Exact whenever ``length ≥ L0``, which is how tables of different
+    calibration lengths are added (composing prune and extract)."""
+    return table[torch.arange(length + 1, device=table.device).clamp(max=table.shape[0] - 1)]
+
+
+def bias_table(module: nn.Module, length: int) -> torch.Tensor:
+    """What a projection adds to its output at positions ``0..length`` (the last row: every later
+    position), ``(length + 1, d_out)``: its position table, its plain bias, or zeros."""
+    if isinstance(module, PositionTable):
+        return resample_table(module.table.detach(), length)
+    d_out = projection_matrix(module).shape[1]
+    bias = module.bias.detach() if module.bias is not None else module.weight.new_zeros(d_out)
+    return bias.expand(length + 1, d_out)
 
 
 class PositionTable(PositionalModule):

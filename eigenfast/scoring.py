@@ -131,8 +131,13 @@ def select_sites(adapter: Adapter, components: Sequence[str], layers: Sequence[i
         components = (components,)
     if not components:
         raise ValueError("components is empty; choose from " + ", ".join(adapter.components()))
-    layer_list = range(adapter.n_layers) if layers is None else sorted(set(layers))
-    return [adapter.site(layer, c) for layer in layer_list for c in dict.fromkeys(components)]
+    if layers is None:  # every layer, less what circuit extraction removed
+        pairs = [(layer, c) for layer in range(adapter.n_layers) for c in dict.fromkeys(components)]
+        sites = [adapter.site(layer, c) for layer, c in pairs if adapter.has_component(layer, c)]
+        if not sites:
+            raise ValueError(f"the model has no {'/'.join(components)} matrix left (circuit extraction removed them all)")
+        return sites
+    return [adapter.site(layer, c) for layer in sorted(set(layers)) for c in dict.fromkeys(components)]
 
 
 def _fan_in(module: nn.Module) -> int:

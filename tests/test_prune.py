@@ -92,10 +92,9 @@ def test_selection_counts_floor_p_per_component_type(family):
         assert scores[chosen].max() <= scores[~chosen].min()
 
 
-def test_pruned_model_equals_hook_based_frozen_forward(config_name):
-    model = make_model(config_name)
-    data = make_data(padded=True)
-    result = eigenfast.prune(model, data, p=0.2, components=components_of(model))
+def assert_equals_hook_based_frozen_forward(model, result, data: TaskData) -> None:
+    """``result.model`` (pruned from ``model``) == ``model`` with each frozen term's live effect replaced, by hooks,
+    with its mean effect at each true position."""
     positions = data.position_ids
     # Means come from the untouched model, before any hook is in place.
     edits = {path: (frozen_delta(model, result, path).float(), mean_inputs(model, data, path).float()) for path in pruned_paths(result)}
@@ -103,7 +102,6 @@ def test_pruned_model_equals_hook_based_frozen_forward(config_name):
     for path, (delta, xbar) in edits.items():
 
         def hook(mod, args, out, delta=delta, xbar=xbar):
-            # Drop the frozen terms' live effect, add their mean effect at each true position.
             return out - args[0] @ delta + (xbar @ delta)[positions]
 
         handles.append(model.get_submodule(path).register_forward_hook(hook))
@@ -111,6 +109,13 @@ def test_pruned_model_equals_hook_based_frozen_forward(config_name):
     for h in handles:
         h.remove()
     torch.testing.assert_close(logits(result.model, data), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_pruned_model_equals_hook_based_frozen_forward(config_name):
+    model = make_model(config_name)
+    data = make_data(padded=True)
+    result = eigenfast.prune(model, data, p=0.2, components=components_of(model))
+    assert_equals_hook_based_frozen_forward(model, result, data)
 
 
 def test_generate_with_kv_cache_matches_full_forwards(family):
@@ -235,3 +240,27 @@ def test_torch_compile_of_a_pruned_model(name):
     pruned = eigenfast.prune(model, data, p=0.2, components=components_of(model)).model
     compiled = torch.compile(pruned, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(logits(compiled, data), logits(pruned, data), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("second_length", [6, 8])
+def test_prune_then_prune_follows_the_freezing_rule(config_name, second_length):
+    """Pruning a pruned model freezes more terms of its current matrices: A'' = A' − ΣE_i(A'),
+    b''[t] = b'[t] + x̄'[t] ΣE_i, b' read on the longer of the two calibration lengths."""
+    model = make_model(config_name)
+    first = eigenfast.prune(model, make_data(padded=True), p=0.2, components=components_of(model))
+    data = make_data(length=second_length, padded=True, seed=3)
+    second = eigenfast.prune(first.model, data, p=0.3, components=components_of(model))
+    for path in pruned_paths(second):
+        before = first.model.get_submodule(path)
+        A = projection_matrix(before).detach().double()
+        delta = frozen_delta(first.model, second, path)
+        after = second.model.get_submodule(path)
+        torch.testing.assert_close(after.weight.double().T, A - delta, rtol=0, atol=1e-6)
+        x_mean = mean_inputs(first.model, data, path)
+        if isinstance(before, TokenBiasLinear):
+            positions = torch.arange(x_mean.shape[0]).clamp(max=before.calib_len)
+            old = before.table.double()[positions]
+        else:
+            old = before.bias.double() if before.bias is not None else torch.zeros(A.shape[1]).double()
+        torch.testing.assert_close(after.rows.double()[: x_mean.shape[0]], old + x_mean @ delta, rtol=0, atol=1e-5)
+    assert_equals_hook_based_frozen_forward(first.model, second, data)

@@ -178,17 +178,41 @@ class Adapter:
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer} out of range: the model has {self.n_layers} layers")
         path = f"{self.layer_path(layer)}.{self.projections[component]}"
+        if not self.has_component(layer, component):
+            raise ValueError(
+                f"layer {layer} has no {component!r} matrix any more: circuit extraction removed it; "
+                "leave the layer out (layers=None skips removed components)"
+            )
         if component in HEAD_OUTPUT_COMPONENTS:
-            heads = self.n_heads if component == "q" else self.n_kv_heads
-            return Site(layer, component, path, heads, out_index=self.head_columns(component))
+            n_heads, n_kv_heads = self.layer_heads(layer)
+            heads = n_heads if component == "q" else n_kv_heads
+            return Site(layer, component, path, heads, out_index=self.head_columns(component, n_heads, n_kv_heads))
         if component in HEAD_INPUT_COMPONENTS:
-            return Site(layer, component, path, self.n_heads, in_index=contiguous_heads(self.n_heads, self.d_head))
+            n_heads = self.layer_heads(layer)[0]
+            return Site(layer, component, path, n_heads, in_index=contiguous_heads(n_heads, self.d_head))
         return Site(layer, component, path, 1)
 
-    def head_columns(self, component: str) -> torch.Tensor:
+    def has_component(self, layer: int, component: str) -> bool:
+        """Whether the layer still has this matrix (circuit extraction may have removed it)."""
+        try:
+            module = self.model.get_submodule(f"{self.layer_path(layer)}.{self.projections[component]}")
+            projection_matrix(module)
+        except (AttributeError, TypeError):
+            return False
+        return True
+
+    def layer_heads(self, layer: int) -> tuple[int, int]:
+        """(query heads, KV heads) the layer's attention has now: the config's, or fewer after extraction
+        (a duplicated KV head counts once per copy), read off the projections' widths."""
+        width = lambda c: projection_matrix(self.model.get_submodule(f"{self.layer_path(layer)}.{self.projections[c]}")).shape[1]  # noqa: E731
+        if self.projections["q"] == self.projections["k"]:  # one fused [q|k|v] projection
+            heads = width("q") // (3 * self.d_head)
+            return heads, heads
+        return width("q") // self.d_head, width("k") // self.d_head
+
+    def head_columns(self, component: str, n_heads: int, n_kv_heads: int) -> torch.Tensor:
         """Output columns of the q/k/v projection owned by each head (separate projections by default)."""
-        heads = self.n_heads if component == "q" else self.n_kv_heads
-        return contiguous_heads(heads, self.d_head)
+        return contiguous_heads(n_heads if component == "q" else n_kv_heads, self.d_head)
 
     # --- head removal ----------------------------------------------------
     def kv_head(self, head: int) -> int:

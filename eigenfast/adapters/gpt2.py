@@ -29,9 +29,9 @@ class GPT2Adapter(Adapter):
         "mlp_out": "mlp.c_proj",
     }
 
-    def head_columns(self, component: str) -> torch.Tensor:
-        offset = "qkv".index(component) * self.d_model
-        return contiguous_heads(self.n_heads, self.d_head, offset=offset)
+    def head_columns(self, component: str, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+        offset = "qkv".index(component) * n_heads * self.d_head
+        return contiguous_heads(n_heads, self.d_head, offset=offset)
 
     def head_count_attributes(self, n_heads: int, n_kv_heads: int) -> dict[str, int]:
         # GPT2Attention splits c_attn's output into [Q | K | V] by split_size; no GQA.

@@ -34,9 +34,9 @@ class NeoXAdapter(Adapter):
     def parallel(self) -> bool:  # type: ignore[override]
         return bool(getattr(self.config, "use_parallel_residual", True))
 
-    def head_columns(self, component: str) -> torch.Tensor:
+    def head_columns(self, component: str, n_heads: int, n_kv_heads: int) -> torch.Tensor:
         offset = "qkv".index(component) * self.d_head
-        return contiguous_heads(self.n_heads, self.d_head, offset=offset, stride=3 * self.d_head)
+        return contiguous_heads(n_heads, self.d_head, offset=offset, stride=3 * self.d_head)
 
     def head_count_attributes(self, n_heads: int, n_kv_heads: int) -> dict[str, int]:
         return {}  # GPTNeoXAttention reads the head count off query_key_value's output shape

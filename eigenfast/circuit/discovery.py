@@ -34,6 +34,7 @@ from ..adapters import Adapter, get_adapter
 from ..data import TaskData, as_task_data
 from ..forward import eval_mode, last_logits, model_device
 from ..progress import progress as progress_bar
+from ..projection import PositionalModule
 from .ablation import ABLATIONS, Ablation, Patcher
 from .means import ComponentMeans, component_means
 
@@ -153,8 +154,9 @@ class _Runner:
         """
         skipped = []
         for layer, plan in self.patcher.plans.items():
-            if plan.keep is not None and len(plan.keep) == 1 and not plan.keep.any():
-                o_proj = self.adapter.model.get_submodule(self.adapter.site(layer, "o").path)
+            o_proj = self.adapter.model.get_submodule(self.adapter.site(layer, "o").path)
+            # A pruned output projection's bias depends on the position: one zero position can't stand for all.
+            if plan.keep is not None and len(plan.keep) == 1 and not plan.keep.any() and not isinstance(o_proj, PositionalModule):
                 zeros = plan.keep.new_zeros(rows, 1, plan.keep.shape[1])
                 skipped.append(self.adapter.attention(layer))
                 skipped[-1].forward = lambda *args, _o=o_proj, _z=zeros, **kwargs: (_o(_z), None)
@@ -179,7 +181,7 @@ class _Runner:
         modules = [self.adapter.model.get_submodule(self.adapter.site(top, "o").path), self.adapter.mlp(top)]
         # prepend: run before the ablation hooks, so they see what the module will.
         handles = [
-            m.register_forward_pre_hook(lambda module, args: (args[0][:, -1:], *args[1:]), prepend=True)
+            m.register_forward_pre_hook(_last_position, prepend=True)
             for m in modules
         ]
         try:
@@ -187,6 +189,14 @@ class _Runner:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _last_position(module: nn.Module, args: tuple) -> tuple:
+    """The input at the last position only (and the positions, which eigenfast's modules also take)."""
+    x, *rest = args
+    if rest:
+        rest[0] = rest[0][:, -1:]
+    return (x[:, -1:], *rest)
 
 
 def _repeat(value: Any, n: int, groups: int) -> Any:

@@ -32,7 +32,10 @@ from ..modules import (
     MODULE_KINDS,
     PositionTable,
     TokenBiasLinear,
+    bias_table,
+    extend_rows,
     register_kind,
+    resample_table,
     replace_module,
     set_attributes,
 )
@@ -208,7 +211,11 @@ def remove_components(
 
 
 class _StandIns:
-    """Builds what replaces removed components: mean tables (mean ablation) or constants (zero ablation)."""
+    """Builds what replaces removed components: mean tables (mean ablation) or constants (zero ablation).
+
+    Tables are extended ones (``calib_len + 1`` rows, the last serving every later position), so an
+    output projection that already has a position table (a pruned model) adds to it exactly.
+    """
 
     def __init__(self, adapter: Adapter, means: ComponentMeans | None, extrapolate: str) -> None:
         self.adapter = adapter
@@ -217,31 +224,34 @@ class _StandIns:
         weight = next(adapter.model.parameters())
         self.like = {"dtype": weight.dtype, "device": weight.device}
 
-    def _o_bias(self, layer: int) -> torch.Tensor:
-        bias = self.adapter.model.get_submodule(self.adapter.site(layer, "o").path).bias
-        return torch.zeros(self.adapter.d_model, **self.like) if bias is None else bias.detach()
+    def _o(self, layer: int) -> nn.Module:
+        return self.adapter.model.get_submodule(self.adapter.site(layer, "o").path)
+
+    def _mean_table(self, rows: torch.Tensor, length: int) -> torch.Tensor:
+        return resample_table(extend_rows(rows.to(**self.like), self.extrapolate), length)
 
     def attention_bias(self, layer: int, removed: Sequence[int]) -> torch.Tensor | None:
-        """The shrunk output projection's bias rows ``(calib_len, d)``, or None to keep its plain bias."""
+        """The shrunk output projection's extended bias table, or None to keep its plain bias."""
+        o = self._o(layer)
         if self.means is None:
-            return None
-        mean = self.means.heads[layer, list(removed)].sum(dim=0).to(**self.like)
-        return self._o_bias(layer) + mean
+            return bias_table(o, o.calib_len) if isinstance(o, PositionTable) else None
+        length = max(self.means.calib_len, getattr(o, "calib_len", 0))
+        return bias_table(o, length) + self._mean_table(self.means.heads[layer, list(removed)].sum(dim=0), length)
 
     def attention(self, layer: int) -> nn.Module:
-        if self.means is None:
-            return self._constant(self._o_bias(layer))
-        mean = self.means.heads[layer].sum(dim=0).to(**self.like)
-        return self._table(self._o_bias(layer) + mean)
+        table = self.attention_bias(layer, range(self.adapter.n_heads))
+        if table is None:
+            return self._constant(bias_table(self._o(layer), 0)[0])
+        return self._table(table)
 
     def mlp(self, layer: int) -> nn.Module:
         if self.means is None:
             return self._constant(torch.zeros(self.adapter.d_model, **self.like))
-        return self._table(self.means.mlps[layer].to(**self.like))
+        return self._table(self._mean_table(self.means.mlps[layer], self.means.calib_len))
 
-    def _table(self, rows: torch.Tensor) -> PositionMean:
-        module = PositionMean(rows.shape[0], rows.shape[1], self.extrapolate).to(**self.like)
-        module.set_rows(rows)
+    def _table(self, table: torch.Tensor) -> PositionMean:
+        module = PositionMean(table.shape[0] - 1, table.shape[1], self.extrapolate).to(**self.like)
+        module.set_table(table)
         return module
 
     def _constant(self, value: torch.Tensor) -> ConstantOutput:
@@ -256,6 +266,7 @@ def _shrink_attention(
     """Cut Q/K/V/O down to ``layout``; ``bias_rows`` (mean ablation) becomes O's position-indexed bias."""
     model = adapter.model
     heads = {"q": layout.q_heads, "k": layout.kv_heads, "v": layout.kv_heads}
+    o = adapter.site(layer, "o")  # before Q is cut: the site reads the head count off Q's width
     blocks: dict[str, list[torch.Tensor]] = {}
     for component, kept in heads.items():
         site = adapter.site(layer, component)
@@ -265,7 +276,6 @@ def _shrink_attention(
         # their original column order; the stable sort leaves a duplicated KV head's copies side by side.
         columns = sorted(columns, key=lambda block: int(block[0]))
         replace_module(model, path, _cut(model.get_submodule(path), columns=torch.cat(columns)))
-    o = adapter.site(layer, "o")
     rows = torch.cat([o.in_index[h] for h in layout.q_heads])
     replace_module(model, o.path, _cut(model.get_submodule(o.path), rows=rows, table=bias_rows, extrapolate=extrapolate))
     set_attributes(adapter.attention(layer), adapter.head_count_attributes(len(layout.q_heads), len(layout.kv_heads)))
@@ -280,20 +290,24 @@ def _cut(
 ) -> nn.Linear | TokenBiasLinear:
     """The projection restricted to input ``rows`` / output ``columns`` (math orientation).
 
-    With a bias ``table`` (calib_len, d_out) it becomes a TokenBiasLinear reading it at
-    true positions; otherwise a PlainLinear keeping the original bias.
+    With an extended bias ``table`` (calib_len + 1, d_out), or when the module already has
+    a position table, it becomes a TokenBiasLinear reading it at true positions; otherwise
+    a PlainLinear keeping the original bias.
     """
     A = projection_matrix(module).detach()
     A = A if rows is None else A[rows]
     A = A if columns is None else A[:, columns]
+    if table is None and isinstance(module, PositionTable):
+        table, extrapolate = module.table.detach(), module.extrapolate
+        table = table if columns is None else table[:, columns]
     if table is None:
         new = PlainLinear(A.shape[0], A.shape[1], bias=module.bias is not None, dtype=A.dtype, device=A.device)
         if module.bias is not None:
             with torch.no_grad():
                 new.bias.copy_(module.bias if columns is None else module.bias[columns])
     else:
-        new = TokenBiasLinear(A.shape[0], A.shape[1], table.shape[0], extrapolate).to(dtype=A.dtype, device=A.device)
-        new.set_rows(table)
+        new = TokenBiasLinear(A.shape[0], A.shape[1], table.shape[0] - 1, extrapolate).to(dtype=A.dtype, device=A.device)
+        new.set_table(table)
     with torch.no_grad():
         new.weight.copy_(A.T)
     return new
