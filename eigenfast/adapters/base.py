@@ -169,15 +169,7 @@ class Adapter:
         return tuple(c for c in COMPONENTS if c in self.projections)
 
     def site(self, layer: int, component: str) -> Site:
-        if component not in COMPONENTS:
-            raise ValueError(f"unknown component {component!r}; choose from {COMPONENTS}")
-        if component not in self.projections:
-            raise ValueError(
-                f"{self.family} models have no {component!r} matrix; available: {self.components()}"
-            )
-        if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer} out of range: the model has {self.n_layers} layers")
-        path = f"{self.layer_path(layer)}.{self.projections[component]}"
+        path = self._path(layer, component)
         if not self.has_component(layer, component):
             raise ValueError(
                 f"layer {layer} has no {component!r} matrix any more: circuit extraction removed it; "
@@ -192,10 +184,22 @@ class Adapter:
             return Site(layer, component, path, n_heads, in_index=contiguous_heads(n_heads, self.d_head))
         return Site(layer, component, path, 1)
 
+    def _path(self, layer: int, component: str) -> str:
+        if component not in COMPONENTS:
+            raise ValueError(f"unknown component {component!r}; choose from {COMPONENTS}")
+        if component not in self.projections:
+            raise ValueError(
+                f"{self.family} models have no {component!r} matrix; available: {self.components()}"
+            )
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} out of range: the model has {self.n_layers} layers")
+        return f"{self.layer_path(layer)}.{self.projections[component]}"
+
     def has_component(self, layer: int, component: str) -> bool:
         """Whether the layer still has this matrix (circuit extraction may have removed it)."""
+        path = self._path(layer, component)  # a ValueError for names this family does not have
         try:
-            module = self.model.get_submodule(f"{self.layer_path(layer)}.{self.projections[component]}")
+            module = self.model.get_submodule(path)
             projection_matrix(module)
         except (AttributeError, TypeError):
             return False
@@ -204,7 +208,7 @@ class Adapter:
     def layer_heads(self, layer: int) -> tuple[int, int]:
         """(query heads, KV heads) the layer's attention has now: the config's, or fewer after extraction
         (a duplicated KV head counts once per copy), read off the projections' widths."""
-        width = lambda c: projection_matrix(self.model.get_submodule(f"{self.layer_path(layer)}.{self.projections[c]}")).shape[1]  # noqa: E731
+        width = lambda c: projection_matrix(self.model.get_submodule(self._path(layer, c))).shape[1]  # noqa: E731
         if self.projections["q"] == self.projections["k"]:  # one fused [q|k|v] projection
             heads = width("q") // (3 * self.d_head)
             return heads, heads

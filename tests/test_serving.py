@@ -1,0 +1,141 @@
+"""Pruned and extracted models served as their base is: no hooks, static KV cache, torch.compile without
+graph breaks or per-step recompilation, torch.export with dynamic shapes, AOTInductor, ONNX Runtime."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import StaticCache
+
+import eigenfast
+from eigenfast.export import LogitsOnly, aoti_package, export, to_onnx
+
+from conftest import make_data, make_model
+from test_circuit_removal import removed
+
+KINDS = ("pruned", "extracted")
+
+
+def changed(family: str, kind: str) -> torch.nn.Module:
+    """An eigenpruned model, or an extracted one with uneven kept heads (uneven GQA groups on Llama),
+    one attention and one MLP gone."""
+    model = make_model(family)
+    if kind == "pruned":
+        return eigenfast.prune(model, make_data(padded=True), p=0.3, components=("k", "o", "mlp_in"), progress_bar=False).model
+    return removed(model, make_data(n=8, seed=1, padded=True), heads={0: [0, 2], 1: [0, 1, 2, 3]}, mlps=(1,))
+
+
+def both(family: str) -> torch.nn.Module:
+    """Pruned, then extracted: both kinds of eigenfast module in one model."""
+    model = eigenfast.prune(make_model(family), make_data(padded=True), p=0.3, components=("k", "o", "mlp_in"),
+                            progress_bar=False).model
+    return removed(model, make_data(n=8, seed=1, padded=True), heads={0: [0, 2]}, mlps=(1,))
+
+
+def inputs(n: int = 3, length: int = 6, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    data = make_data(n=n, length=length, seed=seed, padded=True)
+    return data.input_ids, data.position_ids
+
+
+def eager_logits(model, ids, positions) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, position_ids=positions, use_cache=False).logits
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_runs_no_python_hooks(family, kind):
+    model = changed(family, kind)
+    hooked = [name for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooked == []
+    assert not torch.nn.modules.module._global_forward_pre_hooks and not torch.nn.modules.module._global_forward_hooks
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_cache_generate_equals_dynamic_cache(family, kind):
+    model = changed(family, kind)
+    prompt = make_data(n=2, length=5, seed=5).input_ids
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    scores = {}
+    for cache in ("dynamic", "static"):
+        out = model.generate(
+            prompt * mask, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None,
+            output_scores=True, return_dict_in_generate=True, cache_implementation=cache,
+        )
+        scores[cache] = torch.stack(out.scores, dim=1)
+    torch.testing.assert_close(scores["static"], scores["dynamic"], rtol=0, atol=1e-5)
+
+
+def static_decode(forward, config, prompt: torch.Tensor, steps: int, after_first_step=None) -> torch.Tensor:
+    """Greedy decoding with a StaticCache, the way serving loops call a compiled model: last-position logits."""
+    batch, length = prompt.shape
+    cache = StaticCache(config=config, max_cache_len=length + steps)
+    logits = [forward(input_ids=prompt, position_ids=torch.arange(length).expand(batch, length),
+                      cache_position=torch.arange(length), past_key_values=cache, use_cache=True).logits[:, -1]]
+    for step in range(steps - 1):
+        position = length + step
+        token = logits[-1].argmax(-1, keepdim=True)
+        logits.append(forward(input_ids=token, position_ids=torch.full((batch, 1), position),
+                              cache_position=torch.tensor([position]), past_key_values=cache, use_cache=True).logits[:, -1])
+        if step == 0 and after_first_step is not None:
+            after_first_step()
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_static_cache_decode_has_no_graph_break_nor_recompilation(family, kind):
+    model = changed(family, kind).eval()
+    prompt = make_data(n=2, length=5, seed=5).input_ids
+    with torch.no_grad():
+        reference = static_decode(model, model.config, prompt, steps=4)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
+        # After the prefill and the first decode step are compiled, any further compilation fails the test.
+        recompiles = torch._dynamo.config.patch(error_on_recompile=True)
+        got = static_decode(compiled, model.config, prompt, steps=4, after_first_step=recompiles.__enter__)
+        recompiles.__exit__(None, None, None)
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
+
+
+def test_export_with_dynamic_batch_and_length_and_eager_use_afterwards(family):
+    model = both(family)
+    program = export(model, max_length=16)
+    for n, length in ((1, 3), (5, 7)):
+        ids, positions = inputs(n, length, seed=n)
+        torch.testing.assert_close(program.module()(ids, positions), eager_logits(model, ids, positions), rtol=0, atol=1e-5)
+    ids, positions = inputs()
+    # Exporting used to leave a traced tensor in the model's position state, which broke the next eager call.
+    torch.testing.assert_close(eager_logits(model, ids, positions), LogitsOnly(model)(ids, positions))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_onnx_runtime_matches_eager(family, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = both(family)
+    path = to_onnx(model, tmp_path / "model.onnx", max_length=16)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    for n, length in ((1, 4), (4, 9)):
+        ids, positions = inputs(n, length, seed=n)
+        (out,) = session.run(None, {names[0]: ids.numpy(), names[1]: positions.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), eager_logits(model, ids, positions), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_aoti_package_runs_in_a_fresh_process(tmp_path):
+    """Compiles C++ with Inductor (a minute or more on a CPU)."""
+    model = both("llama")
+    ids, positions = inputs(4, 9)
+    save_file({"ids": ids, "positions": positions, "expected": eager_logits(model, ids, positions)}, tmp_path / "io.safetensors")
+    package = aoti_package(model, tmp_path / "model.pt2", max_length=16)
+    script = (
+        "import sys, torch, eigenfast\n"  # eigenfast registers the op the package calls
+        "from safetensors.torch import load_file\n"
+        "io = load_file(sys.argv[2])\n"
+        "runner = torch._inductor.aoti_load_package(sys.argv[1])\n"
+        "torch.testing.assert_close(runner(io['ids'], io['positions']), io['expected'], rtol=0, atol=1e-4)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(package), str(tmp_path / "io.safetensors")], check=True, timeout=600)
