@@ -13,8 +13,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-class DataError(ValueError):
-    """Raised for task data that cannot be used (empty, ragged, multi-token targets...)."""
+from .errors import DataError
 
 
 @dataclass

@@ -12,14 +12,11 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
+from .errors import PositionIndexError
 from .ops import token_bias_linear
 from .positions import PositionTracker, attach_tracker
 
 EXTRAPOLATE = ("mean", "last", "error")
-
-
-class PositionIndexError(IndexError):
-    """A token position beyond the calibration length under ``extrapolate="error"``."""
 
 
 class PositionTable(nn.Module):

@@ -15,13 +15,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..errors import UnsupportedModelError
+
 COMPONENTS = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
 HEAD_OUTPUT_COMPONENTS = ("q", "k", "v")  # each head owns some output columns
 HEAD_INPUT_COMPONENTS = ("o",)  # each head owns some input rows
-
-
-class UnsupportedModelError(ValueError):
-    """The model's architecture has no adapter."""
 
 
 @dataclass(frozen=True)
