@@ -36,3 +36,7 @@ class ArgumentError(EigenfastError, ValueError):
 
 class OutputExistsError(EigenfastError, FileExistsError):
     """An output directory that holds someone else's files, which eigenfast will not write into."""
+
+
+class MissingFilesError(EigenfastError, FileNotFoundError):
+    """Files eigenfast ships or needs (a built-in model's weights, a data file) are not where they should be."""

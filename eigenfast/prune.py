@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .data import TaskData, as_task_data
+from .data import TaskData, as_task_data, check_fits_model
+from .errors import ArgumentError
 from .forward import Evaluation, evaluate
 from .freezing import freeze, select_frozen, validate_fraction
 from .modules import EXTRAPOLATE
@@ -123,28 +124,31 @@ def prune(
     never to choose p. The input model is left untouched unless ``inplace``.
     """
     if extrapolate not in EXTRAPOLATE:
-        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+        raise ArgumentError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
     auto = isinstance(p, str)
     if auto and p != "auto":
-        raise ValueError(f"p must be a fraction in [0, 1] or 'auto', got {p!r}")
+        raise ArgumentError(f"p must be a fraction in [0, 1] or 'auto', got {p!r}")
     if not auto:
         p = validate_fraction(p)
     elif inplace:
-        raise ValueError("inplace=True needs a fixed p: p='auto' builds one pruned copy per candidate")
+        raise ArgumentError("inplace=True needs a fixed p: p='auto' builds one pruned copy per candidate")
     get_adapter(model)  # fail early on an unsupported architecture
     data = as_task_data(data)
     if val_data is not None:
         val_data = as_task_data(val_data)
     elif auto:
         data, val_data = data.split(1.0 - val_fraction, seed=seed)
+    tried = sorted({validate_fraction(c, "candidate p") for c in candidates}) if auto else [p]
+    test_data = None if test_data is None else as_task_data(test_data)
+    for part in (data, val_data, test_data):
+        if part is not None:
+            check_fits_model(part, model)
 
     started = time.perf_counter()
     attribution = attribute(model, data, components, pairs, batch_size, backend=backend, progress_bar=progress_bar)
     timings = {"score": time.perf_counter() - started, **attribution.timings}
     scores = attribution.scores
 
-    tried = sorted({validate_fraction(c, "candidate p") for c in candidates}) if auto else [p]
-    test_data = None if test_data is None else as_task_data(test_data)
     started = time.perf_counter()
     baseline = _maybe_evaluate(model, val_data, batch_size, progress_bar and "evaluate base model")
     baseline_test = _maybe_evaluate(model, test_data, batch_size, progress_bar and "test base model")

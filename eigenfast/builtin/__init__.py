@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..errors import MissingFilesError, ModelLoadError
+
 BUILTIN_MODELS: dict[str, str] = {
     "int_sum_gpt2": "4-layer GPT-2 (d_model 128) trained on the int_sum train split; "
     "stopped early at about 54% test accuracy so pruning has room to help",
@@ -21,10 +23,10 @@ _HERE = Path(__file__).resolve().parent
 def builtin_path(name: str = "int_sum_gpt2") -> Path:
     """The folder of a shipped model."""
     if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(sorted(BUILTIN_MODELS))}")
+        raise ModelLoadError(f"unknown built-in model {name!r}; available: {', '.join(sorted(BUILTIN_MODELS))}")
     path = _HERE / name
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFilesError(
             f"built-in model {name!r} is missing its files at {path}; "
             f"rebuild it with: python -m eigenfast.builtin.train --out {path}"
         )
