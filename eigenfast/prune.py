@@ -17,6 +17,7 @@ from .forward import Evaluation, evaluate
 from .freezing import freeze, select_frozen, validate_fraction
 from .modules import EXTRAPOLATE
 from .scoring import Key, attribute
+from .sizes import ParameterCount, count_parameters
 
 DEFAULT_CANDIDATES = (0.01, 0.05, 0.10, 0.30)
 
@@ -41,6 +42,8 @@ class PruneReport:
     candidates: list[Candidate]
     baseline_test: Evaluation | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    size_before: ParameterCount | None = None
+    size_after: ParameterCount | None = None  # the kept model: its bias tables are buffers the forward reads
 
     def table(self) -> str:
         """One row per p: what it froze, held-out accuracy/loss (chooses p) and test accuracy/loss (reported only)."""
@@ -50,6 +53,9 @@ class PruneReport:
             frozen = ", ".join(f"{c}:{n}" for c, n in cand.frozen.items())
             mark = "  <- kept" if cand.p == self.p and len(self.candidates) > 1 else ""
             lines.append(f"{cand.p:>6.2f}  {frozen:<28} {_cells(cand.evaluation)} {_cells(cand.test, 1)}{mark}")
+        if self.size_before is not None and self.size_after is not None:
+            lines.append(f"size before  {self.size_before.describe()}")
+            lines.append(f"size after   {self.size_after.describe()}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -65,6 +71,8 @@ class PruneReport:
                 for c in self.candidates
             ],
             "timings": self.timings,
+            "size_before": None if self.size_before is None else self.size_before.as_dict(),
+            "size_after": None if self.size_after is None else self.size_after.as_dict(),
         }
 
 
@@ -115,7 +123,7 @@ def prune(
     tokenizer: Any = None,
     progress_bar: bool = True,
 ) -> PruneResult:
-    """Eigenprune ``model`` for the task in ``data`` (SPEC §2).
+    """Eigenprune ``model`` for the task in ``data`` (docs/MATH.md §2, §3).
 
     ``p`` is the fraction of each component type's singular values to freeze, or
     ``"auto"``: score once, try every candidate p (plus the defaults) on held-out
@@ -144,6 +152,7 @@ def prune(
         if part is not None:
             check_fits_model(part, model)
 
+    size_before = count_parameters(model)  # before an inplace prune changes it
     started = time.perf_counter()
     attribution = attribute(model, data, components, pairs, batch_size, backend=backend, progress_bar=progress_bar)
     timings = {"score": time.perf_counter() - started, **attribution.timings}
@@ -177,7 +186,8 @@ def prune(
     assert best is not None
     pruned, frozen, chosen = best
     report = PruneReport(
-        chosen.p, tuple(dict.fromkeys(components)), pairs, attribution.calib_len, baseline, results, baseline_test, timings
+        chosen.p, tuple(dict.fromkeys(components)), pairs, attribution.calib_len, baseline, results, baseline_test, timings,
+        size_before, count_parameters(pruned),
     )
     return PruneResult(pruned, scores, frozen, report, tokenizer)
 

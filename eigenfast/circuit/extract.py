@@ -16,11 +16,12 @@ from ..data import TaskData, as_task_data, check_fits_model
 from ..errors import ArgumentError
 from ..forward import evaluate
 from ..modules import EXTRAPOLATE
+from ..sizes import count_parameters
 from .ablation import check_components
 from .discovery import Step, discover
 from .removal import remove_components
 from .report import (
-    LATENCY_BATCHES, CircuitReport, HeadRates, Latency, count_parameters, latency_batch, median_latency,
+    LATENCY_BATCHES, CircuitReport, HeadRates, Latency, latency_batch, median_latency,
 )
 
 
@@ -65,7 +66,7 @@ def extract_circuit(
     tokenizer: Any = None,
     latency_repeats: int = 5,
 ) -> CircuitResult:
-    """Extract the circuit of the task in ``val_data`` (SPEC §3).
+    """Extract the circuit of the task in ``val_data`` (docs/MATH.md §4).
 
     Heads (and, with ``include_mlps``, MLPs) whose ablation raises KL(f‖g) on
     ``val_data`` by less than ``threshold`` are removed, walking from the last
