@@ -63,7 +63,8 @@ def load_model(name: str) -> LoadedModel:
             raise ModelLoadError(f"cannot load the model in {path}: {err}") from None
     training = remember_training(model, path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # The model's own config: an eigenfast save's config.json is a stub that transformers would ask about.
+        tokenizer = AutoTokenizer.from_pretrained(path, config=model.config)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load the tokenizer in {path} ({err}); save it beside the model") from None
     return LoadedModel(model, tokenizer, training)

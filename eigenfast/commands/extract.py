@@ -47,9 +47,11 @@ def run(args: argparse.Namespace) -> int:
     check_output_directory(args.out)
     loaded = load_model(args.model)
     unseen = task_parts(args.task, load_task(args.task, loaded.tokenizer), loaded.training, args.seed)["unseen"]
-    patch, val = draw(unseen, args.n_patch, args.n_val, args.seed)
-    print_parts(patch, val)
-    patch_data, val_data = patch.data, val.data
+    patch_data, val_data = draw(unseen.data, args.n_patch, args.n_val, args.seed)
+    print_parts(
+        Part("D_a", patch_data, f"random draw (seed {args.seed}) from {unseen.origin}"),
+        Part("D_v", val_data, f"random draw from {unseen.origin}, disjoint from D_a"),
+    )
     options = dict(ablation=args.ablation, include_mlps=args.mlps, extrapolate=args.extrapolate, batch_size=args.batch_size)
     if args.sweep:
         result = sweep(loaded.model, patch_data, val_data, args.sweep, **options)
@@ -63,20 +65,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def draw(source: "Part | TaskData", n_patch: int, n_val: int, seed: int) -> tuple[Part, Part]:
-    """Disjoint seeded random draws of ``n_patch`` (D_a) and ``n_val`` (D_v) examples of ``source``."""
-    if isinstance(source, TaskData):
-        source = Part("data", source, "the given data")
-    data = source.data
+def draw(data: TaskData, n_patch: int, n_val: int, seed: int) -> tuple[TaskData, TaskData]:
+    """Disjoint seeded random draws of ``n_patch`` (D_a) and ``n_val`` (D_v) examples of ``data``."""
     if n_patch < 1 or n_val < 1:
         raise DataError(f"--n-patch and --n-val must be >= 1, got {n_patch} and {n_val}")
     if n_patch + n_val > len(data):
-        raise DataError(
-            f"--n-patch {n_patch} + --n-val {n_val} exceed the {len(data)} examples available "
-            f"({source.origin}); lower them"
-        )
+        raise DataError(f"--n-patch {n_patch} + --n-val {n_val} exceed the {len(data)} examples available; lower them")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    return (
-        Part("D_a", data.subset(order[:n_patch]), f"random draw from {source.origin}, seed {seed}"),
-        Part("D_v", data.subset(order[n_patch : n_patch + n_val]), f"random draw from {source.origin}, disjoint from D_a"),
-    )
+    return data.subset(order[:n_patch]), data.subset(order[n_patch : n_patch + n_val])
