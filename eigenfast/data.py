@@ -250,11 +250,11 @@ def check_fits_model(data: TaskData, model: Any) -> None:
     """Refuse data the model cannot read: ids outside its vocabulary, or left padding without a mask."""
     n_inputs = model.get_input_embeddings().num_embeddings
     n_outputs = model.get_output_embeddings().weight.shape[0]
-    for name, ids, size in (("input id", data.input_ids, n_inputs), ("label", data.labels, n_outputs)):
+    for name, ids, size in (("an input id", data.input_ids, n_inputs), ("a label", data.labels, n_outputs)):
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= size:
             raise DataError(
-                f"a {name} is {high if high >= size else low}, outside the model's vocabulary of {size} tokens: "
+                f"{name} is {high if high >= size else low}, outside the model's vocabulary of {size} tokens: "
                 "the data was tokenized with another tokenizer; tokenize it with the model's own"
             )
     pad = getattr(model.config, "pad_token_id", None)

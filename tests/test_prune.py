@@ -235,3 +235,16 @@ def test_torch_compile_of_a_pruned_model(name):
     pruned = eigenfast.prune(model, data, p=0.2, components=components_of(model)).model
     compiled = torch.compile(pruned, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(logits(compiled, data), logits(pruned, data), rtol=0, atol=1e-6)
+
+
+def test_report_sizes_count_the_bias_tables_the_forward_reads():
+    model = make_model("llama")
+    result = eigenfast.prune(model, make_data(), p=0.2, components=("k", "mlp_in"), progress_bar=False)
+    before, after = result.report.size_before, result.report.size_after
+    n = lambda tensors: sum(t.numel() for t in tensors)  # noqa: E731
+    assert (before.parameters, before.buffers) == (n(model.parameters()), n(model.buffers()))
+    assert (after.parameters, after.buffers) == (n(result.model.parameters()), n(result.model.buffers()))
+    tables = n(m.table for m in result.model.modules() if hasattr(m, "table"))
+    assert tables > 0 and after.buffers == before.buffers + tables
+    assert after.bytes == 4 * after.total  # float32 everywhere
+    assert "size after" in result.report.table() and result.report.as_dict()["size_after"]["buffers"] == after.buffers
