@@ -158,6 +158,11 @@ def from_pairs(prompts: Sequence[str], targets: Sequence[str], tokenizer: Any) -
     labels = []
     for prompt, target in zip(prompts, targets):
         ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise DataError(
+                f"target {target!r} (prompt {prompt!r}) tokenizes to nothing: the tokenizer has no vocabulary "
+                "for it; check that the tokenizer files were loaded (tokenizer.json, vocab.json...)"
+            )
         if len(ids) != 1:
             raise DataError(
                 f"target {target!r} (prompt {prompt!r}) is {len(ids)} tokens {ids}; eigenfast needs one-token "

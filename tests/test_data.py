@@ -173,3 +173,8 @@ def test_bad_thresholds_are_refused_before_any_work(threshold):
     data = make_data()
     with pytest.raises(eigenfast.ArgumentError, match="threshold must be a finite number >= 0"):
         eigenfast.extract_circuit(_tiny_model(), data, data, threshold=threshold, progress=False)
+
+
+def test_a_target_that_tokenizes_to_nothing_names_the_likely_cause(tok):
+    with pytest.raises(DataError, match="tokenizes to nothing.*tokenizer files"):
+        from_pairs(["1 + 0 ="], [""], tok)

@@ -146,3 +146,18 @@ def test_every_error_is_an_eigenfast_error_and_keeps_its_builtin_base():
         assert issubclass(error, eigenfast.EigenfastError) and issubclass(error, builtin), error
     with pytest.raises(eigenfast.EigenfastError):
         eigenfast.get_adapter(torch.nn.Linear(2, 2))
+
+
+def test_version_1_saves_still_load(tmp_path):
+    result = pruned("llama")
+    folder = result.save(tmp_path / "m")
+    spec = json.loads((folder / "eigenfast.json").read_text())
+    result.model.config.to_json_file(folder / "config.json")  # version 1 kept the HF config there
+    for key in ("config", "files"):
+        del spec[key]
+    (folder / "eigenfast.json").write_text(json.dumps({**spec, "version": 1}))
+    assert torch.equal(logits(eigenfast.load(folder), make_data()), logits(result.model, make_data()))
+    spec["version"] = 7
+    (folder / "eigenfast.json").write_text(json.dumps(spec))
+    with pytest.raises(eigenfast.SavedModelError, match="reads versions 1, 2"):
+        eigenfast.load(folder)
