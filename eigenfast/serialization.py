@@ -43,18 +43,24 @@ VERSION_1_FILES = (CONFIG_FILE, WEIGHTS_FILE, EXTRAS_FILE, SPEC_FILE)
 __all__ = ["SavedModelError", "load", "load_extras", "read_spec", "save_model"]
 
 
-def check_output_directory(directory: str | Path) -> Path:
-    """Refuse, before any work, a directory that a save could not write or that holds someone else's files."""
+def check_writable_directory(directory: str | Path) -> Path:
+    """Refuse, before any work, an output path that is a file or that cannot be created or written."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise OutputExistsError(f"{directory} is a file; choose a directory to save into")
+    existing = next((p for p in [directory, *directory.parents] if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"cannot write to {existing or directory}; choose a directory you can write to")
+    return directory
+
+
+def check_output_directory(directory: str | Path) -> Path:
+    """Refuse, before any work, a directory that a save could not write or that holds someone else's files."""
+    directory = check_writable_directory(directory)
     if directory.is_dir() and any(directory.iterdir()) and not (directory / SPEC_FILE).is_file():
         raise OutputExistsError(
             f"{directory} exists, is not empty and is not an eigenfast save; choose a new or empty directory"
         )
-    existing = next((p for p in [directory, *directory.parents] if p.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputExistsError(f"cannot write to {existing or directory}; choose a directory you can write to")
     return directory
 
 

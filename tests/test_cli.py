@@ -200,3 +200,21 @@ def test_nan_is_not_a_fraction():
 
     with pytest.raises(argparse.ArgumentTypeError):
         fraction(str(math.nan))
+
+
+def test_a_sweep_may_write_into_a_folder_with_other_files_but_a_circuit_may_not(tmp_path, monkeypatch, capsys):
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr("eigenfast.commands.extract.load_model", started)
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    (folder / "sweep.json").write_text("{}")  # an earlier sweep
+    common = ["extract", "--model", "int_sum_gpt2", "--task", "int_mult", "--out", str(folder)]
+    with pytest.raises(Started):
+        main([*common, "--sweep", "0.1,1"])
+    assert main([*common, "--threshold", "0.1"]) == 1
+    assert "not an eigenfast save" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from ..data import TaskData, check_task, load_task
 from ..errors import DataError
 from ..loading import check_model_name, load_model
 from ..modules import EXTRAPOLATE
-from ..serialization import check_output_directory
+from ..serialization import check_output_directory, check_writable_directory
 from ..splits import Part, task_parts
 from .arguments import TASK_HELP, add_model_options, comma_list, non_negative_float, positive_int, print_parts
 
@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)
     check_task(args.task)
-    check_output_directory(args.out)
+    # A sweep writes only sweep.json and sweep.png (replacing an earlier sweep's); a circuit is a full save.
+    (check_writable_directory if args.sweep else check_output_directory)(args.out)
     loaded = load_model(args.model)
     unseen = task_parts(args.task, load_task(args.task, loaded.tokenizer), loaded.training, args.seed)["unseen"]
     patch_data, val_data = draw(unseen.data, args.n_patch, args.n_val, args.seed)
