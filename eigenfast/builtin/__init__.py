@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MissingFilesError, ModelLoadError
+from ..splits import TRAINING_ATTRIBUTE, read_training_record
 
 BUILTIN_MODELS: dict[str, str] = {
     "int_sum_gpt2": "4-layer GPT-2 (d_model 128) trained on the int_sum train split; "
@@ -41,4 +42,6 @@ def load_builtin(name: str = "int_sum_gpt2") -> tuple[PreTrainedModel, PreTraine
         path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
     )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # Kept on the config so that pruned and extracted saves still say which examples it trained on.
+    setattr(model.config, TRAINING_ATTRIBUTE, read_training_record(path).as_dict())
     return model.eval(), tokenizer
