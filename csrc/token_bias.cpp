@@ -1,6 +1,6 @@
 // eigenfast::token_bias_linear / token_bias_add: schemas, input checks and CPU kernels.
 //
-// A pruned matrix keeps a bias per token position (SPEC §2), so its forward is
+// A pruned matrix keeps a bias per token position (docs/MATH.md §3), so its forward is
 // y = x @ weight.T + bias_table[pos]. The matmul goes to ATen (BLAS); the table rows
 // are then gathered and added in one pass over the output, in place.
 #include <Python.h>  // only for the module stub at the bottom; first, as Python asks

@@ -1,24 +1,35 @@
 """eigenfast: interpretability-driven pruning of Hugging Face causal LMs, made fast and real.
 
-    result = eigenfast.prune(model, data, p=0.05)          # eigenpruning (SPEC §2)
+    result = eigenfast.prune(model, data, p=0.05)          # eigenpruning (docs/MATH.md §2)
     scores = eigenfast.score(model, data, components=("k",))
     model = eigenfast.load(directory)                      # after result.save(directory)
-    circuit = eigenfast.extract_circuit(model, patch_data, val_data, threshold=0.01)   # SPEC §3
+    circuit = eigenfast.extract_circuit(model, patch_data, val_data, threshold=0.01)   # docs/MATH.md §4
+
+Every error eigenfast raises on purpose is an ``eigenfast.EigenfastError``.
 """
-from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
+from .adapters import SUPPORTED_MODEL_TYPES, get_adapter
 from .circuit import CircuitResult, extract_circuit
-from .data import DataError, TaskData, as_task_data, from_jsonl, from_pairs, int_mult, int_sum, load_task
+from .data import TaskData, as_task_data, from_jsonl, from_pairs, int_mult, int_sum, load_task
+from .errors import (
+    ArgumentError, DataError, EigenfastError, MissingFilesError, ModelLoadError, OutputExistsError,
+    PositionIndexError, SavedModelError, UnsupportedModelError,
+)
 from .forward import evaluate
-from .modules import PositionIndexError
+from .loading import load_model
 from .prune import PruneResult, prune
 from .scoring import score
-from .serialization import SavedModelError, load
+from .serialization import load
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "CircuitResult",
     "DataError",
+    "EigenfastError",
+    "MissingFilesError",
+    "ModelLoadError",
+    "OutputExistsError",
     "PositionIndexError",
     "PruneResult",
     "SUPPORTED_MODEL_TYPES",
@@ -34,6 +45,7 @@ __all__ = [
     "int_mult",
     "int_sum",
     "load",
+    "load_model",
     "load_task",
     "prune",
     "score",

@@ -1,4 +1,4 @@
-"""Attribution statistics for eigenpruning (SPEC §2, §5).
+"""Attribution statistics for eigenpruning (docs/MATH.md §2, §5).
 
 For one (layer, component) with per-head thin SVD ``A_h = U_h diag(s_h) V_h``, rows
 (real tokens) carry an input activation ``x`` and an output gradient ``g``:

@@ -13,8 +13,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-class DataError(ValueError):
-    """Raised for task data that cannot be used (empty, ragged, multi-token targets...)."""
+from .errors import DataError
 
 
 @dataclass
@@ -159,10 +158,20 @@ def from_pairs(prompts: Sequence[str], targets: Sequence[str], tokenizer: Any) -
     labels = []
     for prompt, target in zip(prompts, targets):
         ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise DataError(
+                f"target {target!r} (prompt {prompt!r}) tokenizes to nothing: the tokenizer has no vocabulary "
+                "for it; check that the tokenizer files were loaded (tokenizer.json, vocab.json...)"
+            )
         if len(ids) != 1:
             raise DataError(
                 f"target {target!r} (prompt {prompt!r}) is {len(ids)} tokens {ids}; eigenfast needs one-token "
                 "targets: shorten it, or use a tokenizer where it is a single token"
+            )
+        if tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id:
+            raise DataError(
+                f"target {target!r} (prompt {prompt!r}) tokenizes to the unknown token {tokenizer.unk_token!r}: "
+                "the tokenizer has no token for it, so the model cannot predict it; use targets in its vocabulary"
             )
         labels.append(ids[0])
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -225,11 +234,41 @@ def from_jsonl(path: str | Path, tokenizer: Any) -> TaskData:
 TASKS = {"int_sum": int_sum, "int_mult": int_mult}
 
 
+def check_task(task: str) -> None:
+    """Refuse, before any work, a task that is neither built in nor an existing file."""
+    if task in TASKS or Path(task).is_file():
+        return
+    if task.endswith(".jsonl"):
+        raise DataError(f"no such data file: {task}")
+    raise DataError(f"unknown task {task!r}: use one of {sorted(TASKS)} or a path to a .jsonl file")
+
+
 def load_task(task: str, tokenizer: Any) -> TaskData:
     """A built-in task by name, or a JSONL file path."""
+    check_task(task)
     if task in TASKS:
         return TASKS[task](tokenizer)
-    if task.endswith(".jsonl") or Path(task).is_file():
-        return from_jsonl(task, tokenizer)
-    raise DataError(f"unknown task {task!r}: use one of {sorted(TASKS)} or a path to a .jsonl file")
+    return from_jsonl(task, tokenizer)
+
+
+def check_fits_model(data: TaskData, model: Any) -> None:
+    """Refuse data the model cannot read: ids outside its vocabulary, or left padding without a mask."""
+    n_inputs = model.get_input_embeddings().num_embeddings
+    n_outputs = model.get_output_embeddings().weight.shape[0]
+    for name, ids, size in (("an input id", data.input_ids, n_inputs), ("a label", data.labels, n_outputs)):
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= size:
+            raise DataError(
+                f"{name} is {high if high >= size else low}, outside the model's vocabulary of {size} tokens: "
+                "the data was tokenized with another tokenizer; tokenize it with the model's own"
+            )
+    pad = getattr(model.config, "pad_token_id", None)
+    if data.attention_mask is None and isinstance(pad, int):
+        starts_with_pad = data.input_ids[:, 0] == pad
+        if bool(starts_with_pad.any()) and not bool(starts_with_pad.all()):
+            raise DataError(
+                f"{int(starts_with_pad.sum())} of {len(data)} rows start with the pad token id {pad} but the data "
+                "has no attention_mask: padded slots would be read as real tokens; give the attention_mask "
+                "(0 for padding, 1 for real tokens) with the input_ids"
+            )
 

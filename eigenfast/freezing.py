@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import projection_matrix
+from .errors import ArgumentError
 from .modules import TokenBiasLinear, bias_table, extend_rows, replace_module, resample_table
 from .positional import install
 from .scoring import Attribution, Key
@@ -21,7 +22,7 @@ from .scoring import Attribution, Key
 
 def validate_fraction(p: object, name: str = "p") -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"{name} must be a fraction in [0, 1] (or 'auto'), got {p!r}")
+        raise ArgumentError(f"{name} must be a fraction in [0, 1] (or 'auto'), got {p!r}")
     return float(p)
 
 

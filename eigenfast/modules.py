@@ -12,19 +12,16 @@ import torch
 from torch import nn
 
 from .adapters import projection_matrix
+from .errors import ArgumentError, PositionIndexError
 from .ops import token_bias_linear
 from .projection import PositionalModule
 
 EXTRAPOLATE = ("mean", "last", "error")
 
 
-class PositionIndexError(IndexError):
-    """A token position beyond the calibration length under ``extrapolate="error"``."""
-
-
 def validate_extrapolate(extrapolate: str) -> str:
     if extrapolate not in EXTRAPOLATE:
-        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+        raise ArgumentError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
     return extrapolate
 
 

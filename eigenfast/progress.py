@@ -1,16 +1,40 @@
-"""Progress bars for long work; silent when ``desc`` is None or when disabled globally."""
+"""Progress for long work: a bar on a terminal, plain log lines otherwise, nothing when asked.
+
+Silent when ``desc`` is None or ``EIGENFAST_QUIET=1``. When stderr is not a terminal
+(a log file, CI, a pipe) a bar's carriage returns would fill the log with partial
+lines, so each ``desc`` prints a line at the start, about every tenth of the way and at the end.
+"""
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, TypeVar
+import sys
+import time
+from typing import Iterable, Iterator, TextIO, TypeVar
 
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
+LOG_STEPS = 10
 
 
 def progress(items: Iterable[T], total: int | None = None, desc: str | None = None) -> Iterator[T]:
-    """Wrap ``items`` in a tqdm bar labelled ``desc`` (no bar without a label or with EIGENFAST_QUIET=1)."""
+    """Wrap ``items`` in a tqdm bar (terminal) or line logs (anything else) labelled ``desc``."""
     if desc is None or os.environ.get("EIGENFAST_QUIET") == "1":
         return iter(items)
+    if not sys.stderr.isatty():
+        return log_lines(items, total, desc, sys.stderr)
     return iter(tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True))
+
+
+def log_lines(items: Iterable[T], total: int | None, desc: str, stream: TextIO) -> Iterator[T]:
+    """Yield ``items``, writing ``desc: done/total`` lines to ``stream`` at about every tenth of ``total``."""
+    every = max(1, (total or 0) // LOG_STEPS) if total else None
+    of = f"/{total}" if total else ""
+    started = time.perf_counter()
+    print(f"{desc}: 0{of}", file=stream, flush=True)
+    done = 0
+    for done, item in enumerate(items, start=1):
+        yield item
+        if every is not None and done % every == 0 and done != total:
+            print(f"{desc}: {done}{of}", file=stream, flush=True)
+    print(f"{desc}: {done}{of} done in {time.perf_counter() - started:.1f} s", file=stream, flush=True)

@@ -11,11 +11,13 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .data import TaskData, as_task_data
+from .data import TaskData, as_task_data, check_fits_model
+from .errors import ArgumentError
 from .forward import Evaluation, evaluate
 from .freezing import freeze, select_frozen, validate_fraction
 from .modules import EXTRAPOLATE
 from .scoring import Key, attribute
+from .sizes import ParameterCount, count_parameters
 
 DEFAULT_CANDIDATES = (0.01, 0.05, 0.10, 0.30)
 
@@ -40,6 +42,8 @@ class PruneReport:
     candidates: list[Candidate]
     baseline_test: Evaluation | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    size_before: ParameterCount | None = None
+    size_after: ParameterCount | None = None  # the kept model: its bias tables are buffers the forward reads
 
     def table(self) -> str:
         """One row per p: what it froze, held-out accuracy/loss (chooses p) and test accuracy/loss (reported only)."""
@@ -49,6 +53,9 @@ class PruneReport:
             frozen = ", ".join(f"{c}:{n}" for c, n in cand.frozen.items())
             mark = "  <- kept" if cand.p == self.p and len(self.candidates) > 1 else ""
             lines.append(f"{cand.p:>6.2f}  {frozen:<28} {_cells(cand.evaluation)} {_cells(cand.test, 1)}{mark}")
+        if self.size_before is not None and self.size_after is not None:
+            lines.append(f"size before  {self.size_before.describe()}")
+            lines.append(f"size after   {self.size_after.describe()}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -64,6 +71,8 @@ class PruneReport:
                 for c in self.candidates
             ],
             "timings": self.timings,
+            "size_before": None if self.size_before is None else self.size_before.as_dict(),
+            "size_after": None if self.size_after is None else self.size_after.as_dict(),
         }
 
 
@@ -114,7 +123,7 @@ def prune(
     tokenizer: Any = None,
     progress_bar: bool = True,
 ) -> PruneResult:
-    """Eigenprune ``model`` for the task in ``data`` (SPEC §2).
+    """Eigenprune ``model`` for the task in ``data`` (docs/MATH.md §2, §3).
 
     ``p`` is the fraction of each component type's singular values to freeze, or
     ``"auto"``: score once, try every candidate p (plus the defaults) on held-out
@@ -123,28 +132,32 @@ def prune(
     never to choose p. The input model is left untouched unless ``inplace``.
     """
     if extrapolate not in EXTRAPOLATE:
-        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+        raise ArgumentError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
     auto = isinstance(p, str)
     if auto and p != "auto":
-        raise ValueError(f"p must be a fraction in [0, 1] or 'auto', got {p!r}")
+        raise ArgumentError(f"p must be a fraction in [0, 1] or 'auto', got {p!r}")
     if not auto:
         p = validate_fraction(p)
     elif inplace:
-        raise ValueError("inplace=True needs a fixed p: p='auto' builds one pruned copy per candidate")
+        raise ArgumentError("inplace=True needs a fixed p: p='auto' builds one pruned copy per candidate")
     get_adapter(model)  # fail early on an unsupported architecture
     data = as_task_data(data)
     if val_data is not None:
         val_data = as_task_data(val_data)
     elif auto:
         data, val_data = data.split(1.0 - val_fraction, seed=seed)
+    tried = sorted({validate_fraction(c, "candidate p") for c in candidates}) if auto else [p]
+    test_data = None if test_data is None else as_task_data(test_data)
+    for part in (data, val_data, test_data):
+        if part is not None:
+            check_fits_model(part, model)
 
+    size_before = count_parameters(model)  # before an inplace prune changes it
     started = time.perf_counter()
     attribution = attribute(model, data, components, pairs, batch_size, backend=backend, progress_bar=progress_bar)
     timings = {"score": time.perf_counter() - started, **attribution.timings}
     scores = attribution.scores
 
-    tried = sorted({validate_fraction(c, "candidate p") for c in candidates}) if auto else [p]
-    test_data = None if test_data is None else as_task_data(test_data)
     started = time.perf_counter()
     baseline = _maybe_evaluate(model, val_data, batch_size, progress_bar and "evaluate base model")
     baseline_test = _maybe_evaluate(model, test_data, batch_size, progress_bar and "test base model")
@@ -173,7 +186,8 @@ def prune(
     assert best is not None
     pruned, frozen, chosen = best
     report = PruneReport(
-        chosen.p, tuple(dict.fromkeys(components)), pairs, attribution.calib_len, baseline, results, baseline_test, timings
+        chosen.p, tuple(dict.fromkeys(components)), pairs, attribution.calib_len, baseline, results, baseline_test, timings,
+        size_before, count_parameters(pruned),
     )
     return PruneResult(pruned, scores, frozen, report, tokenizer)
 

@@ -1,4 +1,4 @@
-"""Attribution scores of every rank-one term (SPEC §2), streamed in two passes.
+"""Attribution scores of every rank-one term (docs/MATH.md §2), streamed in two passes.
 
 Pass 1 (forward only, stops after the highest selected layer) reduces, per
 token position, the max/min of every U-projection and the sum of each site's

@@ -1,11 +1,15 @@
 """Saving and loading pruned models: safetensors + JSON, never pickle.
 
-A saved directory holds the HF ``config.json``, ``model.safetensors`` (the
-whole state dict), ``eigenfast.json`` (which modules eigenfast replaced, with
-their shapes, plus the run's report) and optionally ``extras.safetensors``
-(scores, masks) and the tokenizer. Loading rebuilds the HF model from its
+A saved directory holds ``model.safetensors`` (the whole state dict),
+``eigenfast.json`` (the HF config, which modules eigenfast replaced with their
+shapes, the run's report, and the size of every file the save wrote),
+optionally ``extras.safetensors`` (scores, masks) and the tokenizer, and a
+``config.json`` + ``modeling_eigenfast.py`` pair that makes transformers either
+load the folder through eigenfast (``trust_remote_code=True``) or refuse it
+(see :mod:`eigenfast.hub_module`); a plain ``from_pretrained`` never loads
+these weights into an unmodified model. Loading rebuilds the HF model from its
 config, puts the recorded eigenfast modules back in, then loads the weights
-strictly, so a mismatched or damaged directory fails loudly.
+strictly, so a mismatched, truncated or damaged directory fails loudly.
 """
 from __future__ import annotations
 
@@ -23,18 +27,42 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .adapters import get_adapter
+from .errors import OutputExistsError, SavedModelError
 from .modules import ATTRIBUTES, MODULE_KINDS, replace_module, set_attributes
 from .positional import install
 
 FORMAT = "eigenfast"
-VERSION = 2  # 2: positions are arguments of the forward; RemovedAttention lost its cache_argument
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 kept the HF config in config.json
 SPEC_FILE = "eigenfast.json"
 WEIGHTS_FILE = "model.safetensors"
 EXTRAS_FILE = "extras.safetensors"
+CONFIG_FILE = "config.json"
+HUB_MODULE_FILE = "modeling_eigenfast.py"
+VERSION_1_FILES = (CONFIG_FILE, WEIGHTS_FILE, EXTRAS_FILE, SPEC_FILE)
+
+__all__ = ["SavedModelError", "load", "load_extras", "read_spec", "save_model"]
 
 
-class SavedModelError(RuntimeError):
-    """A saved eigenfast directory that is missing, damaged, or does not match its spec."""
+def check_writable_directory(directory: str | Path) -> Path:
+    """Refuse, before any work, an output path that is a file or that cannot be created or written."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OutputExistsError(f"{directory} is a file; choose a directory to save into")
+    existing = next((p for p in [directory, *directory.parents] if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"cannot write to {existing or directory}; choose a directory you can write to")
+    return directory
+
+
+def check_output_directory(directory: str | Path) -> Path:
+    """Refuse, before any work, a directory that a save could not write or that holds someone else's files."""
+    directory = check_writable_directory(directory)
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / SPEC_FILE).is_file():
+        raise OutputExistsError(
+            f"{directory} exists, is not empty and is not an eigenfast save; choose a new or empty directory"
+        )
+    return directory
 
 
 def save_model(
@@ -46,48 +74,110 @@ def save_model(
     tensors: dict[str, torch.Tensor] | None = None,
     tokenizer: Any = None,
 ) -> Path:
-    """Write everything to a temporary sibling, then move it into place: never half-written."""
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not (directory / SPEC_FILE).is_file():
-        raise FileExistsError(
-            f"{directory} exists, is not empty and is not an eigenfast save; choose a new or empty directory"
-        )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    """Write a save into ``directory``, replacing only the files of an earlier eigenfast save there.
+
+    Everything is first written to a staging folder beside ``directory``; then each
+    file is moved into place with an atomic rename, the files it replaces being kept
+    aside until every rename succeeded (and put back if one fails). Files eigenfast
+    did not write are never touched.
+    """
+    directory = check_output_directory(directory)
+    previous = _files_of_previous_save(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging.", dir=directory.parent))
     try:
-        model.config.to_json_file(staging / "config.json")
-        save_state(model, str(staging / WEIGHTS_FILE))
-        if tensors:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / EXTRAS_FILE))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        spec = {
-            "format": FORMAT,
-            "version": VERSION,
-            "kind": kind,
-            "model_type": model.config.model_type,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "attn_implementation": getattr(model.config, "_attn_implementation", None),
-            "modules": [
-                {"path": path, "kind": module.kind, "spec": module.spec()}
-                for path, module in model.named_modules()
-                if type(module) in MODULE_KINDS.values()
-            ],
-            "attributes": {
-                path: getattr(module, ATTRIBUTES)
-                for path, module in model.named_modules()
-                if hasattr(module, ATTRIBUTES)
-            },
-            "report": report or {},
-        }
-        (staging / SPEC_FILE).write_text(json.dumps(spec, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
+        _write_save(staging, model, kind, report, tensors, tokenizer)
+        _move_into_place(staging, directory, previous)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
+
+
+def _write_save(
+    staging: Path, model: nn.Module, kind: str, report: dict[str, Any] | None,
+    tensors: dict[str, torch.Tensor] | None, tokenizer: Any,
+) -> None:
+    save_state(model, str(staging / WEIGHTS_FILE))
+    if tensors:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / EXTRAS_FILE))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+        # The tokenizer writes its own copy of the model config on some versions; ours wins.
+        (staging / CONFIG_FILE).unlink(missing_ok=True)
+    shutil.copyfile(Path(__file__).with_name("hub_module.py"), staging / HUB_MODULE_FILE)
+    stub = {
+        "model_type": "eigenfast",
+        "base_model_type": model.config.model_type,
+        "auto_map": {
+            "AutoConfig": "modeling_eigenfast.EigenfastConfig",
+            "AutoModelForCausalLM": "modeling_eigenfast.EigenfastForCausalLM",
+        },
+        "note": "saved by eigenfast: load with eigenfast.load(folder), or "
+        "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) with eigenfast installed",
+    }
+    (staging / CONFIG_FILE).write_text(json.dumps(stub, indent=2))
+    files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
+    files[SPEC_FILE] = None  # written last, its own size is not recorded
+    spec = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "model_type": model.config.model_type,
+        "config": model.config.to_dict(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "files": files,
+        "modules": [
+            {"path": path, "kind": module.kind, "spec": module.spec()}
+            for path, module in model.named_modules()
+            if type(module) in MODULE_KINDS.values()
+        ],
+        "attributes": {
+            path: getattr(module, ATTRIBUTES) for path, module in model.named_modules() if hasattr(module, ATTRIBUTES)
+        },
+        "report": report or {},
+    }
+    (staging / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+
+
+def _files_of_previous_save(directory: Path) -> set[str]:
+    """The files an earlier eigenfast save wrote in ``directory`` (only those may be replaced or removed)."""
+    if not (directory / SPEC_FILE).is_file():
+        return set()
+    try:
+        spec = json.loads((directory / SPEC_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return {SPEC_FILE}
+    files = spec.get("files") if isinstance(spec, dict) else None
+    if isinstance(files, dict):
+        return {name for name in files if isinstance(name, str) and "/" not in name and name not in ("", ".", "..")}
+    return set(VERSION_1_FILES)
+
+
+def _move_into_place(staging: Path, directory: Path, previous: set[str]) -> None:
+    # eigenfast.json goes last: until it is in place, the old spec (with the old sizes) names the save,
+    # so an interrupted replacement is refused on load instead of loading a mix.
+    names = sorted((p.name for p in staging.iterdir()), key=lambda name: name == SPEC_FILE)
+    backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.previous.", dir=directory.parent))
+    moved: list[str] = []
+    try:
+        for name in names:
+            if (directory / name).exists():
+                os.replace(directory / name, backup / name)
+            moved.append(name)
+            os.replace(staging / name, directory / name)
+    except BaseException:
+        for name in reversed(moved):
+            if (backup / name).exists():
+                os.replace(backup / name, directory / name)
+            else:
+                (directory / name).unlink(missing_ok=True)
+        shutil.rmtree(backup, ignore_errors=True)
+        raise
+    for name in previous - set(names):
+        if (directory / name).is_file():
+            (directory / name).unlink()
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def read_spec(directory: str | Path) -> dict[str, Any]:
@@ -103,12 +193,42 @@ def read_spec(directory: str | Path) -> dict[str, Any]:
         raise SavedModelError(f"{path} is corrupted ({err}); save the model again") from None
     if not isinstance(spec, dict) or spec.get("format") != FORMAT or not isinstance(spec.get("modules"), list):
         raise SavedModelError(f"{path} is not an eigenfast spec; save the model again")
-    if spec.get("version") != VERSION:
+    if spec.get("version") not in READABLE_VERSIONS:
         raise SavedModelError(
-            f"{path} has format version {spec.get('version')}, this eigenfast reads version {VERSION}; "
-            "save it again with this version"
+            f"{path} has format version {spec.get('version')}, this eigenfast reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; save it again with this version"
         )
     return spec
+
+
+def _check_size(directory: Path, spec: dict[str, Any], name: str) -> None:
+    """A file shorter or longer than the save wrote it: truncated copy, or a file from another save."""
+    expected = (spec.get("files") or {}).get(name)
+    if expected is None:
+        return
+    actual = (directory / name).stat().st_size
+    if actual != expected:
+        raise SavedModelError(
+            f"{directory / name} is {actual} bytes but the save wrote {expected}: it is truncated or comes "
+            "from another save; copy the folder again or save the model again"
+        )
+
+
+def _base_config(directory: Path, spec: dict[str, Any]) -> Any:
+    if spec["version"] == 1:
+        try:
+            return AutoConfig.from_pretrained(directory)
+        except (OSError, ValueError) as err:
+            raise SavedModelError(f"{directory}/{CONFIG_FILE} cannot be read ({err}); save the model again") from None
+    values = spec.get("config")
+    if not isinstance(values, dict) or values.get("model_type") != spec.get("model_type"):
+        raise SavedModelError(f"{directory / SPEC_FILE} holds no config of model type {spec.get('model_type')!r}; "
+                              "save the model again")
+    values = dict(values)
+    try:
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    except (KeyError, TypeError, ValueError) as err:
+        raise SavedModelError(f"the config in {directory / SPEC_FILE} cannot be used ({err}); save the model again") from None
 
 
 def load(directory: str | Path) -> nn.Module:
@@ -118,10 +238,8 @@ def load(directory: str | Path) -> nn.Module:
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise SavedModelError(f"{directory} has no {WEIGHTS_FILE}; the save is incomplete, save the model again")
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError) as err:
-        raise SavedModelError(f"{directory}/config.json cannot be read ({err}); save the model again") from None
+    _check_size(directory, spec, WEIGHTS_FILE)
+    config = _base_config(directory, spec)
     if config.model_type != spec.get("model_type"):
         raise SavedModelError(
             f"config.json says model type {config.model_type!r} but {SPEC_FILE} says {spec.get('model_type')!r}: "
@@ -158,5 +276,12 @@ def load(directory: str | Path) -> nn.Module:
 
 def load_extras(directory: str | Path) -> dict[str, torch.Tensor]:
     """The tensors saved beside the model (scores, frozen masks...), or {} if none."""
-    path = Path(directory) / EXTRAS_FILE
-    return load_file(str(path)) if path.is_file() else {}
+    directory = Path(directory)
+    path = directory / EXTRAS_FILE
+    if not path.is_file():
+        return {}
+    _check_size(directory, read_spec(directory), EXTRAS_FILE)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise SavedModelError(f"{path} is corrupted ({str(err)[:300]}); save the model again") from None

@@ -1,4 +1,4 @@
-"""Pass 1 of the attribution statistics: per-position extrema of P = X · U (SPEC §2, §5).
+"""Pass 1 of the attribution statistics: per-position extrema of P = X · U (docs/MATH.md §2, §5).
 
 Each program owns a (rows block, head, rank block) tile: it computes the P tile on chip
 with an fp32 accumulator and folds it into ``pmax``/``pmin`` (T, H, r) with fp32

@@ -1,4 +1,4 @@
-"""Pass 2 of the attribution statistics: out[h, i] = max_row s (Q - P) G (SPEC §2, §5).
+"""Pass 2 of the attribution statistics: out[h, i] = max_row s (Q - P) G (docs/MATH.md §2, §5).
 
 Each program owns a (rows block, head, rank block) tile. It computes on chip
 P = X · U[h] (d_in loop) and G = Grad · V[h]^T (d_out loop) with fp32 accumulators,

@@ -6,11 +6,14 @@ import json
 import pytest
 import torch
 
+import eigenfast
 from eigenfast.builtin.tokenizer import build_tokenizer
 from eigenfast.data import (
     DataError,
     TaskData,
     as_task_data,
+    check_fits_model,
+    check_task,
     from_jsonl,
     from_pairs,
     int_mult,
@@ -111,3 +114,67 @@ def test_jsonl_loader(tmp_path, tok):
         from_jsonl(path, tok)
     with pytest.raises(DataError, match="unknown task"):
         load_task("int_div", tok)
+
+
+def test_targets_that_tokenize_to_the_unknown_token_are_refused(tok):
+    with pytest.raises(DataError, match=r"target ' apple' .* unknown token '<unk>'"):
+        from_pairs(["1 + 0 ="], [" apple"], tok)
+
+
+def test_task_names_are_checked_without_a_tokenizer(tmp_path):
+    check_task("int_sum")
+    (tmp_path / "t.jsonl").write_text("")
+    check_task(str(tmp_path / "t.jsonl"))
+    with pytest.raises(DataError, match="no such data file"):
+        check_task(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match="unknown task"):
+        check_task("int_div")
+
+
+def _tiny_model():
+    from conftest import make_model
+
+    return make_model("gpt2")  # vocabulary of 40, pad token id 0
+
+
+@pytest.mark.parametrize("field, message", [("input_ids", "an input id is 40"), ("labels", "a label is 45")])
+def test_ids_outside_the_vocabulary_are_refused_before_any_work(field, message):
+    from conftest import VOCAB, make_data
+
+    data = make_data()
+    if field == "input_ids":
+        data.input_ids[3, 2] = VOCAB
+    else:
+        data.labels[1] = VOCAB + 5
+    model = _tiny_model()
+    with pytest.raises(DataError, match=f"{message}, outside the model's vocabulary of 40 tokens"):
+        check_fits_model(data, model)
+    with pytest.raises(DataError, match="outside the model's vocabulary"):
+        eigenfast.prune(model, data, p=0.1, progress_bar=False)
+    with pytest.raises(DataError, match="outside the model's vocabulary"):
+        eigenfast.extract_circuit(model, data, data, threshold=0.1, progress=False, latency_repeats=0)
+
+
+def test_left_padding_without_a_mask_is_refused():
+    from conftest import make_data
+
+    padded = make_data(padded=True)
+    model = _tiny_model()
+    check_fits_model(padded, model)  # with its mask: fine
+    unmasked = {"input_ids": padded.input_ids, "labels": padded.labels}
+    with pytest.raises(DataError, match="start with the pad token id 0 but the data has no attention_mask"):
+        eigenfast.prune(model, unmasked, p=0.1, progress_bar=False)
+
+
+@pytest.mark.parametrize("threshold", [-0.1, float("nan"), float("inf")])
+def test_bad_thresholds_are_refused_before_any_work(threshold):
+    from conftest import make_data
+
+    data = make_data()
+    with pytest.raises(eigenfast.ArgumentError, match="threshold must be a finite number >= 0"):
+        eigenfast.extract_circuit(_tiny_model(), data, data, threshold=threshold, progress=False)
+
+
+def test_a_target_that_tokenizes_to_nothing_names_the_likely_cause(tok):
+    with pytest.raises(DataError, match="tokenizes to nothing.*tokenizer files"):
+        from_pairs(["1 + 0 ="], [""], tok)

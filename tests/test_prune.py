@@ -264,3 +264,16 @@ def test_prune_then_prune_follows_the_freezing_rule(config_name, second_length):
             old = before.bias.double() if before.bias is not None else torch.zeros(A.shape[1]).double()
         torch.testing.assert_close(after.rows.double()[: x_mean.shape[0]], old + x_mean @ delta, rtol=0, atol=1e-5)
     assert_equals_hook_based_frozen_forward(first.model, second, data)
+
+
+def test_report_sizes_count_the_bias_tables_the_forward_reads():
+    model = make_model("llama")
+    result = eigenfast.prune(model, make_data(), p=0.2, components=("k", "mlp_in"), progress_bar=False)
+    before, after = result.report.size_before, result.report.size_after
+    n = lambda tensors: sum(t.numel() for t in tensors)  # noqa: E731
+    assert (before.parameters, before.buffers) == (n(model.parameters()), n(model.buffers()))
+    assert (after.parameters, after.buffers) == (n(result.model.parameters()), n(result.model.buffers()))
+    tables = n(m.table for m in result.model.modules() if hasattr(m, "table"))
+    assert tables > 0 and after.buffers == before.buffers + tables
+    assert after.bytes == 4 * after.total  # float32 everywhere
+    assert "size after" in result.report.table() and result.report.as_dict()["size_after"]["buffers"] == after.buffers

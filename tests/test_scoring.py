@@ -103,10 +103,22 @@ def test_scores_do_not_depend_on_batch_size(family):
 
 def test_singular_values_are_ordered_and_heads_follow_gqa():
     model = make_model("mistral")  # one KV head for four query heads
-    scores = eigenfast.score(model, make_data(), components=("q", "k", "v"))
+    attribution = eigenfast.scoring.attribute(model, make_data(), components=("q", "k", "v"), progress_bar=False)
+    scores = attribution.scores
     assert scores[(0, "q")].shape == (4, 8)
     assert scores[(0, "k")].shape == (1, 8)
     assert scores[(1, "v")].shape == (1, 8)
+    attention = model.model.layers[0].self_attn
+    for (layer, component), stats in attribution.stats.items():
+        s = stats.factors.s
+        assert s.shape == scores[(layer, component)].shape
+        assert bool((s[:, 1:] <= s[:, :-1]).all()), f"{component}: singular values not descending"
+    # Score i belongs to the i-th largest singular value of that head's own slice of the weight.
+    for component, heads in (("q", 4), ("k", 1)):
+        weight = getattr(attention, f"{component}_proj").weight.detach().double()  # (heads * 8, d_model) = Aᵀ
+        for head in range(heads):
+            expected = torch.linalg.svdvals(weight[head * 8 : (head + 1) * 8].T)
+            torch.testing.assert_close(attribution.stats[(0, component)].factors.s[head], expected)
 
 
 def test_score_leaves_model_untouched(family):

@@ -1,4 +1,4 @@
-"""eigenfast::token_bias_linear / token_bias_add against plain PyTorch (SPEC §5).
+"""eigenfast::token_bias_linear / token_bias_add against plain PyTorch (docs/MATH.md §5).
 
 The tests use whichever kernels `import eigenfast.ops` picked (the compiled extension
 when built); the fallback is exercised in a subprocess with the extension disabled.

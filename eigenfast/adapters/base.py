@@ -17,14 +17,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..projection import project
+from ..errors import UnsupportedModelError
 
 COMPONENTS = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
 HEAD_OUTPUT_COMPONENTS = ("q", "k", "v")  # each head owns some output columns
 HEAD_INPUT_COMPONENTS = ("o",)  # each head owns some input rows
-
-
-class UnsupportedModelError(ValueError):
-    """The model's architecture has no adapter."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..errors import MissingFilesError, ModelLoadError
+from ..splits import TRAINING_ATTRIBUTE, read_training_record
+
 BUILTIN_MODELS: dict[str, str] = {
     "int_sum_gpt2": "4-layer GPT-2 (d_model 128) trained on the int_sum train split; "
     "stopped early at about 54% test accuracy so pruning has room to help",
@@ -21,10 +24,10 @@ _HERE = Path(__file__).resolve().parent
 def builtin_path(name: str = "int_sum_gpt2") -> Path:
     """The folder of a shipped model."""
     if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(sorted(BUILTIN_MODELS))}")
+        raise ModelLoadError(f"unknown built-in model {name!r}; available: {', '.join(sorted(BUILTIN_MODELS))}")
     path = _HERE / name
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFilesError(
             f"built-in model {name!r} is missing its files at {path}; "
             f"rebuild it with: python -m eigenfast.builtin.train --out {path}"
         )
@@ -39,4 +42,6 @@ def load_builtin(name: str = "int_sum_gpt2") -> tuple[PreTrainedModel, PreTraine
         path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
     )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # Kept on the config so that pruned and extracted saves still say which examples it trained on.
+    setattr(model.config, TRAINING_ATTRIBUTE, read_training_record(path).as_dict())
     return model.eval(), tokenizer

@@ -1,4 +1,4 @@
-"""Circuit extraction (SPEC §3): find the heads and MLPs a task needs, then cut the rest out."""
+"""Circuit extraction (docs/MATH.md §4): find the heads and MLPs a task needs, then cut the rest out."""
 from .ablation import ABLATIONS, Ablation, ablated
 from .discovery import Component, Discovery, Step, discover
 from .means import ComponentMeans, component_means
@@ -15,7 +15,7 @@ __all__ = [
     "discover",
 ]
 
-# Physical removal and the extraction pipeline (SPEC §3, "truly pruning").
+# Physical removal and the extraction pipeline (docs/MATH.md §4, "truly pruning").
 from .extract import CircuitResult, extract_circuit  # noqa: E402
 from .removal import remove_components  # noqa: E402
 from .report import CircuitReport  # noqa: E402

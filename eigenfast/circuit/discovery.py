@@ -1,4 +1,4 @@
-"""Greedy circuit discovery (SPEC §3, Algorithm 1 of the circuit-extraction paper), fast and exact.
+"""Greedy circuit discovery (docs/MATH.md §4, Algorithm 1 of the circuit-extraction paper), fast and exact.
 
 Algorithm 1 visits components from the last layer down; each is ablated on top
 of everything pruned so far and stays pruned if KL(f‖g) grows by less than α.

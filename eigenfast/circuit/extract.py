@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,14 +12,16 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
-from ..data import TaskData, as_task_data
+from ..data import TaskData, as_task_data, check_fits_model
+from ..errors import ArgumentError
 from ..forward import evaluate
 from ..modules import EXTRAPOLATE
+from ..sizes import count_parameters
 from .ablation import check_components
 from .discovery import Step, discover
 from .removal import remove_components
 from .report import (
-    LATENCY_BATCHES, CircuitReport, HeadRates, Latency, count_parameters, latency_batch, median_latency,
+    LATENCY_BATCHES, CircuitReport, HeadRates, Latency, latency_batch, median_latency,
 )
 
 
@@ -63,7 +66,7 @@ def extract_circuit(
     tokenizer: Any = None,
     latency_repeats: int = 5,
 ) -> CircuitResult:
-    """Extract the circuit of the task in ``val_data`` (SPEC §3).
+    """Extract the circuit of the task in ``val_data`` (docs/MATH.md §4).
 
     Heads (and, with ``include_mlps``, MLPs) whose ablation raises KL(f‖g) on
     ``val_data`` by less than ``threshold`` are removed, walking from the last
@@ -73,14 +76,22 @@ def extract_circuit(
     the report's latencies are medians of ``latency_repeats`` forwards (0: not measured).
     """
     if extrapolate not in EXTRAPOLATE:
-        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+        raise ArgumentError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+    if not math.isfinite(threshold) or threshold < 0:
+        raise ArgumentError(
+            f"threshold must be a finite number >= 0 (the KL increase a component must cause to stay), got {threshold}"
+        )
     if latency_repeats < 0:
-        raise ValueError(f"latency_repeats must be >= 0 (0 skips the latency measurement), got {latency_repeats}")
+        raise ArgumentError(f"latency_repeats must be >= 0 (0 skips the latency measurement), got {latency_repeats}")
     adapter = get_adapter(model)
     truth = None if ground_truth is None else check_components(adapter, ground_truth, ()).heads
     val = as_task_data(val_data)
+    patch = None if patch_data is None else as_task_data(patch_data)
+    for part in (patch, val):
+        if part is not None:
+            check_fits_model(part, model)
 
-    discovery = discover(model, patch_data, val, threshold, ablation, include_mlps, batch_size, progress, extrapolate)
+    discovery = discover(model, patch, val, threshold, ablation, include_mlps, batch_size, progress, extrapolate)
     timings = {f"discover.{name}": seconds for name, seconds in discovery.timings.items()}
     params_before = count_parameters(model)
     before = evaluate(model, val, batch_size, desc="evaluate the model" if progress else None)

@@ -1,6 +1,6 @@
 """Mean contributions of every head and MLP to the residual stream, per token position.
 
-Mean ablation (SPEC §3) replaces a component's output by its mean over the
+Mean ablation (docs/MATH.md §4) replaces a component's output by its mean over the
 patching set D_a at the same true position. A head's output is its slice of
 the attention output projection, ``z_h W_O^h`` (the projection's bias belongs
 to no head and stays). That is linear in ``z_h``, so the mean contribution is

@@ -1,4 +1,4 @@
-"""Physical removal of pruned heads and MLPs: "truly pruning" (SPEC §3, paper appendix C).
+"""Physical removal of pruned heads and MLPs: "truly pruning" (docs/MATH.md §4, paper appendix C).
 
 A head's contribution to the residual stream is ``z_h W_O^h``, so removing it means
 dropping its Q/K/V output columns and its rows of O. Under mean ablation its mean
@@ -173,7 +173,7 @@ def remove_components(
     ablation: str = "mean",
     extrapolate: str = "mean",
 ) -> None:
-    """Remove heads (per layer) and MLPs from an unpruned ``model`` in place (SPEC §3).
+    """Remove heads (per layer) and MLPs from an unpruned ``model`` in place (docs/MATH.md §4).
 
     ``means`` (from :func:`eigenfast.circuit.means.component_means`) is needed for mean
     ablation only; positions past its calibration length follow ``extrapolate``. The

@@ -12,27 +12,10 @@ from torch import nn
 from ..adapters import get_adapter
 from ..data import TaskData
 from ..forward import Evaluation, last_logits
+from ..sizes import ParameterCount, count_parameters  # noqa: F401  (count_parameters: benches import it from here)
 from .synthetic import head_rates
 
 LATENCY_BATCHES = (1, 32)
-
-
-@dataclass
-class ParameterCount:
-    total: int
-    non_embedding: int  # without token/position embeddings and the LM head: what extraction can remove
-
-    def as_dict(self) -> dict[str, int]:
-        return {"total": self.total, "non_embedding": self.non_embedding}
-
-
-def count_parameters(model: nn.Module) -> ParameterCount:
-    """Parameters (tied ones once), and the same without embeddings and the unembedding."""
-    params = {id(p): p.numel() for p in model.parameters()}
-    tables = [m for m in model.modules() if isinstance(m, nn.Embedding)] + [model.get_output_embeddings()]
-    embedding = {id(p) for m in tables if m is not None for p in m.parameters()}
-    total = sum(params.values())
-    return ParameterCount(total, total - sum(n for key, n in params.items() if key in embedding))
 
 
 @dataclass
@@ -118,16 +101,15 @@ class CircuitReport:
     timings: dict[str, float] = field(default_factory=dict)
 
     def table(self) -> str:
-        size = lambda p: f"{p.total:,} ({p.non_embedding:,} non-embedding)"  # noqa: E731
         kept_non_embedding = self.params_after.non_embedding / self.params_before.non_embedding
         lines = [
             f"circuit extraction: threshold={self.threshold:g}, {self.ablation} ablation, "
             f"MLPs {'pruned too' if self.include_mlps else 'kept'}",
             f"  heads kept   {len(self.heads)}/{self.n_heads_total}: {_heads_by_layer(self.heads)}",
             f"  MLPs kept    {len(self.mlps)}/{self.n_layers}: {self.mlps}",
-            f"  parameters   {size(self.params_before)} -> {size(self.params_after)}; "
-            f"{1 - kept_non_embedding:.1%} of non-embedding removed",
-            f"  accuracy     {self.before.accuracy:.2%} -> {self.after.accuracy:.2%} (validation, n={self.after.n})",
+            f"  size before  {self.params_before.describe()}",
+            f"  size after   {self.params_after.describe()}; {1 - kept_non_embedding:.1%} of non-embedding removed",
+            f"  accuracy     {self.before.accuracy:.2%} -> {self.after.accuracy:.2%} (on D_v, n={self.after.n})",
             f"  KL(f||g)     {self.kl:.4g}",
         ]
         for lat in self.latency:

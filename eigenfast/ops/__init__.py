@@ -1,4 +1,4 @@
-"""eigenfast's custom operators (SPEC §5).
+"""eigenfast's custom operators (docs/MATH.md §5).
 
 Importing this package registers them as ``torch.ops.eigenfast.*``, served by the
 compiled extension ``eigenfast._C`` or, when it is not built, by a PyTorch fallback.

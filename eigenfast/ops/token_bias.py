@@ -1,6 +1,6 @@
 """The token-bias operators ``eigenfast::token_bias_linear`` and ``eigenfast::token_bias_add``.
 
-A frozen projection keeps a bias per token position (SPEC §2), so its forward is
+A frozen projection keeps a bias per token position (docs/MATH.md §3), so its forward is
 ``x @ weight.T + bias_table[pos]``; a removed component becomes ``y + bias_table[pos]``.
 The kernels live in the C++/CUDA extension ``eigenfast._C``. When it is not built, or
 ``EIGENFAST_DISABLE_EXTENSION=1`` is set, the same operators are defined here in plain
@@ -176,7 +176,7 @@ def _table_grad(grad: Tensor, pos: Tensor, table_rows: int) -> Tensor:
 def _linear_setup(ctx, inputs: tuple, output: Tensor) -> None:
     x, weight, bias_table, pos = inputs
     # Keep activations alive only for a weight gradient: scoring backpropagates to
-    # activations alone (SPEC §2) and should not hold every layer's input.
+    # activations alone (docs/MATH.md §2) and should not hold every layer's input.
     ctx.save_for_backward(x if weight.requires_grad else None, weight if x.requires_grad else None, pos)
     ctx.table_rows = bias_table.shape[0]
 

@@ -1,0 +1,93 @@
+"""Argument types and options shared by the commands; a bad value is a usage error (exit status 2)."""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable, TypeVar
+
+from ..adapters import COMPONENTS
+from ..splits import Part
+
+MODEL_HELP = "built-in model name (int_sum_gpt2), eigenfast save, or Hugging Face model folder with its tokenizer"
+T = TypeVar("T")
+TASK_HELP = "int_sum, int_mult, or a .jsonl file of {\"prompt\": ..., \"target\": ...} lines"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default, except for required options, which have none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
+
+
+def p_or_auto(text: str) -> "float | str":
+    if text == "auto":
+        return text
+    try:
+        return fraction(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"--p must be a number in [0, 1] or 'auto', got {text!r}") from None
+
+
+def comma_list(item: Callable[[str], T]) -> Callable[[str], tuple[T, ...]]:
+    """A type for ``A,B,...``: each item parsed by ``item``; at least one."""
+
+    def parse(text: str) -> tuple[T, ...]:
+        values = tuple(item(part.strip()) for part in text.split(",") if part.strip())
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return values
+
+    parse.__name__ = f"list of {getattr(item, '__name__', 'values')}"
+    return parse
+
+
+def component(text: str) -> str:
+    if text not in COMPONENTS:
+        raise argparse.ArgumentTypeError(f"unknown component {text!r}; choose from {', '.join(COMPONENTS)}")
+    return text
+
+
+def add_model_options(parser: argparse.ArgumentParser, model_default: str | None = None, batch_size: int = 256) -> None:
+    parser.add_argument("--model", default=model_default, required=model_default is None, help=MODEL_HELP)
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="examples per forward pass")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random splits and draws")
+
+
+def print_parts(*parts: Part) -> None:
+    """Say where every number printed after this comes from."""
+    print("data (every number below names one of these):")
+    for part in parts:
+        print(f"  {part.describe()}")

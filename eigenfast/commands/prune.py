@@ -1,0 +1,63 @@
+"""Eigenprune a model for a task and save it.
+
+Scores every selected matrix on the train part of the task, chooses p on the val part
+(with --p auto), reports accuracy on the test part, and saves the pruned model.
+For a model that records its training (the built-in one does), train is exactly what it
+was trained on, and val and test are halves of the examples it never saw.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..data import check_task, load_task
+from ..loading import check_model_name, load_model
+from ..modules import EXTRAPOLATE
+from ..prune import DEFAULT_CANDIDATES, prune
+from ..serialization import check_output_directory
+from ..splits import task_parts
+from .arguments import (
+    TASK_HELP, add_model_options, comma_list, component, fraction, p_or_auto, print_parts,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_options(parser)
+    parser.add_argument("--task", required=True, help=TASK_HELP)
+    parser.add_argument("--p", type=p_or_auto, default="auto",
+                        help="fraction of each component type's singular values to freeze, or 'auto' to try --candidates")
+    parser.add_argument("--components", type=comma_list(component), default="k",
+                        help="comma-separated components to prune, e.g. k,q,mlp_in")
+    parser.add_argument("--pairs", choices=("all", "shift"), default="all",
+                        help="partners of each example in the score: every example, or the previous one in the batch")
+    parser.add_argument("--extrapolate", choices=EXTRAPOLATE, default="mean",
+                        help="what the position-indexed biases do past the scoring data's length")
+    parser.add_argument("--candidates", type=comma_list(fraction), default=",".join(map(str, DEFAULT_CANDIDATES)),
+                        help="p values tried by --p auto")
+    parser.add_argument("--out", required=True, help="folder to save the pruned model in (new, empty, or an earlier save)")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_model_name(args.model)
+    check_task(args.task)
+    check_output_directory(args.out)
+    loaded = load_model(args.model)
+    parts = task_parts(args.task, load_task(args.task, loaded.tokenizer), loaded.training, args.seed)
+    print_parts(parts["train"], parts["val"], parts["test"])
+    result = prune(
+        loaded.model,
+        parts["train"].data,
+        p=args.p,
+        components=args.components,
+        pairs=args.pairs,
+        batch_size=args.batch_size,
+        extrapolate=args.extrapolate,
+        candidates=args.candidates,
+        val_data=parts["val"].data,
+        test_data=parts["test"].data,
+        seed=args.seed,
+        tokenizer=loaded.tokenizer,
+    )
+    print(result.report.table())
+    out = result.save(args.out)
+    print(f"saved the pruned model (p={result.report.p:g}) to {out}")
+    return 0

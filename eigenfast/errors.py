@@ -1,0 +1,42 @@
+"""Every error eigenfast raises on purpose: catch ``EigenfastError`` to catch them all.
+
+Each class also keeps the builtin base it had before the common base existed
+(``DataError`` is still a ``ValueError``...), so older ``except`` clauses still work.
+"""
+from __future__ import annotations
+
+
+class EigenfastError(Exception):
+    """Base of every error eigenfast raises for bad input, files or models; the message names the fix."""
+
+
+class DataError(EigenfastError, ValueError):
+    """Task data that cannot be used (empty, ragged, multi-token targets, ids outside the vocabulary...)."""
+
+
+class SavedModelError(EigenfastError, RuntimeError):
+    """A saved eigenfast directory that is missing, damaged, or does not match its spec."""
+
+
+class UnsupportedModelError(EigenfastError, ValueError):
+    """The model's architecture has no adapter."""
+
+
+class PositionIndexError(EigenfastError, IndexError):
+    """A token position beyond the calibration length under ``extrapolate="error"``."""
+
+
+class ModelLoadError(EigenfastError, ValueError):
+    """A ``--model`` that names no built-in model, eigenfast save or usable HF model folder."""
+
+
+class ArgumentError(EigenfastError, ValueError):
+    """An argument outside its allowed range (a negative threshold, a p above 1, ...)."""
+
+
+class OutputExistsError(EigenfastError, FileExistsError):
+    """An output directory that holds someone else's files, which eigenfast will not write into."""
+
+
+class MissingFilesError(EigenfastError, FileNotFoundError):
+    """Files eigenfast ships or needs (a built-in model's weights, a data file) are not where they should be."""
