@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .circuit.cli import register  # here, not at the top: circuit.cli imports this module
 
     register(sub)
+    # Temporary until the commands/ restructure wires every command the same way.
+    from .commands import table as table_command
+
+    table = sub.add_parser("table", help="the paper-style eigenpruning table on held-out data, into docs/")
+    table_command.add_arguments(table)
+    table.set_defaults(func=table_command.run)
     return parser
 
 
