@@ -39,7 +39,8 @@ class Setting:
 
 def default_settings(model_components: Sequence[str]) -> list[Setting]:
     """k (the paper's best) under every pairing and aggregation, then every other component with the defaults."""
-    settings = [Setting(("k",), pairs, reduce) for pairs in ("shift", "all") for reduce in REDUCES]
+    settings = [Setting(("k",), pairs, reduce) for pairs in ("shift", "all") for reduce in REDUCES
+                if "k" in model_components]
     settings += [Setting((c,)) for c in model_components if c != "k"]
     return settings
 

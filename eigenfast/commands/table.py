@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli import load_model, parse_floats
+from ..cli import load_model, parse_components, parse_floats
 from ..data import TASKS, TaskData, load_task
 from ..table import (
     REDUCES, Setting, default_settings, markdown, plot, prune_supports_reduce, run_table,
@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=_names, default=TABLE_TASKS, help=f"comma-separated, from {TABLE_TASKS}")
     parser.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="seeds of the score/val/test split")
     parser.add_argument("--candidates", type=parse_floats, default=(0.01, 0.05, 0.10, 0.30), help="p values")
-    parser.add_argument("--only-k", action="store_true", help="score key matrices only (skip the other components)")
+    parser.add_argument("--components", type=parse_components, default=None,
+                        help="component types to table, e.g. k,mlp_in (default: every one the model has)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("docs/eigenpruning_table/table.md"),
                         help="Markdown file to write; the .json record and .png plot go beside it")
@@ -60,7 +61,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this table, every protocol choice spelled out."""
     parts = ["eigenfast", "table", "--models", ",".join(args.models), "--tasks", ",".join(args.tasks),
              "--seeds", ",".join(map(str, args.seeds)), "--candidates", ",".join(f"{p:g}" for p in args.candidates)]
-    parts += ["--only-k"] if args.only_k else []
+    parts += ["--components", ",".join(args.components)] if args.components else []
     return " ".join(shlex.quote(p) for p in [*parts, "--out", str(args.out)])
 
 
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         print("note: " + notes[-1])
 
     def settings(components):
-        chosen = default_settings(("k",) if args.only_k else components)
+        chosen = default_settings([c for c in components if not args.components or c in args.components])
         return [s for s in chosen if s.reduce in reduces]
 
     rows = run_table(args.models, args.tasks, load_model, heldout, args.seeds, args.candidates, settings,
