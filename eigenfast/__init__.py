@@ -13,6 +13,7 @@ from .modules import PositionIndexError
 from .prune import PruneResult, prune
 from .scoring import score
 from .serialization import SavedModelError, load
+from .tasks import induction
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "from_jsonl",
     "from_pairs",
     "get_adapter",
+    "induction",
     "int_mult",
     "int_sum",
     "load",
