@@ -19,6 +19,7 @@ from .loading import load_model
 from .prune import PruneResult, prune
 from .scoring import score
 from .serialization import load
+from .tasks import induction
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "from_jsonl",
     "from_pairs",
     "get_adapter",
+    "induction",
     "int_mult",
     "int_sum",
     "load",

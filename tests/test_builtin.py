@@ -85,10 +85,10 @@ def test_shipped_folder_is_small():
     assert size <= MAX_SHIPPED_BYTES, f"{size / 2**20:.1f} MiB"
 
 
-def _start_training(out: Path, steps: int) -> subprocess.Popen:
+def start_training(out: Path, steps: int, module: str = "eigenfast.builtin.train") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen(
-        [sys.executable, "-m", "eigenfast.builtin.train", "--out", str(out), "--steps", str(steps)],
+        [sys.executable, "-m", module, "--out", str(out), "--steps", str(steps)],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -97,7 +97,7 @@ def test_training_is_deterministic(tmp_path):
     # Two separate processes (run side by side, each pinned to one thread): a rerun in the
     # same process could hide state leaking between runs.
     outs = [tmp_path / "a", tmp_path / "b"]
-    runs = [_start_training(out, steps=2) for out in outs]
+    runs = [start_training(out, steps=2) for out in outs]
     for run in runs:
         log, _ = run.communicate(timeout=300)
         assert run.returncode == 0, log

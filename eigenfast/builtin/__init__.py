@@ -6,16 +6,20 @@ its tokenizer and a ``training.json`` written by :mod:`eigenfast.builtin.train`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MissingFilesError, ModelLoadError
 from ..splits import TRAINING_ATTRIBUTE, read_training_record
+from ..data import TaskData
 
 BUILTIN_MODELS: dict[str, str] = {
     "int_sum_gpt2": "4-layer GPT-2 (d_model 128) trained on the int_sum train split; "
     "stopped early at about 54% test accuracy so pruning has room to help",
+    "mix_gpt2": "4-layer GPT-2 (d_model 96) pretrained on a synthetic mix (sums and products in other "
+    "formats, induction over other numbers, filler text); never tuned on the table's task formats",
 }
 
 _HERE = Path(__file__).resolve().parent
@@ -45,3 +49,21 @@ def load_builtin(name: str = "int_sum_gpt2") -> tuple[PreTrainedModel, PreTraine
     # Kept on the config so that pruned and extracted saves still say which examples it trained on.
     setattr(model.config, TRAINING_ATTRIBUTE, read_training_record(path).as_dict())
     return model.eval(), tokenizer
+
+
+def heldout_task(name: str, task: str, tokenizer: Any) -> TaskData:
+    """A task's examples that the built-in model ``name`` never trained on (the pruning table uses only these)."""
+    from eigenfast.data import TASKS
+    from eigenfast.tasks import induction
+
+    if name == "int_sum_gpt2":
+        from .train import int_sum_split
+
+        if task == "int_sum":
+            return int_sum_split(tokenizer)[1]
+        return {**TASKS, "induction": induction}[task](tokenizer)  # it never saw any other task
+    if name == "mix_gpt2":
+        from .train_mix import unseen_task
+
+        return unseen_task(task, tokenizer)
+    raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(sorted(BUILTIN_MODELS))}")

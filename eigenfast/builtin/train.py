@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -51,14 +52,14 @@ def make_deterministic(seed: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
+def build_model(tokenizer: PreTrainedTokenizerFast, architecture: dict[str, Any] = ARCHITECTURE) -> GPT2LMHeadModel:
     config = GPT2Config(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         attn_implementation="eager",
-        **ARCHITECTURE,
+        **architecture,
     )
     return GPT2LMHeadModel(config)
 
@@ -83,16 +84,30 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str, Any]:
-    """Train, save model + tokenizer + ``training.json`` into ``out``; return the record."""
-    make_deterministic(seed)
-    tokenizer = build_tokenizer()
-    train_data, test_data = int_sum_split(tokenizer)
-    model = build_model(tokenizer)
-    model.train()
+@dataclass
+class Fit:
+    """What :func:`fit` did: the step plan and one evaluation row per epoch."""
 
+    steps: int
+    steps_per_epoch: int
+    warmup: int
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+def fit(
+    model: GPT2LMHeadModel,
+    train_data: TaskData,
+    evals: dict[str, TaskData],
+    seed: int,
+    epochs: int,
+    steps: int | None,
+    desc: str,
+) -> Fit:
+    """AdamW on the answer token at the last prompt position; ``evals`` are scored after every epoch."""
+    model.train()
     steps_per_epoch = math.ceil(len(train_data) / BATCH_SIZE)
-    total = steps if steps is not None else EPOCHS * steps_per_epoch
+    total = steps if steps is not None else epochs * steps_per_epoch
     warmup = min(steps_per_epoch, total)
     optimizer = torch.optim.AdamW(model.parameters(), **OPTIMIZER)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total))
@@ -100,7 +115,7 @@ def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str,
 
     history = []
     start = time.perf_counter()
-    bar = tqdm(total=total, desc="int_sum_gpt2", unit="step")
+    bar = tqdm(total=total, desc=desc, unit="step")
     for step, batch in zip(range(1, total + 1), batches):
         logits = model(**batch.model_inputs(), logits_to_keep=1).logits[:, -1]
         loss = F.cross_entropy(logits, batch.labels)
@@ -111,20 +126,40 @@ def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str,
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % steps_per_epoch == 0 or step == total:
-            row = {
-                "step": step,
-                "epoch": round(step / steps_per_epoch, 3),
-                "loss": round(loss.item(), 4),
-                "train_accuracy": evaluate(model, train_data, EVAL_BATCH_SIZE).accuracy,
-                "test_accuracy": evaluate(model, test_data, EVAL_BATCH_SIZE).accuracy,
-            }
+            row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss.item(), 4)}
+            row.update({f"{name}_accuracy": evaluate(model, data, EVAL_BATCH_SIZE).accuracy for name, data in evals.items()})
             history.append(row)
-            tqdm.write(
-                f"epoch {row['epoch']:g}: loss {row['loss']:.3f}  "
-                f"train {row['train_accuracy']:.1%}  test {row['test_accuracy']:.1%}"
-            )
+            tqdm.write(f"epoch {row['epoch']:g}: loss {row['loss']:.3f}  " + "  ".join(
+                f"{name} {row[f'{name}_accuracy']:.1%}" for name in evals
+            ))
     bar.close()
-    seconds = time.perf_counter() - start
+    return Fit(total, steps_per_epoch, warmup, history, time.perf_counter() - start)
+
+
+def hyperparameters(tokenizer: PreTrainedTokenizerFast, architecture: dict[str, Any], run: Fit) -> dict[str, Any]:
+    return {
+        "architecture": architecture,
+        "vocab_size": len(tokenizer),
+        "optimizer": "AdamW",
+        **OPTIMIZER,
+        "batch_size": BATCH_SIZE,
+        "schedule": "linear warm-up then cosine to 0",
+        "warmup_steps": run.warmup,
+        "loss": "cross-entropy on the answer token at the last prompt position",
+    }
+
+
+def versions() -> dict[str, str]:
+    return {"torch_version": torch.__version__, "transformers_version": transformers.__version__}
+
+
+def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str, Any]:
+    """Train, save model + tokenizer + ``training.json`` into ``out``; return the record."""
+    make_deterministic(seed)
+    tokenizer = build_tokenizer()
+    train_data, test_data = int_sum_split(tokenizer)
+    model = build_model(tokenizer)
+    run = fit(model, train_data, {"train": train_data, "test": test_data}, seed, EPOCHS, steps, "int_sum_gpt2")
 
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
@@ -134,24 +169,14 @@ def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str,
         "task": "int_sum",
         "seed": seed,
         "split": {"train_fraction": TRAIN_FRACTION, "seed": SPLIT_SEED, "train": len(train_data), "test": len(test_data)},
-        "steps": total,
-        "steps_per_epoch": steps_per_epoch,
-        "hyperparameters": {
-            "architecture": ARCHITECTURE,
-            "vocab_size": len(tokenizer),
-            "optimizer": "AdamW",
-            **OPTIMIZER,
-            "batch_size": BATCH_SIZE,
-            "schedule": "linear warm-up then cosine to 0",
-            "warmup_steps": warmup,
-            "loss": "cross-entropy on the answer token at the last prompt position",
-        },
-        "final_train_accuracy": history[-1]["train_accuracy"],
-        "final_test_accuracy": history[-1]["test_accuracy"],
-        "history": history,
-        "train_seconds": round(seconds, 1),
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
+        "steps": run.steps,
+        "steps_per_epoch": run.steps_per_epoch,
+        "hyperparameters": hyperparameters(tokenizer, ARCHITECTURE, run),
+        "final_train_accuracy": run.history[-1]["train_accuracy"],
+        "final_test_accuracy": run.history[-1]["test_accuracy"],
+        "history": run.history,
+        "train_seconds": round(run.seconds, 1),
+        **versions(),
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record

@@ -62,4 +62,9 @@ def run_demo(
             f"{report.baseline_test.accuracy:.2%} -> {kept.test.accuracy:.2%} "
             f"(loss {report.baseline_test.loss:.4f} -> {kept.test.loss:.4f}) with p={report.p:g}"
         )
+        if kept.test.accuracy <= report.baseline_test.accuracy:
+            print(
+                "no improvement: eigenpruning did not raise test accuracy here "
+                "(docs/EIGENPRUNING_TABLE.md has every built-in model, task and scoring choice)"
+            )
     return result

@@ -1,0 +1,203 @@
+"""The paper-style eigenpruning table (its Table 2, in kind), under a protocol fixed in advance.
+
+For every (model, task) the examples the model never trained on are split, per
+seed, into three disjoint thirds: *score* (the attribution data), *val* (chooses p)
+and *test* (reported only). Every scoring setting (component set, pairing,
+aggregation) is scored once per seed, each candidate p is frozen and evaluated
+with :func:`eigenfast.evaluate` through :func:`eigenfast.prune`, and the table
+gives test accuracy mean ± standard deviation over the seeds, plus the test
+accuracy at the p that validation chose. Test numbers never choose anything.
+"""
+from __future__ import annotations
+
+import inspect
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from .data import TaskData
+from .prune import DEFAULT_CANDIDATES, prune
+
+REDUCES = ("max", "mean")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way of scoring: which matrices, which partners x', and how ΔL over pairs is reduced."""
+
+    components: tuple[str, ...]
+    pairs: str = "all"
+    reduce: str = "max"
+
+    @property
+    def label(self) -> str:
+        return f"{'+'.join(self.components)} {self.pairs}/{self.reduce}"
+
+
+def default_settings(model_components: Sequence[str]) -> list[Setting]:
+    """k (the paper's best) under every pairing and aggregation, then every other component with the defaults."""
+    settings = [Setting(("k",), pairs, reduce) for pairs in ("shift", "all") for reduce in REDUCES
+                if "k" in model_components]
+    settings += [Setting((c,)) for c in model_components if c != "k"]
+    return settings
+
+
+def prune_supports_reduce() -> bool:
+    """Whether this eigenfast's ``prune`` takes ``reduce=`` (the mean aggregation)."""
+    return "reduce" in inspect.signature(prune).parameters
+
+
+def protocol_splits(data: TaskData, seed: int) -> tuple[TaskData, TaskData, TaskData]:
+    """(score, val, test): a seeded split of held-out data into thirds."""
+    score, rest = data.split(1 / 3, seed=seed)
+    val, test = rest.split(0.5, seed=seed)
+    return score, val, test
+
+
+@dataclass
+class Cell:
+    """One (model, task, setting, seed): accuracies on val and test at the base and at every p."""
+
+    seed: int
+    base_val: float
+    base_test: float
+    val: dict[float, float]
+    test: dict[float, float]
+    chosen_p: float
+
+
+def run_cell(
+    model: nn.Module, data: TaskData, setting: Setting, seed: int,
+    candidates: Sequence[float] = DEFAULT_CANDIDATES, batch_size: int = 256,
+) -> Cell:
+    score, val, test = protocol_splits(data, seed)
+    extra = {"reduce": setting.reduce} if setting.reduce != "max" else {}
+    result = prune(
+        model, score, p="auto", components=setting.components, pairs=setting.pairs, candidates=candidates,
+        val_data=val, test_data=test, batch_size=batch_size, seed=seed, progress_bar=False, **extra,
+    )
+    report = result.report
+    return Cell(
+        seed,
+        report.baseline.accuracy,
+        report.baseline_test.accuracy,
+        {c.p: c.evaluation.accuracy for c in report.candidates},
+        {c.p: c.test.accuracy for c in report.candidates},
+        report.p,
+    )
+
+
+@dataclass
+class Row:
+    model: str
+    task: str
+    setting: Setting
+    n_heldout: int
+    cells: list[Cell] = field(default_factory=list)
+
+    def base(self) -> list[float]:
+        return [c.base_test for c in self.cells]
+
+    def at(self, p: float) -> list[float]:
+        return [c.test[p] for c in self.cells]
+
+    def chosen(self) -> list[float]:
+        return [c.test[c.chosen_p] for c in self.cells]
+
+    def gain(self) -> float:
+        """Mean test gain at the validation-chosen p over the base model."""
+        return statistics.fmean(self.chosen()) - statistics.fmean(self.base())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "task": self.task, "components": list(self.setting.components),
+            "pairs": self.setting.pairs, "reduce": self.setting.reduce, "n_heldout": self.n_heldout,
+            "cells": [
+                {"seed": c.seed, "base_val": c.base_val, "base_test": c.base_test, "chosen_p": c.chosen_p,
+                 "val": {str(p): v for p, v in c.val.items()}, "test": {str(p): v for p, v in c.test.items()}}
+                for c in self.cells
+            ],
+        }
+
+
+def run_table(
+    models: Sequence[str],
+    tasks: Sequence[str],
+    load: Callable[[str], tuple[nn.Module, Any]],
+    heldout: Callable[[str, str, Any], TaskData],
+    seeds: Sequence[int] = (0, 1, 2),
+    candidates: Sequence[float] = DEFAULT_CANDIDATES,
+    settings: Callable[[Sequence[str]], list[Setting]] = default_settings,
+    batch_size: int = 256,
+    log: Callable[[str], None] = print,
+) -> list[Row]:
+    """Every model × task × setting × seed; ``heldout(model, task, tokenizer)`` gives the never-trained-on data."""
+    from .adapters import get_adapter
+
+    rows = []
+    for name in models:
+        model, tokenizer = load(name)
+        for task in tasks:
+            data = heldout(name, task, tokenizer)
+            for setting in settings(get_adapter(model).components()):
+                row = Row(name, task, setting, len(data))
+                for seed in seeds:
+                    row.cells.append(run_cell(model, data, setting, seed, candidates, batch_size))
+                log(f"{name} {task} {setting.label}: base {_pm(row.base())} -> chosen {_pm(row.chosen())}")
+                rows.append(row)
+    return rows
+
+
+def _pm(values: Sequence[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * spread:.1f}"
+
+
+def markdown(rows: Sequence[Row], candidates: Sequence[float]) -> str:
+    """The table: test accuracy (%) mean ± sd over seeds at the base, every p, and the p chosen on val."""
+    ps = sorted(candidates)
+    head = ["model", "task", "scoring", "base", *(f"p={p:g}" for p in ps), "p chosen on val", "gain"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        chosen = ", ".join(f"{c.chosen_p:g}" for c in row.cells)
+        lines.append("| " + " | ".join([
+            row.model, row.task, row.setting.label, _pm(row.base()), *(_pm(row.at(p)) for p in ps),
+            f"{_pm(row.chosen())} (p {chosen})", f"{100 * row.gain():+.1f}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], candidates: Sequence[float], path: str | Path) -> Path:
+    """Test accuracy against p, one panel per (model, task), one line per scoring setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    ps = sorted(candidates)
+    panels = list(dict.fromkeys((r.model, r.task) for r in rows))
+    cols = min(3, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(5 * cols, 3.6 * -(-len(panels) // cols)),
+                             squeeze=False)
+    for ax, (model, task) in zip(axes.flat, panels):
+        for row in (r for r in rows if (r.model, r.task) == (model, task)):
+            xs = [0.0, *ps]
+            means = [statistics.fmean(row.base()), *(statistics.fmean(row.at(p)) for p in ps)]
+            ax.plot(xs, [100 * m for m in means], marker="o", label=row.setting.label)
+        ax.set_title(f"{model} / {task}")
+        ax.set_xlabel("p (fraction frozen)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

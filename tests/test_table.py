@@ -1,0 +1,73 @@
+"""``eigenfast table``: end to end on a tiny setting; its numbers are prune + evaluate's."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eigenfast import evaluate, prune
+from eigenfast.builtin import heldout_task, load_builtin
+from eigenfast.cli import main
+from test_builtin import start_training  # tests/ is on sys.path under pytest
+
+from eigenfast.table import Setting, default_settings, protocol_splits, prune_supports_reduce
+
+
+def test_protocol_splits_are_disjoint_thirds_that_move_with_the_seed():
+    _, tokenizer = load_builtin("int_sum_gpt2")
+    data = heldout_task("int_sum_gpt2", "int_mult", tokenizer)
+    score, val, test = protocol_splits(data, seed=0)
+    assert len(score) + len(val) + len(test) == len(data)
+    assert min(len(score), len(val), len(test)) >= len(data) // 3 - 1
+    parts = [set(part.prompts) for part in (score, val, test)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert set(protocol_splits(data, seed=1)[2].prompts) != parts[2]
+
+
+def test_default_settings_cover_k_scoring_choices_and_every_component():
+    settings = default_settings(("q", "k", "v", "o", "mlp_in", "mlp_out"))
+    k = {(s.pairs, s.reduce) for s in settings if s.components == ("k",)}
+    assert k == {("shift", "max"), ("shift", "mean"), ("all", "max"), ("all", "mean")}
+    assert {s.components for s in settings} == {(c,) for c in ("q", "k", "v", "o", "mlp_in", "mlp_out")}
+
+
+def test_table_cell_is_a_direct_prune_and_evaluate(tmp_path):
+    out = tmp_path / "t" / "table.md"
+    code = main(["table", "--models", "int_sum_gpt2", "--tasks", "int_sum", "--seeds", "1",
+                 "--candidates", "0.3", "--components", "mlp_in", "--out", str(out)])
+    assert code == 0
+    record = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    assert out.with_suffix(".png").stat().st_size > 0 and "| int_sum_gpt2 | int_sum |" in out.read_text()
+    [row] = record["rows"]
+    cell = row["cells"][0]
+
+    model, tokenizer = load_builtin("int_sum_gpt2")
+    score, _, test = protocol_splits(heldout_task("int_sum_gpt2", "int_sum", tokenizer), seed=1)
+    pruned = prune(model, score, p=0.3, components=("mlp_in",), progress_bar=False).model
+    assert cell["test"]["0.3"] == evaluate(pruned, test).accuracy
+    assert cell["base_test"] == evaluate(model, test).accuracy
+    assert cell["test"]["0.3"] != cell["base_test"]  # p=0.3 of mlp_in moves this model: the cell is not a copy of base
+    if not prune_supports_reduce():
+        assert 'reduce="mean" was unavailable' in out.read_text()
+
+
+def test_table_rejects_unknown_task(capsys):
+    assert main(["table", "--tasks", "nope", "--out", "unused.md"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+
+
+def test_mix_training_is_deterministic(tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    runs = [start_training(out, steps=2, module="eigenfast.builtin.train_mix") for out in outs]
+    for run in runs:
+        log, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, log
+    first, second = (load_file(out / "model.safetensors") for out in outs)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    record = json.loads((outs[0] / "training.json").read_text(encoding="utf-8"))
+    assert record["steps"] == 2 and record["held_out"]["int_sum"] == 3000
