@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, GPT2Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,19 +40,11 @@ from eigenfast.adapters import get_adapter  # noqa: E402
 from eigenfast.circuit import ablated, component_means, remove_components  # noqa: E402
 from eigenfast.circuit.report import count_parameters, latency_batch, time_forward  # noqa: E402
 from eigenfast.data import TaskData  # noqa: E402
+import eigenfast.serving  # noqa: E402,F401  (counts the token-bias op's FLOPs)
 
 # (fraction of heads removed, fraction of MLPs removed)
 CASES = [(0.5, 0.0), (0.5, 0.5), (0.75, 0.5), (0.9, 0.75)]
 BATCHES = (1, 32)
-
-
-@register_flop_formula(torch.ops.eigenfast.token_bias_linear)
-def _token_bias_linear_flops(x_shape, weight_shape, *args, **kwargs) -> int:
-    """The op is a matmul plus a gather-add: count it like ``nn.Linear``."""
-    rows = 1
-    for size in x_shape[:-1]:
-        rows *= size
-    return 2 * rows * weight_shape[0] * weight_shape[1]
 
 
 def flops(model: torch.nn.Module, batch: TaskData) -> tuple[int, int]:

@@ -16,6 +16,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import demo, eval as evaluate, extract, prune, table
+from . import bench, demo, eval as evaluate, extract, prune, table
 
-COMMANDS: dict[str, ModuleType] = {"demo": demo, "prune": prune, "eval": evaluate, "extract": extract, "table": table}
+COMMANDS: dict[str, ModuleType] = {"demo": demo, "prune": prune, "eval": evaluate, "extract": extract, "table": table, "bench": bench}

@@ -1,0 +1,216 @@
+"""Serving speed of a base model, an eigenpruned one and an extracted circuit, side by side.
+
+Random weights of a chosen shape; the eigenpruned model freezes p=0.3 of q, k, v, o,
+mlp_in and mlp_out, the circuit loses a seeded half of the heads and of the MLPs (mean
+ablation). For each batch size and prompt length it times greedy decoding with a static
+KV cache: time to first token (prefill) and tokens per second over the new tokens, each
+the median of --repeats runs, the three models alternating so that all see the same
+machine load. Modes: eager, compiled (torch.compile, fullgraph; "reduce-overhead", CUDA
+graphs, on a GPU) and onnx (ONNX Runtime, the prefill forward only: decoding there needs
+a KV-cache export eigenfast does not make). The speed-ups are judged against their ideal:
+decode against the cut in weight bytes read per token, prefill against the FLOP cut;
+"efficiency" is measured cut / ideal cut (the target is >= 0.8).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..adapters import get_adapter
+from ..circuit import component_means, remove_components
+from ..data import TaskData
+from ..errors import ArgumentError
+from ..progress import progress
+from ..prune import prune
+from ..serving import decode, forward_flops, weight_bytes
+from .arguments import comma_list, positive_int
+
+SHAPES = {  # name -> (family, config overrides)
+    "small": ("gpt2", {"n_layer": 6, "n_head": 6, "n_embd": 384, "vocab_size": 8192, "n_positions": 1024}),
+    "gpt2-small": ("gpt2", {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "n_positions": 1024}),
+    "llama-small": ("llama", {"num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4,
+                              "hidden_size": 512, "intermediate_size": 1376, "vocab_size": 8192,
+                              "max_position_embeddings": 1024}),
+}
+MODES = ("eager", "compiled", "onnx")
+KINDS = ("base", "eigenpruned", "extracted")
+
+
+@dataclass
+class Row:
+    kind: str
+    mode: str
+    batch: int
+    prompt: int
+    ttft_ms: float
+    tokens_per_s: float | None
+    decode_speedup: float | None = None
+    decode_efficiency: float | None = None
+    prefill_speedup: float | None = None
+    prefill_efficiency: float | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="small", help="model shape (random weights)")
+    parser.add_argument("--batches", type=comma_list(positive_int), default=(1, 32), help="batch sizes")
+    parser.add_argument("--prompts", type=comma_list(positive_int), default=(16, 512), help="prompt lengths")
+    parser.add_argument("--new-tokens", type=positive_int, default=128, help="tokens generated per run")
+    parser.add_argument("--modes", type=comma_list(str), default=("eager", "compiled", "onnx"),
+                        help=f"comma-separated, from {MODES}")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per cell (the median is kept)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--out", type=Path, default=None, help="write the table (.md), rows (.json) and a PNG here")
+
+
+def build_models(shape: str, device: str) -> dict[str, nn.Module]:
+    family, overrides = SHAPES[shape]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **overrides)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval().to(device)
+    g = torch.Generator().manual_seed(0)
+    data = TaskData(torch.randint(0, config.vocab_size, (16, 16), generator=g), torch.zeros(16, dtype=torch.long))
+    pruned = prune(base, data, p=0.3, components=("q", "k", "v", "o", "mlp_in", "mlp_out"), progress_bar=False).model
+    adapter = get_adapter(base)
+    heads = torch.randperm(adapter.n_layers * adapter.n_heads, generator=g)[: adapter.n_layers * adapter.n_heads // 2]
+    removed: dict[int, list[int]] = {}
+    for index in heads.tolist():
+        removed.setdefault(index // adapter.n_heads, []).append(index % adapter.n_heads)
+    mlps = sorted(torch.randperm(adapter.n_layers, generator=g)[: adapter.n_layers // 2].tolist())
+    extracted = copy.deepcopy(base)
+    remove_components(extracted, removed, mlps, component_means(base, data))
+    return {"base": base, "eigenpruned": pruned, "extracted": extracted}
+
+
+def _forwards(models: dict[str, nn.Module], mode: str, device: str) -> dict[str, Callable]:
+    if mode == "eager":
+        return dict(models)
+    if mode == "compiled":
+        torch._dynamo.reset()
+        kind = "reduce-overhead" if device == "cuda" else "default"
+        return {name: torch.compile(m, fullgraph=True, mode=kind) for name, m in models.items()}
+    from ..export import to_onnx  # onnxruntime is optional
+    import onnxruntime
+
+    sessions = {}
+    folder = Path(tempfile.mkdtemp(prefix="eigenfast-bench-"))
+    for name, model in models.items():
+        path = to_onnx(model, folder / f"{name}.onnx")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        sessions[name] = onnxruntime.InferenceSession(str(path), providers=providers)
+    return sessions
+
+
+def _time_onnx(session, batch: int, prompt: int, vocab: int) -> float:
+    ids = torch.randint(0, vocab, (batch, prompt)).numpy()
+    positions = torch.arange(prompt).expand(batch, prompt).numpy()
+    names = [i.name for i in session.get_inputs()]
+    start = time.perf_counter()
+    session.run(None, {names[0]: ids, names[1]: positions})
+    return time.perf_counter() - start
+
+
+def measure(models: dict[str, nn.Module], modes, batches, prompts, new_tokens: int, repeats: int, device: str) -> list[Row]:
+    vocab = int(models["base"].config.vocab_size)
+    cells = [(mode, b, t) for mode in modes for b in batches for t in prompts]
+    rows: list[Row] = []
+    forwards: dict[str, Callable] = {}
+    current = None
+    for mode, batch, prompt in progress(cells, len(cells), "serving benchmark"):
+        if mode != current:
+            forwards, current = _forwards(models, mode, device), mode
+        samples: dict[str, list[tuple[float, float | None]]] = {k: [] for k in KINDS}
+        for run in range(repeats + 1):  # the first run warms up (and compiles)
+            for kind in KINDS:
+                if mode == "onnx":
+                    sample = (_time_onnx(forwards[kind], batch, prompt, vocab), None)
+                else:
+                    prompt_ids = torch.randint(0, vocab, (batch, prompt), device=device)
+                    out = decode(forwards[kind], models[kind].config, prompt_ids, new_tokens)
+                    sample = (out.prefill_s, out.tokens_per_s())
+                if run:
+                    samples[kind].append(sample)
+        for kind in KINDS:
+            ttft = statistics.median(s[0] for s in samples[kind])
+            tps = None if mode == "onnx" else statistics.median(s[1] for s in samples[kind])
+            rows.append(Row(kind, mode, batch, prompt, ttft * 1e3, tps))
+    _add_ratios(rows, models, max(prompts))
+    return rows
+
+
+def _add_ratios(rows: list[Row], models: dict[str, nn.Module], prompt: int) -> None:
+    bytes_ = {k: weight_bytes(m) for k, m in models.items()}
+    flops = {k: forward_flops(m, 1, min(prompt, 64)) for k, m in models.items()}
+    base = {(r.mode, r.batch, r.prompt): r for r in rows if r.kind == "base"}
+    for r in rows:
+        b = base[(r.mode, r.batch, r.prompt)]
+        flop_cut, byte_cut = 1 - flops[r.kind] / flops["base"], 1 - bytes_[r.kind] / bytes_["base"]
+        r.prefill_speedup = b.ttft_ms / r.ttft_ms
+        r.prefill_efficiency = (1 - r.ttft_ms / b.ttft_ms) / flop_cut if flop_cut > 0 else None
+        if r.tokens_per_s is not None:
+            r.decode_speedup = r.tokens_per_s / b.tokens_per_s
+            r.decode_efficiency = (1 - b.tokens_per_s / r.tokens_per_s) / byte_cut if byte_cut > 0 else None
+
+
+def markdown(rows: list[Row]) -> str:
+    def f(v: float | None, spec: str) -> str:
+        return "–" if v is None else format(v, spec)
+
+    lines = ["| model | mode | batch | prompt | TTFT ms | tokens/s | decode × | decode eff. | prefill × | prefill eff. |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.kind} | {r.mode} | {r.batch} | {r.prompt} | {r.ttft_ms:.1f} | {f(r.tokens_per_s, '.1f')} | "
+                     f"{f(r.decode_speedup, '.2f')} | {f(r.decode_efficiency, '.2f')} | {f(r.prefill_speedup, '.2f')} | "
+                     f"{f(r.prefill_efficiency, '.2f')} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decoded = [r for r in rows if r.tokens_per_s is not None]
+    labels = sorted({(r.mode, r.batch, r.prompt) for r in decoded})
+    fig, ax = plt.subplots(figsize=(max(6, len(labels) * 1.2), 4))
+    width = 0.8 / len(KINDS)
+    for i, kind in enumerate(KINDS):
+        values = [next(r.tokens_per_s for r in decoded if (r.mode, r.batch, r.prompt) == key and r.kind == kind) for key in labels]
+        ax.bar([x + i * width for x in range(len(labels))], values, width, label=kind)
+    ax.set_xticks([x + width for x in range(len(labels))], [f"{m}\nb={b} T={t}" for m, b, t in labels], fontsize=8)
+    ax.set_ylabel("decode tokens/s")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        raise ArgumentError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError("--device cuda but no CUDA device is available; use --device cpu")
+    models = build_models(args.shape, args.device)
+    rows = measure(models, args.modes, args.batches, args.prompts, args.new_tokens, args.repeats, args.device)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    table = markdown(rows)
+    print(f"shape {args.shape}, {device}, {args.new_tokens} new tokens, medians of {args.repeats}\n{table}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(f"Device: {device}; shape {args.shape}.\n\n{table}\n")
+        args.out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        plot(rows, args.out.with_suffix(".png"))
+    return 0

@@ -1,0 +1,107 @@
+"""Serving measurements: greedy decoding with a static KV cache, timed as serving stacks run it.
+
+``decode`` is the loop a serving stack runs around a (possibly compiled) model: one
+prefill over the prompt, then one token per step, positions and cache positions
+passed explicitly, a ``StaticCache`` so every step has the same shapes (what CUDA
+graphs need). ``weight_bytes`` and ``forward_flops`` give the ideal speed-ups the
+measured ones are judged against: decode reads every weight once per step
+(bandwidth-bound), prefill is FLOP-bound.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from transformers import StaticCache
+
+from .adapters import projection_matrix
+from .ops import token_bias_linear  # noqa: F401  (registers the op the FLOP formula names)
+
+
+@register_flop_formula(torch.ops.eigenfast.token_bias_linear)
+def _token_bias_linear_flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    """The op is a matmul plus a gather-add: count it like ``nn.Linear``."""
+    rows = 1
+    for size in x_shape[:-1]:
+        rows *= size
+    return 2 * rows * weight_shape[0] * weight_shape[1]
+
+
+@dataclass
+class Decoded:
+    tokens: torch.Tensor  # (B, new_tokens)
+    logits: torch.Tensor | None  # (B, new_tokens, vocab) when kept
+    prefill_s: float  # time to first token
+    decode_s: float  # the remaining new_tokens - 1 steps
+
+    def tokens_per_s(self) -> float:
+        steps = self.tokens.shape[1] - 1
+        return self.tokens.shape[0] * steps / self.decode_s if steps else float("nan")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def decode(
+    forward: Callable, config, prompt: torch.Tensor, new_tokens: int, keep_logits: bool = False,
+    after_first_step: Callable[[], None] | None = None,
+) -> Decoded:
+    """Greedy decoding of ``new_tokens`` tokens after ``prompt`` (B, T) with ``forward`` (the model, or
+    its compiled form) and a StaticCache; ``after_first_step`` runs once the first decode step is done."""
+    batch, length = prompt.shape
+    device = prompt.device
+    cache = StaticCache(config=config, max_cache_len=length + new_tokens)
+    positions = torch.arange(length + new_tokens, device=device)
+    _sync(device)
+    start = time.perf_counter()
+    last = forward(input_ids=prompt, position_ids=positions[:length].expand(batch, length),
+                   cache_position=positions[:length], past_key_values=cache, use_cache=True).logits[:, -1]
+    tokens, kept = [last.argmax(-1)], [last] if keep_logits else []
+    _sync(device)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for step in range(new_tokens - 1):
+        at = positions[length + step: length + step + 1]
+        last = forward(input_ids=tokens[-1].unsqueeze(1), position_ids=at.expand(batch, 1), cache_position=at,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        tokens.append(last.argmax(-1))
+        if keep_logits:
+            kept.append(last)
+        if step == 0 and after_first_step is not None:
+            after_first_step()
+    _sync(device)
+    return Decoded(torch.stack(tokens, 1), torch.stack(kept, 1) if keep_logits else None, prefill,
+                   time.perf_counter() - start)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the matrices a decode step reads in full: every projection and the LM head
+    (embeddings and position tables are read one row per token, which is negligible)."""
+    total = 0
+    for module in model.modules():
+        try:
+            matrix = projection_matrix(module)
+        except TypeError:
+            continue
+        total += matrix.numel() * matrix.element_size()
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):  # an nn.Linear LM head was counted above
+        total += head.weight.numel() * head.weight.element_size()
+    return total
+
+
+@torch.no_grad()
+def forward_flops(model: nn.Module, batch: int, length: int) -> int:
+    """FLOPs of one forward over ``batch`` x ``length`` tokens, counted by torch's FLOP counter."""
+    ids = torch.zeros(batch, length, dtype=torch.long, device=model.get_output_embeddings().weight.device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(input_ids=ids, position_ids=torch.arange(length, device=ids.device).expand(batch, length), use_cache=False)
+    return counter.get_total_flops()
