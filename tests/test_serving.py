@@ -2,16 +2,17 @@
 graph breaks or per-step recompilation, torch.export with dynamic shapes, AOTInductor, ONNX Runtime."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import StaticCache
 
 import eigenfast
 from eigenfast.export import LogitsOnly, aoti_package, export, to_onnx
+from eigenfast.serving import decode
 
 from conftest import make_data, make_model
 from test_circuit_removal import removed
@@ -69,33 +70,17 @@ def test_static_cache_generate_equals_dynamic_cache(family, kind):
     torch.testing.assert_close(scores["static"], scores["dynamic"], rtol=0, atol=1e-5)
 
 
-def static_decode(forward, config, prompt: torch.Tensor, steps: int, after_first_step=None) -> torch.Tensor:
-    """Greedy decoding with a StaticCache, the way serving loops call a compiled model: last-position logits."""
-    batch, length = prompt.shape
-    cache = StaticCache(config=config, max_cache_len=length + steps)
-    logits = [forward(input_ids=prompt, position_ids=torch.arange(length).expand(batch, length),
-                      cache_position=torch.arange(length), past_key_values=cache, use_cache=True).logits[:, -1]]
-    for step in range(steps - 1):
-        position = length + step
-        token = logits[-1].argmax(-1, keepdim=True)
-        logits.append(forward(input_ids=token, position_ids=torch.full((batch, 1), position),
-                              cache_position=torch.tensor([position]), past_key_values=cache, use_cache=True).logits[:, -1])
-        if step == 0 and after_first_step is not None:
-            after_first_step()
-    return torch.stack(logits, dim=1)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_compiled_static_cache_decode_has_no_graph_break_nor_recompilation(family, kind):
     model = changed(family, kind).eval()
     prompt = make_data(n=2, length=5, seed=5).input_ids
     with torch.no_grad():
-        reference = static_decode(model, model.config, prompt, steps=4)
+        reference = decode(model, model.config, prompt, 4, keep_logits=True).logits
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
         # After the prefill and the first decode step are compiled, any further compilation fails the test.
         recompiles = torch._dynamo.config.patch(error_on_recompile=True)
-        got = static_decode(compiled, model.config, prompt, steps=4, after_first_step=recompiles.__enter__)
+        got = decode(compiled, model.config, prompt, 4, keep_logits=True, after_first_step=recompiles.__enter__).logits
         recompiles.__exit__(None, None, None)
     torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
 
@@ -139,3 +124,28 @@ def test_aoti_package_runs_in_a_fresh_process(tmp_path):
         "torch.testing.assert_close(runner(io['ids'], io['positions']), io['expected'], rtol=0, atol=1e-4)\n"
     )
     subprocess.run([sys.executable, "-c", script, str(package), str(tmp_path / "io.safetensors")], check=True, timeout=600)
+
+
+def test_decode_loop_equals_generate(family):
+    model = changed(family, "extracted")
+    prompt = make_data(n=2, length=5, seed=5).input_ids
+    out = decode(model, model.config, prompt, 6)
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out.tokens, generated[:, prompt.shape[1]:])
+
+
+def test_bench_command_writes_its_table(tmp_path):
+    from eigenfast.cli import main
+
+    out = tmp_path / "serving"
+    assert main(["bench", "--shape", "tiny", "--batches", "1,2", "--prompts", "4", "--new-tokens", "3",
+                 "--modes", "eager", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["kind"], r["batch"]) for r in rows] == [(k, b) for b in (1, 2) for k in ("base", "eigenpruned", "extracted")]
+    for r in rows:
+        assert r["ttft_ms"] > 0 and r["tokens_per_s"] > 0
+        if r["kind"] == "base":
+            assert r["decode_speedup"] == 1.0 and r["prefill_speedup"] == 1.0
+    assert "| extracted | eager | 2 | 4 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -36,7 +36,8 @@ from ..prune import prune
 from ..serving import decode, forward_flops, weight_bytes
 from .arguments import comma_list, positive_int
 
-SHAPES = {  # name -> (family, config overrides)
+SHAPES = {  # name -> (family, config overrides); "tiny" is for smoke runs
+    "tiny": ("gpt2", {"n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 512, "n_positions": 256}),
     "small": ("gpt2", {"n_layer": 6, "n_head": 6, "n_embd": 384, "vocab_size": 8192, "n_positions": 1024}),
     "gpt2-small": ("gpt2", {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "n_positions": 1024}),
     "llama-small": ("llama", {"num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4,
