@@ -4,9 +4,11 @@
     scores = eigenfast.score(model, data, components=("k",))
     model = eigenfast.load(directory)                      # after result.save(directory)
     circuit = eigenfast.extract_circuit(model, patch_data, val_data, threshold=0.01)   # SPEC §3
+    edges = eigenfast.edge_prune(model, clean, corrupted, target_sparsity=0.95)       # SPEC §4 (also eap, acdc)
 """
 from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
 from .circuit import CircuitResult, extract_circuit
+from .edges import acdc, eap, edge_prune
 from .data import DataError, TaskData, as_task_data, from_jsonl, from_pairs, int_mult, int_sum, load_task
 from .forward import evaluate
 from .modules import PositionIndexError
@@ -25,7 +27,10 @@ __all__ = [
     "SavedModelError",
     "TaskData",
     "UnsupportedModelError",
+    "acdc",
     "as_task_data",
+    "eap",
+    "edge_prune",
     "evaluate",
     "extract_circuit",
     "from_jsonl",

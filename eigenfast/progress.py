@@ -14,3 +14,10 @@ def progress(items: Iterable[T], total: int | None = None, desc: str | None = No
     if desc is None or os.environ.get("EIGENFAST_QUIET") == "1":
         return iter(items)
     return iter(tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True))
+
+
+def progress_bar(total: int, desc: str | None = None) -> "tqdm | None":
+    """A bar advanced by hand (``update``, ``set_postfix``), or None under the rules that silence :func:`progress`."""
+    if desc is None or os.environ.get("EIGENFAST_QUIET") == "1":
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

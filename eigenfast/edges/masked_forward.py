@@ -181,24 +181,37 @@ class EdgeForward:
         return Counterfactual(torch.cat(writers), stages, logits)
 
     # --- the masked forward ------------------------------------------------
-    def logits(self, prepared: Prepared, edges: torch.Tensor, nodes: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        prepared: Prepared,
+        edges: torch.Tensor,
+        nodes: torch.Tensor | None = None,
+        start_layer: int = 0,
+        prefix: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Last-token logits ``(B, V)`` with edge masks ``(E,)`` and optional writer node masks ``(W,)``.
 
-        Differentiable in both masks; 1 keeps a writer's clean output on an edge, 0 takes the counterfactual.
+        Differentiable in both masks; 1 keeps a writer's clean output on an edge, 0 takes
+        the counterfactual. With ``start_layer`` > 0 the run resumes there from ``prefix``,
+        the differences ``y − ỹ`` of the writers before it (see :meth:`differences`); only
+        masks of edges into layers ≥ ``start_layer`` (and the logits) then matter.
         """
         graph, adapter, ctx, cf = self.graph, self.adapter, prepared.clean, prepared.corrupted
         if edges.shape != (graph.n_edges,):
             raise ValueError(f"edge masks must have shape ({graph.n_edges},) for this graph, got {tuple(edges.shape)}")
         if nodes is not None and nodes.shape != (graph.n_writers,):
             raise ValueError(f"node masks must have shape ({graph.n_writers},), got {tuple(nodes.shape)}")
+        if start_layer and (prefix is None or len(prefix) != graph.first_writer(start_layer)):
+            raise ValueError(f"resuming at layer {start_layer} needs the first {graph.first_writer(start_layer)} "
+                             "writers' differences as prefix")
         dtype = cf.writers.dtype
         edges = edges.to(dtype)
         if nodes is not None:
             edges = edges * nodes.to(dtype)[graph.edge_writers.to(edges.device)]
         groups, offsets = graph.groups, graph.offsets
-        delta = ctx.embeddings.unsqueeze(0) - cf.writers[:1]
+        delta = prefix if start_layer else ctx.embeddings.unsqueeze(0) - cf.writers[:1]
         with self._stand_ins(qkv=True):
-            for layer in range(adapter.n_layers):
+            for layer in range(start_layer, adapter.n_layers):
                 g = 4 * layer  # the layer's q, k, v, mlp groups; q/k/v are contiguous and read the same writers
                 first = graph.first_writer(layer)
                 readers = groups[g].n_readers + groups[g + 1].n_readers + groups[g + 2].n_readers
@@ -213,6 +226,11 @@ class EdgeForward:
                 delta = torch.cat([delta, (mlp - cf.writers[graph.mlp_writer(layer)]).unsqueeze(0)])
         x = _mix(cf.stages[-1], edges[offsets[-2] :].view(1, -1), delta[:, :, -1])[0]
         return adapter.lm_head()(adapter.final_norm()(x)).float()
+
+    @torch.no_grad()
+    def differences(self, prepared: Prepared) -> torch.Tensor:
+        """``y − ỹ`` of every writer ``(W, B, T, d)`` in the unmasked model (every mask 1)."""
+        return self.counterfactual(prepared.clean).writers - prepared.corrupted.writers
 
     # --- pieces ----------------------------------------------------------
     def _o_bias(self, layer: int) -> torch.Tensor | float:
@@ -274,6 +292,19 @@ class EdgeForward:
         finally:
             for path, module in originals.items():
                 _set_submodule(self.model, path, module)
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """The model's weights out of autograd for the block: only the masks get gradients."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _mix(base: torch.Tensor, z: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
