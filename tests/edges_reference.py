@@ -25,21 +25,26 @@ def _attention_calls(model, batch: TaskData) -> tuple[torch.Tensor, list]:
     return emb[0], calls
 
 
-def naive_run(model, batch: TaskData, edge_value, counterfactual: dict | None) -> tuple[torch.Tensor, dict]:
-    """Logits (B, V) and every writer's output, mixing each reader's input edge by edge in Python.
+def naive_run(model, batch: TaskData, edge_value, counterfactual: dict | None) -> tuple[torch.Tensor, dict, dict]:
+    """Logits (B, V), every writer's output and every reader's input, mixing inputs edge by edge in Python.
 
     ``edge_value(writer, reader)`` is the edge's mask; a mask below 1 needs ``counterfactual``.
     """
     adapter = get_adapter(model)
     emb, calls = _attention_calls(model, batch)
+    emb = emb.detach().requires_grad_(torch.is_grad_enabled())  # every reader input then has a gradient
     writers = {"emb": emb}
     const = torch.zeros_like(emb)  # the output projections' biases, which belong to no head
+    inputs = {}
 
     def read(names, reader, base):
         x = base.clone()
         for w in names:
             z = edge_value(w, reader)
             x = x + z * writers[w] + ((1 - z) * counterfactual[w] if z != 1 else 0)
+        if x.requires_grad:
+            x.retain_grad()
+        inputs[reader] = x
         return x
 
     for layer in range(adapter.n_layers):
@@ -78,13 +83,23 @@ def naive_run(model, batch: TaskData, edge_value, counterfactual: dict | None) -
         writers[f"L{layer}.MLP"] = adapter.mlp(layer)(adapter.mlp_norm(layer)(x))
         const = const + bias
     x = read(list(writers), "logits", const)
-    return adapter.lm_head()(adapter.final_norm()(x[:, -1])).float(), writers
+    return adapter.lm_head()(adapter.final_norm()(x[:, -1])), writers, inputs
 
 
 def naive_masked_logits(model, clean: TaskData, corrupted: TaskData, edges: torch.Tensor) -> torch.Tensor:
     graph = EdgeGraph.of(get_adapter(model))
     values = dict(zip(graph.edge_names, edges.tolist()))
     with torch.no_grad():
-        _, cf = naive_run(model, corrupted, lambda w, r: 1.0, None)
-        logits, _ = naive_run(model, clean, lambda w, r: values[(w, r)], cf)
+        _, cf, _ = naive_run(model, corrupted, lambda w, r: 1.0, None)
+        logits, _, _ = naive_run(model, clean, lambda w, r: values[(w, r)], cf)
     return logits
+
+
+def naive_eap(model, clean: TaskData, corrupted: TaskData) -> torch.Tensor:
+    """(ỹ_j − y_j)·∂L/∂x_i for every edge, with ∂L/∂x_i from autograd on each reader's input."""
+    graph = EdgeGraph.of(get_adapter(model))
+    with torch.no_grad():
+        _, cf, _ = naive_run(model, corrupted, lambda w, r: 1.0, None)
+    logits, writers, inputs = naive_run(model, clean, lambda w, r: 1.0, None)
+    torch.nn.functional.cross_entropy(logits, clean.labels).backward()
+    return torch.tensor([float(((cf[w] - writers[w].detach()) * inputs[r].grad).sum()) for w, r in graph.edge_names])

@@ -65,12 +65,12 @@ def edge_prune(
         batches = prepare_batches(forward, clean, corrupted, batch_size)
         device = batches[0].clean.logits.device
         edge_alpha = (init_log_alpha + 0.01 * torch.randn(graph.n_edges, generator=generator)).to(device)
-        node_alpha = torch.full((graph.n_writers,), init_log_alpha, device=device)
+        node_alpha = torch.full((graph.n_writers,), float(init_log_alpha), device=device)
         edge_alpha.requires_grad_(True)
         node_alpha.requires_grad_(node_masks)
         lambdas = torch.zeros(2, device=device, requires_grad=True)
         masks = torch.optim.Adam([edge_alpha, node_alpha] if node_masks else [edge_alpha], lr=lr)
-        ascent = torch.optim.Adam([lambdas], lr=lambda_lr, maximize=True)
+        ascent = torch.optim.SGD([lambdas], lr=lambda_lr, maximize=True)
         bar = progress_bar(steps, "edge pruning" if progress else None)
         trace = []
         for step in range(steps):

@@ -177,7 +177,7 @@ class EdgeForward:
                 resid = middle + mlp
         last = resid[:, -1]
         stages.append(last)
-        logits = adapter.lm_head()(adapter.final_norm()(last)).float()
+        logits = _at_least_float32(adapter.lm_head()(adapter.final_norm()(last)))
         return Counterfactual(torch.cat(writers), stages, logits)
 
     # --- the masked forward ------------------------------------------------
@@ -225,7 +225,7 @@ class EdgeForward:
                 mlp = adapter.mlp(layer)(adapter.mlp_norm(layer)(x))
                 delta = torch.cat([delta, (mlp - cf.writers[graph.mlp_writer(layer)]).unsqueeze(0)])
         x = _mix(cf.stages[-1], edges[offsets[-2] :].view(1, -1), delta[:, :, -1])[0]
-        return adapter.lm_head()(adapter.final_norm()(x)).float()
+        return _at_least_float32(adapter.lm_head()(adapter.final_norm()(x)))
 
     @torch.no_grad()
     def differences(self, prepared: Prepared) -> torch.Tensor:
@@ -305,6 +305,11 @@ def frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits go up to float32 for the softmax; float64 ones stay (finite-difference checks)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def _mix(base: torch.Tensor, z: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
