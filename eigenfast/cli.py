@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .circuit.cli import register  # here, not at the top: circuit.cli imports this module
 
     register(sub)
+    from .edges import cli as edges_cli  # temporary: the lead registers it in eigenfast/commands/
+
+    edges_cli.add_arguments(sub.add_parser("edges", help="circuit discovery at edge level, methods side by side"))
+    sub.choices["edges"].set_defaults(func=edges_cli.run)
     return parser
 
 

@@ -41,12 +41,12 @@ class EdgeReport:
     fpr: float | None = None
     auc: float | None = None
 
-    HEADER = f"{'method':<14}{'KL':>9}{'acc':>8}{'edges':>13}{'heads':>9}{'MLPs':>7}{'time s':>9}{'TPR':>6}{'FPR':>6}{'AUC':>6}"
+    HEADER = f"{'method':<22}{'KL':>9}{'acc':>8}{'edges':>13}{'heads':>9}{'MLPs':>7}{'time s':>9}{'TPR':>6}{'FPR':>6}{'AUC':>6}"
 
     def row(self) -> str:
         known = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         return (
-            f"{self.method:<14}{self.kl:>9.4f}{self.accuracy:>8.1%}{f'{self.edges_kept}/{self.n_edges}':>13}"
+            f"{self.method:<22}{self.kl:>9.4f}{self.accuracy:>8.1%}{f'{self.edges_kept}/{self.n_edges}':>13}"
             f"{f'{self.heads_kept}/{self.n_heads}':>9}{f'{self.mlps_kept}/{self.n_layers}':>7}{self.seconds:>9.2f}"
             f"{known(self.tpr):>6}{known(self.fpr):>6}{known(self.auc):>6}"
         )
