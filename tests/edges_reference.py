@@ -18,8 +18,10 @@ def _attention_calls(model, batch: TaskData) -> tuple[torch.Tensor, list]:
     for layer in range(adapter.n_layers):
         hooks.append(adapter.attention(layer).register_forward_pre_hook(
             lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True))
+    device = next(model.parameters()).device
     with torch.no_grad():
-        model(input_ids=batch.input_ids, attention_mask=batch.mask, position_ids=batch.position_ids, use_cache=False)
+        model(input_ids=batch.input_ids.to(device), attention_mask=batch.mask.to(device),
+              position_ids=batch.position_ids.to(device), use_cache=False)
     for h in hooks:
         h.remove()
     return emb[0], calls
