@@ -6,6 +6,7 @@
 """
 from .acdc import acdc
 from .eap import eap
+from .corrupt import corrupt_by_shuffling
 from .edge_prune import edge_prune
 from .evaluate import EdgeCircuit, EdgeReport, evaluate_circuit, roc_auc, true_edges
 from .extraction import extract_nodes
@@ -19,6 +20,7 @@ __all__ = [
     "EdgeReport",
     "ReaderGroup",
     "acdc",
+    "corrupt_by_shuffling",
     "eap",
     "edge_prune",
     "evaluate_circuit",
