@@ -1,7 +1,6 @@
 """Slow, obvious references for the edge methods: a hook-per-edge forward, literal ACDC, finite differences."""
 from __future__ import annotations
 
-import contextlib
 
 import torch
 

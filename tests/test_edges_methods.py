@@ -106,7 +106,8 @@ def test_every_method_finds_the_true_heads(task):
     task, corrupted = task
     truth = set(task.true_heads)
     circuits = [
-        eigenfast.edge_prune(task.model, task.val_data, corrupted, target_sparsity=0.6, steps=80, progress=False),
+        eigenfast.edge_prune(task.model, task.val_data, corrupted, target_sparsity=0.6, steps=80, lambda_lr=0.1,
+                             progress=False),
         eigenfast.eap(task.model, task.val_data, corrupted, target_sparsity=0.8, progress=False),
         eigenfast.acdc(task.model, task.val_data, corrupted, threshold=1e-4, progress=False),
     ]

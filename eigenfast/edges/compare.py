@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -70,8 +70,12 @@ def compare(
     batch_size: int = 32,
     true_heads: Sequence[tuple[int, int]] | None = None,
     progress: bool = True,
+    **edge_prune_options: Any,
 ) -> Comparison:
-    """Run each method at each of its settings and judge every circuit the same way."""
+    """Run each method at each of its settings and judge every circuit the same way.
+
+    ``edge_prune_options`` go to :func:`edge_prune` (learning rates, ramp, ...).
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -79,7 +83,8 @@ def compare(
     for method in methods:
         if method == "edge_prune":
             runs += [(method, f"edge pruning s={s:g}", edge_prune(model, clean, corrupted, s, steps, batch_size,
-                                                                  progress=progress, evaluate=False), None)
+                                                                  progress=progress, evaluate=False,
+                                                                  **edge_prune_options), None)
                      for s in sparsities]
         elif method == "eap":
             runs += [(method, f"EAP s={s:g}", eap(model, clean, corrupted, s, batch_size, progress, evaluate=False), None)

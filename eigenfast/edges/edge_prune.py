@@ -31,7 +31,7 @@ def edge_prune(
     steps: int = 300,
     batch_size: int = 32,
     lr: float = 0.1,
-    lambda_lr: float = 0.1,
+    lambda_lr: float = 1.0,
     ramp: float = 0.5,
     init_log_alpha: float = 3.0,
     node_masks: bool = True,

@@ -63,7 +63,6 @@ class Context:
     attention_calls: list[tuple[tuple, dict[str, Any], bool]]  # (args, kwargs, hidden passed by keyword)
     logits: torch.Tensor  # (B, V) the full model's last-token logits
     labels: torch.Tensor
-    attention_mask: torch.Tensor
 
 
 @dataclass
@@ -146,7 +145,7 @@ class EdgeForward:
                 stack.callback(hook.remove)
             logits = last_logits(adapter, batch)
         device = model_device(self.model)
-        return Context(embeddings[0], calls, logits, batch.labels.to(device), batch.mask.to(device))
+        return Context(embeddings[0], calls, logits, batch.labels.to(device))
 
     @torch.no_grad()
     def prepare(self, clean: TaskData, corrupted: TaskData) -> Prepared:
