@@ -42,6 +42,12 @@ def test_random_masks_match_the_hook_per_edge_reference(name):
     slow = naive_masked_logits(model, clean, corrupted, edges)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(fast, forward.context(clean).logits, atol=1e-3)  # the masks did something
+    # A writer's node mask scales every edge out of it (z̃ = z_edge · z_node).
+    nodes = torch.rand(forward.graph.n_writers, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fast = forward.logits(forward.prepare(clean, corrupted), edges, nodes)
+    slow = naive_masked_logits(model, clean, corrupted, edges * nodes[forward.graph.edge_writers])
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
 def test_graph_counts_and_names():
