@@ -4,6 +4,7 @@
     scores = eigenfast.score(model, data, components=("k",))
     model = eigenfast.load(directory)                      # after result.save(directory)
     circuit = eigenfast.extract_circuit(model, patch_data, val_data, threshold=0.01)   # docs/MATH.md §4
+    edges = eigenfast.edge_prune(model, clean, corrupted, target_sparsity=0.95)       # docs/EDGES.md (also eap, acdc)
 
 Every error eigenfast raises on purpose is an ``eigenfast.EigenfastError``.
 """
@@ -14,6 +15,7 @@ from .errors import (
     ArgumentError, DataError, EigenfastError, MissingFilesError, ModelLoadError, OutputExistsError,
     PositionIndexError, SavedModelError, UnsupportedModelError,
 )
+from .edges import acdc, eap, edge_prune
 from .forward import evaluate
 from .loading import load_model
 from .prune import PruneResult, prune
@@ -37,7 +39,10 @@ __all__ = [
     "SavedModelError",
     "TaskData",
     "UnsupportedModelError",
+    "acdc",
     "as_task_data",
+    "eap",
+    "edge_prune",
     "evaluate",
     "extract_circuit",
     "from_jsonl",

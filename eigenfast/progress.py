@@ -38,3 +38,35 @@ def log_lines(items: Iterable[T], total: int | None, desc: str, stream: TextIO) 
         if every is not None and done % every == 0 and done != total:
             print(f"{desc}: {done}{of}", file=stream, flush=True)
     print(f"{desc}: {done}{of} done in {time.perf_counter() - started:.1f} s", file=stream, flush=True)
+
+
+class _LineBar:
+    """What :func:`progress_bar` gives when stderr is not a terminal: a log line about every tenth of the way."""
+
+    def __init__(self, total: int, desc: str, stream: TextIO) -> None:
+        self.total, self.desc, self.stream, self.done, self.postfix = total, desc, stream, 0, ""
+        self.every = max(1, total // LOG_STEPS)
+        self.started = time.perf_counter()
+        print(f"{desc}: 0/{total}", file=stream, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.done % self.every == 0 and self.done != self.total:
+            print(f"{self.desc}: {self.done}/{self.total} {self.postfix}".rstrip(), file=self.stream, flush=True)
+
+    def set_postfix(self, **values: object) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        took = time.perf_counter() - self.started
+        print(f"{self.desc}: {self.done}/{self.total} {self.postfix} done in {took:.1f} s", file=self.stream, flush=True)
+
+
+def progress_bar(total: int, desc: str | None = None) -> "tqdm | _LineBar | None":
+    """A bar advanced by hand (``update``, ``set_postfix``, ``close``): tqdm on a terminal, log lines otherwise,
+    None under the rules that silence :func:`progress`."""
+    if desc is None or os.environ.get("EIGENFAST_QUIET") == "1":
+        return None
+    if not sys.stderr.isatty():
+        return _LineBar(total, desc, sys.stderr)
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

@@ -111,6 +111,7 @@ class Adapter:
     mlp_path: str = ""
     attn_norm_path: str = ""
     mlp_norm_path: str | None = None  # None: attention and MLP share one norm (parallel block)
+    final_norm_path: str = ""  # relative to the backbone: the norm between the last layer and the LM head
     parallel: bool = False
     projections: dict[str, str] = {}
     cache_argument: str = "past_key_values"  # the keyword a backbone hands its decoder layers the KV cache under
@@ -159,6 +160,16 @@ class Adapter:
 
     def mlp(self, layer: int) -> nn.Module:
         return self.model.get_submodule(f"{self.layer_path(layer)}.{self.mlp_path}")
+
+    def attn_norm(self, layer: int) -> nn.Module:
+        return self.model.get_submodule(f"{self.layer_path(layer)}.{self.attn_norm_path}")
+
+    def mlp_norm(self, layer: int) -> nn.Module:
+        """The norm the MLP reads (the attention's own, for a block whose two share one)."""
+        return self.model.get_submodule(f"{self.layer_path(layer)}.{self.mlp_norm_path or self.attn_norm_path}")
+
+    def final_norm(self) -> nn.Module:
+        return self.backbone().get_submodule(self.final_norm_path)
 
     # --- components ------------------------------------------------------
     def components(self) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ class GPT2Adapter(Adapter):
     mlp_path = "mlp"
     attn_norm_path = "ln_1"
     mlp_norm_path = "ln_2"
+    final_norm_path = "ln_f"
     projections = {
         "q": "attn.c_attn",
         "k": "attn.c_attn",

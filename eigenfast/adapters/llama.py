@@ -19,6 +19,7 @@ class LlamaAdapter(Adapter):
     mlp_path = "mlp"
     attn_norm_path = "input_layernorm"
     mlp_norm_path = "post_attention_layernorm"
+    final_norm_path = "norm"
     projections = {
         "q": "self_attn.q_proj",
         "k": "self_attn.k_proj",

@@ -20,6 +20,7 @@ class NeoXAdapter(Adapter):
     mlp_path = "mlp"
     attn_norm_path = "input_layernorm"
     mlp_norm_path = "post_attention_layernorm"
+    final_norm_path = "final_layer_norm"
     projections = {
         "q": "attention.query_key_value",
         "k": "attention.query_key_value",

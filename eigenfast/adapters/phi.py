@@ -19,6 +19,7 @@ class PhiAdapter(Adapter):
     mlp_path = "mlp"
     attn_norm_path = "input_layernorm"
     mlp_norm_path = None
+    final_norm_path = "final_layernorm"
     parallel = True
     projections = {
         "q": "self_attn.q_proj",

@@ -19,6 +19,7 @@ from ..modules import EXTRAPOLATE
 from ..sizes import count_parameters
 from .ablation import check_components
 from .discovery import Step, discover
+from .means import ComponentMeans
 from .removal import remove_components
 from .report import (
     LATENCY_BATCHES, CircuitReport, HeadRates, Latency, latency_batch, median_latency,
@@ -49,6 +50,24 @@ class CircuitResult:
         tensors = {"circuit.heads": heads, "circuit.mlps": mlps}
         report = self.report.as_dict()
         return save_model(self.model, directory, kind="circuit", report=report, tensors=tensors, tokenizer=self.tokenizer)
+
+
+def remove_pruned(
+    model: nn.Module,
+    pruned_heads: Iterable[tuple[int, int]],
+    pruned_mlps: Iterable[int],
+    means: "ComponentMeans | None",
+    ablation: str = "mean",
+    extrapolate: str = "mean",
+    inplace: bool = False,
+) -> nn.Module:
+    """``model`` (or a copy, unless ``inplace``) with the pruned heads and MLPs physically removed."""
+    target = model if inplace else copy.deepcopy(model)
+    heads_removed: dict[int, list[int]] = {}
+    for layer, head in sorted(pruned_heads):
+        heads_removed.setdefault(layer, []).append(head)
+    remove_components(target, heads_removed, sorted(pruned_mlps), means, ablation, extrapolate)
+    return target
 
 
 def extract_circuit(
@@ -99,11 +118,8 @@ def extract_circuit(
     latency_before = {b: median_latency(model, batch, latency_repeats) for b, batch in batches.items()}
 
     start = time.perf_counter()
-    target = model if inplace else copy.deepcopy(model)
-    heads_removed: dict[int, list[int]] = {}
-    for layer, head in sorted(discovery.pruned_heads):
-        heads_removed.setdefault(layer, []).append(head)
-    remove_components(target, heads_removed, sorted(discovery.pruned_mlps), discovery.means, ablation, extrapolate)
+    target = remove_pruned(model, discovery.pruned_heads, discovery.pruned_mlps, discovery.means, ablation,
+                           extrapolate, inplace)
     timings["remove"] = time.perf_counter() - start
 
     after = evaluate(target, val, batch_size, desc="evaluate the circuit" if progress else None)

@@ -1,0 +1,30 @@
+"""Edge-level circuit discovery (SPEC §4): one edge graph, Edge Pruning, EAP and ACDC, one evaluation.
+
+    circuit = eigenfast.edge_prune(model, clean, corrupted, target_sparsity=0.95, steps=300)
+    circuit.edges, circuit.heads, circuit.mlps, circuit.report
+    smaller = eigenfast.edges.extract_nodes(model, circuit, corrupted)
+"""
+from .acdc import acdc
+from .eap import eap
+from .corrupt import corrupt_by_shuffling
+from .edge_prune import edge_prune
+from .evaluate import EdgeCircuit, EdgeReport, evaluate_circuit, roc_auc, true_edges
+from .extraction import extract_nodes
+from .graph import EdgeGraph, ReaderGroup
+from .masked_forward import EdgeForward
+
+__all__ = [
+    "EdgeCircuit",
+    "EdgeForward",
+    "EdgeGraph",
+    "EdgeReport",
+    "ReaderGroup",
+    "acdc",
+    "corrupt_by_shuffling",
+    "eap",
+    "edge_prune",
+    "evaluate_circuit",
+    "extract_nodes",
+    "roc_auc",
+    "true_edges",
+]
