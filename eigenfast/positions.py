@@ -1,10 +1,11 @@
-"""True token positions for position-indexed biases.
+"""True token positions for hook-based analysis (the ablation reference of eigenfast/circuit/ablation.py).
 
-Pruned projections add ``bias_table[pos]`` where ``pos`` is each token's true
-position: left padding does not count and KV-cache decoding continues where the
-prompt stopped. A forward pre-hook on the model's backbone works the positions
-out once per call (from ``position_ids``, else the attention mask, else the
-cache length) and every pruned module of that model reads them.
+Hooks that replace a component's output by its mean need each token's true position
+(left padding does not count; KV-cache decoding continues where the prompt stopped).
+A forward pre-hook on the backbone works them out once per call (from ``position_ids``,
+else the attention mask, else the cache length) for the hooks to read. This is for
+analysis only: models eigenfast *changes* take positions as forward arguments instead
+(eigenfast/positional.py) and run no hooks.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .data import positions_from_mask
 
 
 class PositionTracker:
-    """Holds the positions of the backbone call in flight; shared by a model's pruned modules."""
+    """Holds the positions of the backbone call in flight, for the ablation hooks of that call."""
 
     def __init__(self) -> None:
         self.positions: torch.Tensor | None = None
@@ -35,7 +36,7 @@ class PositionTracker:
     def current(self) -> torch.Tensor:
         if self.positions is None:
             raise RuntimeError(
-                "a pruned eigenfast module ran outside a model forward, so it has no token positions; "
+                "an ablation hook ran outside a model forward, so it has no token positions; "
                 "call the whole model (or its backbone), not the module alone"
             )
         return self.positions
