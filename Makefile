@@ -18,6 +18,7 @@ $(PYTHON):
 endif
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	$(PYTHON) -c "import setuptools, wheel" 2>/dev/null || $(PYTHON) -m pip install --quiet --upgrade setuptools wheel
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(PYTHON) -m pip install --quiet --no-build-isolation -e ".[test]"
 	touch $@
