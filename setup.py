@@ -1,37 +1,41 @@
-"""Build script: the eigenfast package plus its operator library `eigenfast._C`.
+"""The operator library eigenfast._C: the one part of the build that has to be code.
 
-Build against the torch already installed (a CPU or CUDA build, whichever you have):
+Everything else (metadata, packages, dependencies) is in pyproject.toml. The library
+builds against the torch already installed, a CPU or CUDA build, so install torch
+first and then this package without build isolation:
 
     pip install --no-build-isolation -e .
-
-Without --no-build-isolation pip would build in a fresh environment and download a
-torch there (the registry's default, with several GB of CUDA packages) only to compile
-against it; that is also why there is no [build-system] requirement on torch.
 """
+from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
-
-try:
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-except ImportError:
-    sys.exit("eigenfast builds against an installed torch: install torch first, then run "
-             "`pip install --no-build-isolation -e .`")
+from setuptools import Extension, setup
 
 ROOT = Path(__file__).resolve().parent
+CSRC = Path("csrc")  # setuptools wants source paths relative to this file
+
+# The C++ kernels, the op schemas and the C++ autograd formulas: every build has them.
+CPU_SOURCES = ["token_bias.cpp", "token_bias_autograd.cpp"]
+# The CUDA glue (PyTorch C++) and the kernel (plain CUDA). No two sources of one build
+# may share a file stem: they would compile to the same object file.
+CUDA_SOURCES = ["token_bias_cuda_ops.cpp", "token_bias_cuda.cu"]
 
 
-def openmp_flags() -> list[str]:
+def extension_sources(with_cuda: bool) -> list[str]:
+    """The sources of eigenfast._C, for a CPU-only or a CUDA build."""
+    names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
+    return [str(CSRC / name) for name in names]
+
+
+def openmp_flags(torch_module) -> list[str]:
     """-fopenmp when the compiler takes it: ATen's parallel_for is an inline OpenMP
     loop when torch itself uses OpenMP, and runs serially if the extension is built
     without it."""
-    if not torch.backends.openmp.is_available():
+    if not torch_module.backends.openmp.is_available():
         return []
     compiler = os.environ.get("CXX", "c++")
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,64 +49,49 @@ def openmp_flags() -> list[str]:
     return ["-fopenmp"] if result.returncode == 0 else []
 
 
-def cuda_toolkit_found() -> bool:
+def cuda_toolkit_found(torch_module, cuda_home: str | None) -> bool:
     """A CUDA build of torch and an nvcc to compile the kernel with."""
-    if torch.version.cuda is None or CUDA_HOME is None:
+    if torch_module.version.cuda is None or cuda_home is None:
         return False
-    return any(Path(CUDA_HOME, "bin", name).exists() for name in ("nvcc", "nvcc.exe"))
+    return any(Path(cuda_home, "bin", name).exists() for name in ("nvcc", "nvcc.exe"))
 
 
-def extension() -> Extension:
-    """eigenfast._C: the CPU kernels always; the CUDA kernel where it can be built."""
-    omp = openmp_flags()
+def build() -> None:
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        raise SystemExit("eigenfast builds its C++ extension against an installed torch: install torch "
+                         "first, then run `pip install --no-build-isolation -e .`") from None
+
+    omp = openmp_flags(torch)
     # -g0 overrides the -g in Python's CFLAGS: debug info made the object 40x larger
     # and the compile a third slower, for a library with one small kernel.
     cxx_flags = ["-O3", "-g0", *omp]
-    # Paths relative to this file, as setuptools requires. Every csrc file is a
-    # dependency: edits trigger a rebuild, and an sdist made on a machine without CUDA
-    # still carries the CUDA sources.
-    csrc = Path("csrc")
-    sources = [str(csrc / "token_bias.cpp")]
-    depends = sorted(str(path.relative_to(ROOT)) for path in (ROOT / csrc).iterdir())
-    if cuda_toolkit_found():
-        return CUDAExtension(
+    # Every csrc file is a dependency: edits trigger a rebuild, and an sdist made on a
+    # machine without CUDA still carries the CUDA sources.
+    depends = sorted(str(path.relative_to(ROOT)) for path in (ROOT / CSRC).iterdir())
+    with_cuda = cuda_toolkit_found(torch, CUDA_HOME)
+    if with_cuda:
+        extension: Extension = CUDAExtension(
             "eigenfast._C",
-            sources=[*sources, str(csrc / "token_bias_cuda.cpp"), str(csrc / "token_bias_cuda.cu")],
+            sources=extension_sources(with_cuda=True),
             depends=depends,
             define_macros=[("EIGENFAST_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=omp,
         )
-    return CppExtension(
-        "eigenfast._C",
-        sources=sources,
-        depends=depends,
-        extra_compile_args=cxx_flags,
-        extra_link_args=omp,
-    )
+    else:
+        extension = CppExtension(
+            "eigenfast._C",
+            sources=extension_sources(with_cuda=False),
+            depends=depends,
+            extra_compile_args=cxx_flags,
+            extra_link_args=omp,
+        )
+    setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension})
 
 
-setup(
-    name="eigenfast",
-    version="0.1.0",
-    description="Interpretability-driven pruning of Hugging Face causal language models",
-    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["eigenfast", "eigenfast.*", "kernels", "kernels.*"]),
-    package_data={"eigenfast": ["builtin/**/*.json", "builtin/**/*.safetensors", "builtin/**/*.txt"]},
-    install_requires=[
-        "torch",
-        "transformers>=4.45",
-        "safetensors",
-        "tokenizers",
-        "tqdm",
-        "matplotlib",
-        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
-    ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
-    entry_points={"console_scripts": ["eigenfast=eigenfast.cli:main"]},
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
-    zip_safe=False,
-)
+# Guarded so tests can import this file to read extension_sources() without building.
+if __name__ == "__main__":
+    build()

@@ -1,19 +1,22 @@
 // eigenfast::token_bias_linear / token_bias_add: schemas, input checks and CPU kernels.
 //
-// A pruned matrix keeps a bias per token position (docs/MATH.md §3), so its forward is
-// y = x @ weight.T + bias_table[pos]. The matmul goes to ATen (BLAS); the table rows
-// are then gathered and added in one pass over the output, in place.
+// A pruned matrix keeps a bias per token position (docs/MATH.md §2), so its forward is
+// y = x @ weight.T + bias_table[pos]. The table rows are gathered straight into the
+// output and one GEMM then accumulates x @ weight.T into them (addmm, beta = 1), so
+// the output is written by the gather and read-modified-written once by the GEMM.
 #include <Python.h>  // only for the module stub at the bottom; first, as Python asks
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
+#include <ATen/ops/stack.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "token_bias.h"
 
@@ -24,13 +27,8 @@ namespace {
 // Enough work per task that OpenMP's fork/join cost stays small next to it.
 constexpr int64_t kElementsPerTask = 32768;
 
-int64_t leading_rows(const at::Tensor& t) {
-  int64_t rows = 1;
-  for (int64_t i = 0; i + 1 < t.dim(); ++i) rows *= t.size(i);
-  return rows;
-}
-
-void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
+void check_input(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must be (..., d), got a 0-d tensor");
   const auto dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
                   dtype == at::kHalf,
@@ -42,47 +40,66 @@ void check_same_dtype_device(const char* op, const char* name, const at::Tensor&
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
               t.scalar_type(), " but the input has dtype ", ref.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
-              " but the input is on ", ref.device());
+              " but the input is on ", ref.device(), "; move it with .to(input.device)");
+}
+
+// Exact positions: every one in [0, T). On the CPU a loop names the first bad value;
+// on another device one aminmax is copied to the host (a synchronisation, which is why
+// callers that can tolerate clamping pass clamp_pos=true instead).
+void check_positions(const char* op, const at::Tensor& pos, int64_t table_rows) {
+  if (pos.numel() == 0) return;
+  const char* fix = "; clamp positions into [0, T) first or pass clamp_pos=True";
+  if (pos.is_cpu()) {
+    const auto positions = pos.contiguous();
+    const int64_t* p = positions.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < positions.numel(); ++i) {
+      TORCH_CHECK_INDEX(p[i] >= 0 && p[i] < table_rows, op, ": pos value ", p[i],
+                        " is outside the bias table's ", table_rows, " rows", fix);
+    }
+    return;
+  }
+  const auto [lo, hi] = at::aminmax(pos);
+  const auto bounds = at::stack({lo, hi}).cpu();
+  const int64_t* b = bounds.const_data_ptr<int64_t>();
+  TORCH_CHECK_INDEX(b[0] >= 0 && b[1] < table_rows, op, ": pos values span [", b[0], ", ",
+                    b[1], "], outside the bias table's ", table_rows, " rows", fix);
 }
 
 void check_table_and_pos(const char* op, const at::Tensor& input, int64_t d_out,
-                         const at::Tensor& bias_table, const at::Tensor& pos) {
+                         const at::Tensor& bias_table, const at::Tensor& pos, bool clamp_pos) {
   TORCH_CHECK(bias_table.dim() == 2, op, ": bias_table must be 2-D (T, d_out), got shape ",
               bias_table.sizes());
   TORCH_CHECK(bias_table.size(1) == d_out, op, ": bias_table has ", bias_table.size(1),
               " columns but the output has d_out=", d_out);
+  // Clamping needs a row to clamp to, and an empty table has none for any position.
+  TORCH_CHECK(bias_table.size(0) > 0, op, ": bias_table has no rows (T = 0)");
   check_same_dtype_device(op, "bias_table", bias_table, input);
   TORCH_CHECK(pos.scalar_type() == at::kLong, op, ": pos must be int64, got ",
               pos.scalar_type());
   TORCH_CHECK(pos.device() == input.device(), op, ": pos is on ", pos.device(),
-              " but the input is on ", input.device());
+              " but the input is on ", input.device(), "; move it with .to(input.device)");
   const auto leading = input.sizes().slice(0, input.dim() - 1);
   TORCH_CHECK(pos.sizes() == leading, op, ": pos must have the input's leading shape ",
               leading, ", got ", pos.sizes());
+  if (!clamp_pos) check_positions(op, pos, bias_table.size(0));
 }
 
-// An out-of-range position would read outside the table; the caller is meant to
-// have clamped them (the extrapolation rule is its business), so say so.
-void check_positions(const char* op, const at::Tensor& pos, int64_t table_rows) {
-  const int64_t* p = pos.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < pos.numel(); ++i) {
-    TORCH_CHECK_INDEX(p[i] >= 0 && p[i] < table_rows, op, ": pos value ", p[i],
-                      " is outside the bias table's ", table_rows,
-                      " rows; clamp positions into [0, T) first");
-  }
-}
-
-// out[r] = src[r] + table[pos[r]] for every row r; src may alias out.
+// out[r] = (src ? src[r] : 0) + table[clamp(pos[r])] for every row r; src may alias out.
 template <typename scalar_t>
-void gather_add_rows(scalar_t* out, const scalar_t* src, const scalar_t* table,
-                     const int64_t* pos, int64_t rows, int64_t d) {
+void gather_rows(scalar_t* out, const scalar_t* src, const scalar_t* table, const int64_t* pos,
+                 int64_t rows, int64_t d, int64_t table_rows) {
   using acc_t = at::opmath_type<scalar_t>;  // half types add in float, as torch.add does
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(d, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* t = table + pos[r] * d;
-      const scalar_t* s = src + r * d;
+      const int64_t p = std::clamp<int64_t>(pos[r], 0, table_rows - 1);
+      const scalar_t* t = table + p * d;
       scalar_t* o = out + r * d;
+      if (src == nullptr) {
+        std::copy(t, t + d, o);
+        continue;
+      }
+      const scalar_t* s = src + r * d;
       for (int64_t j = 0; j < d; ++j) {
         o[j] = static_cast<scalar_t>(static_cast<acc_t>(s[j]) + static_cast<acc_t>(t[j]));
       }
@@ -90,63 +107,14 @@ void gather_add_rows(scalar_t* out, const scalar_t* src, const scalar_t* table,
   });
 }
 
-void gather_add_rows_cpu(const char* op, const at::Tensor& out, const at::Tensor& src,
-                         const at::Tensor& bias_table, const at::Tensor& pos) {
-  const auto table = bias_table.contiguous();
-  const auto positions = pos.contiguous();
-  check_positions(op, positions, table.size(0));
+void gather_rows_cpu(const at::Tensor& out, const std::optional<at::Tensor>& src,
+                     const at::Tensor& bias_table, const at::Tensor& pos) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "token_bias", [&] {
-    gather_add_rows<scalar_t>(out.mutable_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(),
-                              table.const_data_ptr<scalar_t>(),
-                              positions.const_data_ptr<int64_t>(), positions.numel(),
-                              out.size(-1));
+    gather_rows<scalar_t>(out.mutable_data_ptr<scalar_t>(),
+                          src ? src->const_data_ptr<scalar_t>() : nullptr,
+                          bias_table.const_data_ptr<scalar_t>(), pos.const_data_ptr<int64_t>(),
+                          pos.numel(), out.size(-1), bias_table.size(0));
   });
-}
-
-at::Tensor token_bias_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                 const at::Tensor& bias_table, const at::Tensor& pos) {
-  check_token_bias_linear(x, weight, bias_table, pos);
-  at::Tensor out = matmul_rows(x, weight);
-  gather_add_rows_cpu("token_bias_linear", out, out, bias_table, pos);
-  return out.view(with_last_dim(x.sizes(), weight.size(0)));
-}
-
-at::Tensor token_bias_add_cpu(const at::Tensor& y, const at::Tensor& bias_table,
-                              const at::Tensor& pos) {
-  check_token_bias_add(y, bias_table, pos);
-  const at::Tensor src = y.contiguous();
-  at::Tensor out = at::empty(y.sizes(), y.options());
-  gather_add_rows_cpu("token_bias_add", out, src, bias_table, pos);
-  return out;
-}
-
-}  // namespace
-
-void check_token_bias_linear(const at::Tensor& x, const at::Tensor& weight,
-                             const at::Tensor& bias_table, const at::Tensor& pos) {
-  constexpr const char* op = "token_bias_linear";
-  TORCH_CHECK(x.dim() >= 1, op, ": x must be (..., d_in), got a 0-d tensor");
-  check_float_dtype(op, "x", x);
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (d_out, d_in), got shape ",
-              weight.sizes());
-  TORCH_CHECK(weight.size(1) == x.size(-1), op, ": x has d_in=", x.size(-1),
-              " but weight (d_out, d_in) has shape ", weight.sizes());
-  check_same_dtype_device(op, "weight", weight, x);
-  check_table_and_pos(op, x, weight.size(0), bias_table, pos);
-}
-
-void check_token_bias_add(const at::Tensor& y, const at::Tensor& bias_table,
-                          const at::Tensor& pos) {
-  constexpr const char* op = "token_bias_add";
-  TORCH_CHECK(y.dim() >= 1, op, ": y must be (..., d), got a 0-d tensor");
-  check_float_dtype(op, "y", y);
-  check_table_and_pos(op, y, y.size(-1), bias_table, pos);
-}
-
-at::Tensor matmul_rows(const at::Tensor& x, const at::Tensor& weight) {
-  // reshape({-1, d_in}) cannot infer -1 when d_in == 0, so count the rows ourselves.
-  const auto x2 = x.reshape({leading_rows(x), x.size(-1)});
-  return at::mm(x2, weight.t()).contiguous();
 }
 
 std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
@@ -155,13 +123,66 @@ std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
   return shape;
 }
 
+at::Tensor token_bias_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& bias_table, const at::Tensor& pos,
+                                 bool clamp_pos) {
+  return token_bias_linear_with(&gather_rows_cpu, x, weight, bias_table, pos, clamp_pos);
+}
+
+at::Tensor token_bias_add_cpu(const at::Tensor& y, const at::Tensor& bias_table,
+                              const at::Tensor& pos, bool clamp_pos) {
+  return token_bias_add_with(&gather_rows_cpu, y, bias_table, pos, clamp_pos);
+}
+
+}  // namespace
+
+void check_token_bias_linear(const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& bias_table, const at::Tensor& pos, bool clamp_pos) {
+  constexpr const char* op = "token_bias_linear";
+  check_input(op, "x", x);
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (d_out, d_in), got shape ",
+              weight.sizes());
+  TORCH_CHECK(weight.size(1) == x.size(-1), op, ": x has d_in=", x.size(-1),
+              " but weight (d_out, d_in) has shape ", weight.sizes());
+  check_same_dtype_device(op, "weight", weight, x);
+  check_table_and_pos(op, x, weight.size(0), bias_table, pos, clamp_pos);
+}
+
+void check_token_bias_add(const at::Tensor& y, const at::Tensor& bias_table,
+                          const at::Tensor& pos, bool clamp_pos) {
+  constexpr const char* op = "token_bias_add";
+  check_input(op, "y", y);
+  check_table_and_pos(op, y, y.size(-1), bias_table, pos, clamp_pos);
+}
+
+at::Tensor token_bias_linear_with(GatherRows gather, const at::Tensor& x, const at::Tensor& weight,
+                                  const at::Tensor& bias_table, const at::Tensor& pos,
+                                  bool clamp_pos) {
+  check_token_bias_linear(x, weight, bias_table, pos, clamp_pos);
+  const int64_t rows = leading_rows(x);
+  at::Tensor out = at::empty({rows, weight.size(0)}, x.options());
+  gather(out, std::nullopt, bias_table.contiguous(), pos.contiguous());
+  out.addmm_(x.reshape({rows, x.size(-1)}), weight.t());
+  return out.view(with_last_dim(x.sizes(), weight.size(0)));
+}
+
+at::Tensor token_bias_add_with(GatherRows gather, const at::Tensor& y, const at::Tensor& bias_table,
+                               const at::Tensor& pos, bool clamp_pos) {
+  check_token_bias_add(y, bias_table, pos, clamp_pos);
+  at::Tensor out = at::empty(y.sizes(), y.options());
+  gather(out, y.contiguous(), bias_table.contiguous(), pos.contiguous());
+  return out;
+}
+
 }  // namespace eigenfast
 
 TORCH_LIBRARY(eigenfast, m) {
-  // The fake (shape) kernels and autograd formulas are registered from Python, here.
+  // The fake (shape) kernels are registered from Python, here; the Python fallback
+  // registers the same schemas when this library is not built.
   m.set_python_module("eigenfast.ops.token_bias");
-  m.def("token_bias_linear(Tensor x, Tensor weight, Tensor bias_table, Tensor pos) -> Tensor");
-  m.def("token_bias_add(Tensor y, Tensor bias_table, Tensor pos) -> Tensor");
+  m.def("token_bias_linear(Tensor x, Tensor weight, Tensor bias_table, Tensor pos, "
+        "bool clamp_pos=False) -> Tensor");
+  m.def("token_bias_add(Tensor y, Tensor bias_table, Tensor pos, bool clamp_pos=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(eigenfast, CPU, m) {

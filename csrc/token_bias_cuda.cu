@@ -1,9 +1,9 @@
-// CUDA gather-add for the token-bias op: out[r] = src[r] + table[pos[r]].
+// CUDA gather(-add) for the token-bias op: out[r] = src[r] + table[clamp(pos[r])], or
+// out[r] = table[clamp(pos[r])] when src is null.
 //
 // Deliberately free of PyTorch headers: it builds with a bare `nvcc -c`, and the
-// extension's glue (token_bias_cuda.cpp) reaches it through the C launchers below.
+// extension's glue (token_bias_cuda_ops.cpp) reaches it through the C launchers below.
 // The op is memory bound, so the kernel's job is wide (128-bit) coalesced accesses.
-#include <assert.h>
 #include <stdint.h>
 
 #include <algorithm>
@@ -42,7 +42,9 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 // One block per row (grid-stride when rows exceed the grid), threads across the row.
-// `src` may alias `out`, so only the table is __restrict__.
+// `src` may alias `out`, so only the table is __restrict__. Every position is clamped
+// into [0, table_rows): callers that need exact positions check them on the host
+// first, and whatever reaches the kernel never reads outside the table.
 template <typename T, int N>
 __global__ void gather_add_kernel(T* out, const T* src, const T* __restrict__ table,
                                   const int64_t* __restrict__ pos, int64_t rows, int64_t d,
@@ -50,11 +52,15 @@ __global__ void gather_add_kernel(T* out, const T* src, const T* __restrict__ ta
   using P = Pack<T, N>;
   const int64_t packs = d / N;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const int64_t p = pos[r];
-    assert(p >= 0 && p < table_rows);
-    const P* s = reinterpret_cast<const P*>(src + r * d);
+    const int64_t raw = pos[r];
+    const int64_t p = raw < 0 ? 0 : (raw >= table_rows ? table_rows - 1 : raw);
     const P* t = reinterpret_cast<const P*>(table + p * d);
     P* o = reinterpret_cast<P*>(out + r * d);
+    if (src == nullptr) {
+      for (int64_t j = threadIdx.x; j < packs; j += blockDim.x) o[j] = t[j];
+      continue;
+    }
+    const P* s = reinterpret_cast<const P*>(src + r * d);
     for (int64_t j = threadIdx.x; j < packs; j += blockDim.x) {
       P a = s[j];
       const P b = t[j];
@@ -72,10 +78,12 @@ cudaError_t launch_gather_add(T* out, const T* src, const T* table, const int64_
                               int64_t rows, int64_t d, int64_t table_rows,
                               cudaStream_t stream) {
   if (rows == 0 || d == 0) return cudaSuccess;
+  // An empty table has no row to clamp to; the glue rejects it before launching.
+  if (table_rows <= 0) return cudaErrorInvalidValue;
   constexpr int kVec = 16 / sizeof(T);
   // Rows start on 16-byte boundaries only when d is a multiple of the pack width.
-  const bool vectorised =
-      d % kVec == 0 && aligned16(out) && aligned16(src) && aligned16(table);
+  const bool vectorised = d % kVec == 0 && aligned16(out) && (src == nullptr || aligned16(src)) &&
+                          aligned16(table);
   const int64_t per_row = vectorised ? d / kVec : d;
   const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (per_row + 31) / 32 * 32));
   const unsigned blocks = static_cast<unsigned>(std::min(rows, kMaxBlocks));

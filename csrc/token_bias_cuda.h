@@ -1,12 +1,14 @@
-/* C interface of the CUDA gather-add kernel (token_bias_cuda.cu).
+/* C interface of the CUDA gather(-add) kernel (token_bias_cuda.cu).
  *
  * Plain CUDA types only, so the .cu file builds with a bare `nvcc -c` and the PyTorch
- * glue (token_bias_cuda.cpp) needs no CUDA compiler of its own.
+ * glue (token_bias_cuda_ops.cpp) needs no CUDA compiler of its own.
  *
- * Each launcher computes out[r, :] = src[r, :] + table[pos[r], :] for r < rows, on
- * `stream`, with row-major contiguous out/src (rows, d) and table (table_rows, d).
- * `src` may equal `out` (in place). Positions must lie in [0, table_rows); a bad one
- * trips a device-side assert. Returns the launch status (cudaSuccess when queued).
+ * Each launcher computes out[r, :] = src[r, :] + table[p, :] for r < rows, on `stream`,
+ * where p is pos[r] clamped into [0, table_rows - 1], with row-major contiguous out/src
+ * (rows, d) and table (table_rows, d). `src` may equal `out` (in place) or be null (a
+ * plain gather: out[r, :] = table[p, :]). The clamp means no position reads outside the
+ * table; exact positions are the caller's to check. Returns the launch status
+ * (cudaSuccess when queued; cudaErrorInvalidValue for an empty table with rows to fill).
  */
 #pragma once
 

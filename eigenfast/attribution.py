@@ -50,7 +50,7 @@ def pass1_update(
     """
     _check(x, U, None, None, None, pos, pmax, pmin, None, None)
     if _use_triton(backend, x):
-        from kernels import attribution_pass1
+        from eigenfast.kernels import attribution_pass1
 
         attribution_pass1.pass1_update(x, U, pos, pmax, pmin)
         return
@@ -92,7 +92,7 @@ def pass2_update(
     """
     _check(x, U, g, V, s, pos, pmax, pmin, out, partner)
     if _use_triton(backend, x):
-        from kernels import attribution_pass2
+        from eigenfast.kernels import attribution_pass2
 
         attribution_pass2.pass2_update(x, g, U, V, s, pos, pmax, pmin, out, partner=partner)
         return

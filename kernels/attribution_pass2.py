@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attribution_pass1 import dot_precision, dot_type, tile_sizes
+from .attribution_pass1 import dot_precision, dot_type, tile_sizes
 
 
 @triton.jit

@@ -2,11 +2,13 @@
 
 The tests use whichever kernels `import eigenfast.ops` picked (the compiled extension
 when built); the fallback is exercised in a subprocess with the extension disabled.
+Tests taking `device` also run on CUDA when there is a GPU.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import eigenfast.ops as ops
 from eigenfast.ops import token_bias_add, token_bias_linear
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 def reference_linear(x, weight, table, pos):
@@ -33,13 +36,13 @@ def reference_add(y, table, pos):
     return y + table[pos]
 
 
-def make_inputs(lead, d_in=13, d_out=7, table_rows=11, dtype=torch.float32, seed=0):
+def make_inputs(lead, d_in=13, d_out=7, table_rows=11, dtype=torch.float32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, d_in, generator=g).to(dtype)
     weight = torch.randn(d_out, d_in, generator=g).to(dtype)
     table = torch.randn(table_rows, d_out, generator=g).to(dtype)
     pos = torch.randint(0, table_rows, lead, generator=g)
-    return x, weight, table, pos
+    return tuple(t.to(device) for t in (x, weight, table, pos))
 
 
 def left_padded_positions(lengths, width):
@@ -51,18 +54,20 @@ def left_padded_positions(lengths, width):
 LEADS = [(), (1,), (5,), (3, 4), (2, 3, 5), (0,), (2, 0)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lead", LEADS, ids=str)
-def test_linear_matches_reference(lead):
-    x, weight, table, pos = make_inputs(lead)
+def test_linear_matches_reference(lead, device):
+    x, weight, table, pos = make_inputs(lead, device=device)
     out = token_bias_linear(x, weight, table, pos)
     assert out.shape == (*lead, weight.shape[0])
     assert out.is_contiguous()
     torch.testing.assert_close(out, reference_linear(x, weight, table, pos), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lead", LEADS, ids=str)
-def test_add_matches_reference(lead):
-    y, _, table, pos = make_inputs(lead, d_in=7)
+def test_add_matches_reference(lead, device):
+    y, _, table, pos = make_inputs(lead, d_in=7, device=device)
     out = token_bias_add(y, table, pos)
     assert out.shape == y.shape
     torch.testing.assert_close(out, reference_add(y, table, pos), atol=0, rtol=0)
@@ -159,11 +164,28 @@ def test_backward_matches_reference(dtype):
 
 
 def test_activations_saved_only_for_weight_grad():
-    """Scoring backpropagates to activations with frozen weights: x must not be kept."""
+    """Scoring backpropagates to activations with frozen weights: x must not be kept.
+    The pack hook sees every tensor autograd saves, from C++ formulas or Python."""
     x, weight, table, pos = make_inputs((2, 3))
-    out = token_bias_linear(x.requires_grad_(), weight, table, pos)
-    saved_x, saved_weight, _ = out.grad_fn.saved_tensors
-    assert saved_x is None and saved_weight is not None
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        token_bias_linear(x.requires_grad_(), weight, table, pos)
+    saved = {t.data_ptr() for t in packed}
+    assert weight.data_ptr() in saved and x.data_ptr() not in saved
+
+
+def test_clamp_pos_clamps_and_backpropagates_to_clamped_rows():
+    x, weight, table, _ = make_inputs((2, 5), d_in=5, d_out=4, table_rows=3, dtype=torch.float64)
+    pos = torch.tensor([[-4, 0, 1, 2, 3], [7, 2, -1, 1, 100]])
+    clamped = pos.clamp(0, table.shape[0] - 1)
+    torch.testing.assert_close(token_bias_linear(x, weight, table, pos, clamp_pos=True),
+                               reference_linear(x, weight, table, clamped))
+    torch.testing.assert_close(token_bias_add(x, table[:, :1].expand(3, 5), pos, clamp_pos=True),
+                               reference_add(x, table[:, :1].expand(3, 5), clamped))
+    args = [t.requires_grad_() for t in (x, weight, table)]
+    assert torch.autograd.gradcheck(lambda a, b, c: token_bias_linear(a, b, c, pos, clamp_pos=True), args)
+    assert torch.autograd.gradcheck(lambda a, c: token_bias_add(a @ weight.T, c, pos, clamp_pos=True),
+                                    [args[0], args[2]])
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # opcheck's own use of torch.jit
@@ -174,6 +196,20 @@ def test_opcheck():
                           (x.requires_grad_(), weight.requires_grad_(), table.requires_grad_(), pos))
     y = torch.randn(2, 5, table.shape[1], dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.eigenfast.token_bias_add.default, (y, table, pos))
+    wild = pos * 3 - 4  # out of range on both sides: clamp_pos must clamp them
+    torch.library.opcheck(torch.ops.eigenfast.token_bias_linear.default, (x, weight, table, wild, True))
+    torch.library.opcheck(torch.ops.eigenfast.token_bias_add.default, (y, table, wild, True))
+
+
+def test_no_grad_calls_skip_python_autograd():
+    """With the extension, the autograd formulas are C++, registered for every device:
+    a call under torch.no_grad (generate()) never enters a Python autograd kernel."""
+    if not ops.extension_available():
+        pytest.skip("the fallback's autograd is Python by design")
+    for name in ("token_bias_linear", "token_bias_add"):
+        dump = torch._C._dispatch_dump(f"eigenfast::{name}")
+        autograd = [line for line in dump.splitlines() if line.startswith("Autograd")]
+        assert autograd and all("token_bias_autograd.cpp" in line for line in autograd), dump
 
 
 # -- tracing: torch.compile and torch.export ---------------------------------------------
@@ -242,8 +278,8 @@ def test_torch_export_dynamic_batch():
 # -- bad inputs -----------------------------------------------------------------------
 
 
-def bad_linear_cases():
-    x, weight, table, pos = make_inputs((2, 3))
+def bad_linear_cases(device="cpu"):
+    x, weight, table, pos = make_inputs((2, 3), device=device)
     return {
         "x width": ((x[..., :-1], weight, table, pos), "d_in"),
         "weight 1-D": ((x, weight[0], table, pos), "weight must be 2-D"),
@@ -258,9 +294,10 @@ def bad_linear_cases():
     }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(bad_linear_cases()))
-def test_linear_rejects_bad_inputs(case):
-    args, message = bad_linear_cases()[case]
+def test_linear_rejects_bad_inputs(case, device):
+    args, message = bad_linear_cases(device)[case]
     with pytest.raises(RuntimeError, match=message):
         token_bias_linear(*args)
 
@@ -275,14 +312,124 @@ def test_add_rejects_bad_inputs():
         token_bias_add(y, table.double(), pos)
 
 
-def test_out_of_range_positions_raise():
-    x, weight, table, pos = make_inputs((2, 3), table_rows=4)
-    for bad in (4, -1):
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_range_positions_raise(device):
+    x, weight, table, pos = make_inputs((2, 3), table_rows=4, device=device)
+    for bad in (4, -1, 2**62, -2**63):
         pos[1, 1] = bad
-        with pytest.raises(IndexError):
+        with pytest.raises(IndexError, match="outside the bias table"):
             token_bias_linear(x, weight, table, pos)
-        with pytest.raises(IndexError):
-            token_bias_add(torch.randn(2, 3, 7), table, pos)
+        with pytest.raises(IndexError, match="outside the bias table"):
+            token_bias_add(torch.randn(2, 3, 7, device=device), table, pos)
+
+
+def test_empty_table_is_rejected_even_when_clamping():
+    x, weight, table, pos = make_inputs((2, 3))
+    with pytest.raises(RuntimeError, match="no rows"):
+        token_bias_linear(x, weight, table[:0], pos, clamp_pos=True)
+    with pytest.raises(RuntimeError, match="no rows"):
+        token_bias_add(x[..., :7], table[:0], pos, clamp_pos=True)
+
+
+# -- randomized bad inputs: every one a clean error, in this process --------------------
+
+
+def noncontiguous(t: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """The same values through a strided view: every other element of a wider tensor,
+    or a transposed copy transposed back."""
+    if t.dim() == 0:
+        return t
+    if rng.random() < 0.5:
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.mT.contiguous().mT if t.dim() >= 2 else t.flip(0).flip(0)
+
+
+def wrong_device(device: str) -> str:
+    return "cpu" if device != "cpu" else "meta"  # meta: a device with no real kernel
+
+
+def corruptions(device: str) -> dict:
+    """Ways to break one argument of (op, x, weight, table, pos); each is (change, error)."""
+    other = wrong_device(device)
+    return {
+        "x width": lambda a, r: {**a, "x": a["x"][..., : r.randrange(a["x"].shape[-1])]},
+        "x 0-d": lambda a, r: {**a, "x": a["x"].sum()},
+        "x int": lambda a, r: {**a, "x": a["x"].long()},
+        "x bool": lambda a, r: {**a, "x": a["x"] > 0},
+        "x complex": lambda a, r: {**a, "x": a["x"].to(torch.complex64)},
+        "weight 1-D": lambda a, r: {**a, "weight": a["weight"][0]},
+        "weight 3-D": lambda a, r: {**a, "weight": a["weight"][None]},
+        "weight rows": lambda a, r: {**a, "weight": a["weight"][:-1]},
+        "weight dtype": lambda a, r: {**a, "weight": a["weight"].double()},
+        "weight device": lambda a, r: {**a, "weight": a["weight"].to(other)},
+        "table 1-D": lambda a, r: {**a, "table": a["table"][0]},
+        "table 3-D": lambda a, r: {**a, "table": a["table"][None]},
+        "table width": lambda a, r: {**a, "table": a["table"][:, : r.randrange(a["table"].shape[1])]},
+        "table empty": lambda a, r: {**a, "table": a["table"][:0]},
+        "table dtype": lambda a, r: {**a, "table": a["table"].half()},
+        "table device": lambda a, r: {**a, "table": a["table"].to(other)},
+        "pos shape": lambda a, r: {**a, "pos": a["pos"][..., :-1]},
+        "pos rank": lambda a, r: {**a, "pos": a["pos"].reshape(-1)[None, None]},
+        "pos dtype": lambda a, r: {**a, "pos": a["pos"].to(r.choice([torch.int32, torch.float32, torch.uint8]))},
+        "pos device": lambda a, r: {**a, "pos": a["pos"].to(other)},
+        "pos too large": lambda a, r: {**a, "pos": a["pos"].clone().fill_(a["table"].shape[0] + r.randrange(2**40))},
+        "pos negative": lambda a, r: {**a, "pos": a["pos"].clone().fill_(-1 - r.randrange(2**40))},
+    }
+
+
+def random_case(rng: random.Random, device: str) -> dict:
+    lead = tuple(rng.randint(1, 4) for _ in range(rng.randint(1, 3)))
+    d_in, d_out, rows = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 6)
+    x, weight, table, pos = make_inputs(lead, d_in, d_out, rows, seed=rng.randrange(2**31), device=device)
+    case = {"x": x, "weight": weight, "table": table, "pos": pos}
+    return {name: noncontiguous(t, rng) if rng.random() < 0.5 else t for name, t in case.items()}
+
+
+def call(op: str, a: dict, clamp_pos: bool) -> torch.Tensor:
+    if op == "linear":
+        return token_bias_linear(a["x"], a["weight"], a["table"], a["pos"], clamp_pos)
+    return token_bias_add(a["x"], a["table"], a["pos"], clamp_pos)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_bad_inputs_raise_clean_errors(device):
+    rng = random.Random(1234)
+    broken = corruptions(device)
+    tried = 0
+    for _ in range(300):
+        name = rng.choice(sorted(broken))
+        op = rng.choice(["linear", "add"])
+        case = random_case(rng, device)
+        if op == "add":  # token_bias_add reads x as y: give it the table's width
+            case["x"] = noncontiguous(torch.randn(*case["pos"].shape, case["table"].shape[1], device=device), rng)
+            if name.startswith("weight") or name == "x width":
+                continue  # no weight, and y's width is checked as "table width"
+        bad = broken[name](case, rng)
+        # clamp_pos hides position values, not shapes, dtypes or devices.
+        clamp = False if name.startswith("pos too") or name.startswith("pos negative") else rng.random() < 0.5
+        with pytest.raises((RuntimeError, IndexError)) as caught:
+            call(op, bad, clamp)
+        assert str(caught.value).strip(), f"{op} {name}: an error without a message"
+        tried += 1
+    assert tried > 200
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_good_inputs_match_reference(device):
+    """The strided, clamped and in-range inputs that the bad cases are made from work."""
+    rng = random.Random(99)
+    for _ in range(60):
+        case = random_case(rng, device)
+        clamp = rng.random() < 0.5
+        if clamp:
+            case["pos"] = case["pos"] * 3 - 4
+        pos = case["pos"].clamp(0, case["table"].shape[0] - 1)
+        torch.testing.assert_close(call("linear", case, clamp),
+                                   reference_linear(case["x"], case["weight"], case["table"], pos))
+        y = torch.randn(*case["pos"].shape, case["table"].shape[1], device=device)
+        torch.testing.assert_close(call("add", {**case, "x": y}, clamp), reference_add(y, case["table"], pos))
 
 
 def test_tracing_rejects_bad_shapes():
@@ -377,7 +524,7 @@ def test_cuda_kernel_compiles_with_plain_nvcc(tmp_path):
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 def test_cuda_glue_compiles(tmp_path):
-    """Syntax-check the CUDA glue (token_bias_cuda.cpp), which only a CUDA build compiles.
+    """Syntax-check the CUDA glue (token_bias_cuda_ops.cpp), which only a CUDA build compiles.
     nvcc drives the host compiler here just to supply the CUDA include paths."""
     from torch.utils.cpp_extension import include_paths
 
@@ -386,7 +533,7 @@ def test_cuda_glue_compiles(tmp_path):
     stub.parent.mkdir(parents=True)
     stub.write_text("#pragma once\n")
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{tmp_path}", f"-I{ROOT / 'csrc'}"]
-    run = subprocess.run([NVCC, "-std=c++20", "-c", str(ROOT / "csrc" / "token_bias_cuda.cpp"), *includes,
+    run = subprocess.run([NVCC, "-std=c++20", "-c", str(ROOT / "csrc" / "token_bias_cuda_ops.cpp"), *includes,
                           "-Xcompiler", "-fsyntax-only", "-o", str(tmp_path / "glue.o")],
                          capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr

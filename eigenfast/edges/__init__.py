@@ -1,4 +1,4 @@
-"""Edge-level circuit discovery (SPEC §4): one edge graph, Edge Pruning, EAP and ACDC, one evaluation.
+"""Edge-level circuit discovery (docs/EDGES.md): one edge graph, Edge Pruning, EAP and ACDC, one evaluation.
 
     circuit = eigenfast.edge_prune(model, clean, corrupted, target_sparsity=0.95, steps=300)
     circuit.edges, circuit.heads, circuit.mlps, circuit.report

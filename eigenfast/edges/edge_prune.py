@@ -1,4 +1,4 @@
-"""Edge Pruning (SPEC §4): learn hard-concrete masks on edges and nodes against KL to the full model."""
+"""Edge Pruning (docs/EDGES.md): learn hard-concrete masks on edges and nodes against KL to the full model."""
 from __future__ import annotations
 
 import time

@@ -1,4 +1,4 @@
-"""Any method's node-level circuit, physically extracted: a smaller, faster model (SPEC §3's removal path).
+"""Any method's node-level circuit, physically extracted: a smaller, faster model (docs/MATH.md §4, the removal path).
 
 A head or MLP with no kept outgoing edge leaves the model. The circuit was found
 with the counterfactual activations in its place; the extracted model puts the

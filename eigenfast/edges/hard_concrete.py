@@ -1,4 +1,4 @@
-"""Hard-concrete masks (Louizos et al.) and the Lagrangian sparsity term, with SPEC §4's constants."""
+"""Hard-concrete masks (Louizos et al.) and the Lagrangian sparsity term, with the constants of docs/EDGES.md."""
 from __future__ import annotations
 
 import math
