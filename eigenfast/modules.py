@@ -33,18 +33,22 @@ def extend_rows(rows: torch.Tensor, extrapolate: str) -> torch.Tensor:
     return torch.cat([rows, tail], dim=-2)
 
 
-def table_positions(positions: torch.Tensor, calib_len: int, extrapolate: str) -> torch.Tensor:
-    """Row indices into an :func:`extend_rows` table; past ``calib_len`` raises under ``"error"``.
+def check_positions(positions: torch.Tensor, calib_len: int) -> None:
+    """``extrapolate="error"``: no position may reach ``calib_len`` (looks at the values: one host sync)."""
+    if torch.compiler.is_compiling():
+        return
+    longest = int(positions.max())
+    if longest >= calib_len:
+        raise PositionIndexError(
+            f"token position {longest} is beyond the calibration length {calib_len}; "
+            "calibrate on longer sequences or pick extrapolate='mean' or 'last'"
+        )
 
-    Only ``"error"`` looks at the values on the host (one sync); the other rules are a clamp.
-    """
-    if extrapolate == "error" and not torch.compiler.is_compiling():
-        longest = int(positions.max())
-        if longest >= calib_len:
-            raise PositionIndexError(
-                f"token position {longest} is beyond the calibration length {calib_len}; "
-                "calibrate on longer sequences or pick extrapolate='mean' or 'last'"
-            )
+
+def table_positions(positions: torch.Tensor, calib_len: int, extrapolate: str) -> torch.Tensor:
+    """Row indices into an :func:`extend_rows` table; past ``calib_len`` raises under ``"error"``."""
+    if extrapolate == "error":
+        check_positions(positions, calib_len)
     return positions.clamp(0, calib_len)
 
 
@@ -152,7 +156,10 @@ class TokenBiasLinear(PositionTable):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return token_bias_linear(x, self.weight, self.table.to(x.dtype), self.read_at(positions, x.shape[:-1]))
+        if self.extrapolate == "error":
+            check_positions(positions, self.calib_len)
+        # clamp_pos: the op clamps into the table, whose last row serves every later position.
+        return token_bias_linear(x, self.weight, self.table.to(x.dtype), positions.expand(x.shape[:-1]), clamp_pos=True)
 
     def spec(self) -> dict[str, Any]:
         return {"d_in": self.in_features, "d_out": self.out_features, **self.spec_fields()}
