@@ -2,6 +2,7 @@
 graph breaks or per-step recompilation, torch.export with dynamic shapes, AOTInductor, ONNX Runtime."""
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import eigenfast
 from eigenfast.export import LogitsOnly, aoti_package, export, to_onnx
@@ -149,3 +151,35 @@ def test_bench_command_writes_its_table(tmp_path):
             assert r["decode_speedup"] == 1.0 and r["prefill_speedup"] == 1.0
     assert "| extracted | eager | 2 | 4 |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the ops a forward dispatches, views aside (they launch no kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def decode_step_ops(model) -> collections.Counter:
+    prompt = make_data(n=2, length=5, seed=5).input_ids
+    decode(model, model.config, prompt, 2)  # warm: lazily initialised cache layers
+    with _CountOps() as counter:
+        decode(model, model.config, prompt, 3)
+    return counter.ops
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_adds_no_op_and_no_host_sync_over_the_base(family, kind):
+    """A CPU proxy for kernel launches and syncs on a GPU: per decode, a changed model dispatches no more
+    (non-view) ops than its base, and no more that read a value on the host (transformers' own mask code
+    may read some; eigenfast's modules add none)."""
+    base_ops, ops = decode_step_ops(make_model(family)), decode_step_ops(changed(family, kind))
+    for sync in ("item", "_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal"):
+        assert ops[sync] <= base_ops[sync], (sync, ops[sync], base_ops[sync])
+    assert sum(ops.values()) <= sum(base_ops.values()), (ops - base_ops, base_ops - ops)
