@@ -1,4 +1,5 @@
-"""Circuit discovery: means, hook ablation, and the fast search against a literal Algorithm 1."""
+"""Circuit discovery: means, hook ablation, and the fast search against a literal Algorithm 1
+(eigenfast.testing.naive_discovery)."""
 from __future__ import annotations
 
 import pytest
@@ -10,40 +11,15 @@ from eigenfast.circuit.discovery import kl_divergence
 from eigenfast.circuit.synthetic import head_rates, synthetic_task
 from eigenfast.forward import last_logits
 from eigenfast.modules import PositionIndexError
+from eigenfast.testing.naive_discovery import naive_discover
 
 from conftest import make_data, make_model
-
-
-@torch.no_grad()
-def naive_discover(model, patch_data, val_data, threshold, ablation="mean", include_mlps=False):
-    """Algorithm 1 as written: one full hook-ablated forward over D_v per candidate.
-
-    Returns the kept heads, kept MLPs and the (component, kl_before, kl_after, pruned) trace.
-    """
-    adapter = get_adapter(model)
-    means = component_means(model, patch_data) if ablation == "mean" else None
-    logp_f = torch.log_softmax(last_logits(adapter, val_data), dim=-1)
-    heads, mlps, kl, trace = set(), set(), 0.0, []
-    for layer in reversed(range(adapter.n_layers)):
-        candidates = [Component(layer, h) for h in range(adapter.n_heads)]
-        candidates += [Component(layer, None)] if include_mlps else []
-        for c in candidates:
-            trial_heads = heads | ({(layer, c.head)} if c.head is not None else set())
-            trial_mlps = mlps | ({layer} if c.head is None else set())
-            with ablated(model, trial_heads, trial_mlps, means, ablation):
-                kl_after = float(kl_divergence(logp_f, last_logits(adapter, val_data)).mean())
-            pruned = kl_after - kl < threshold
-            trace.append((c, kl, kl_after, pruned))
-            if pruned:
-                heads, mlps, kl = trial_heads, trial_mlps, kl_after
-    kept = [(l, h) for l in range(adapter.n_layers) for h in range(adapter.n_heads) if (l, h) not in heads]
-    return kept, [l for l in range(adapter.n_layers) if l not in mlps], trace
 
 
 def median_alpha(model, patch, val, ablation, include_mlps) -> float:
     """A threshold that prunes some components and keeps others: midway between the middle two
     steps of pruning everything (never equal to a step's delta, where rounding could flip a decision)."""
-    steps = discover(model, patch, val, float("inf"), ablation, include_mlps, progress=False).kl_trace
+    steps = discover(model, patch, val, float("inf"), ablation=ablation, include_mlps=include_mlps, progress=False).kl_trace
     deltas = sorted(s.delta for s in steps)
     middle = len(deltas) // 2
     return (deltas[middle - 1] + deltas[middle]) / 2
@@ -123,8 +99,8 @@ def test_discover_matches_algorithm_1(family, ablation, include_mlps):
     patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
     alpha = median_alpha(model, patch, val, ablation, include_mlps)
     # Small groups so that speculation goes wrong and re-runs happen.
-    found = discover(model, patch, val, alpha, ablation, include_mlps, batch_size=24, progress=False)
-    heads, mlps, trace = naive_discover(model, patch, val, alpha, ablation, include_mlps)
+    found = discover(model, patch, val, alpha, ablation=ablation, include_mlps=include_mlps, batch_size=24, progress=False)
+    heads, mlps, trace = naive_discover(model, patch, val, alpha, ablation=ablation, include_mlps=include_mlps)
     assert (found.heads, found.mlps) == (heads, mlps)
     assert 0 < len(found.kl_trace) - sum(s.pruned for s in found.kl_trace) < len(found.kl_trace)
     assert [s.component for s in found.kl_trace] == [c for c, *_ in trace]
@@ -139,8 +115,8 @@ def test_discover_matches_algorithm_1_other_llamas(name):
     model = make_model(name)
     patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
     alpha = median_alpha(model, patch, val, "mean", True)
-    found = discover(model, patch, val, alpha, "mean", True, progress=False)
-    assert (found.heads, found.mlps) == naive_discover(model, patch, val, alpha, "mean", True)[:2]
+    found = discover(model, patch, val, alpha, include_mlps=True, progress=False)
+    assert (found.heads, found.mlps) == naive_discover(model, patch, val, alpha, include_mlps=True)[:2]
 
 
 def test_discover_does_not_depend_on_batch_size():
@@ -148,7 +124,7 @@ def test_discover_does_not_depend_on_batch_size():
     model = make_model("neox")
     patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
     alpha = median_alpha(model, patch, val, "mean", True)
-    runs = [discover(model, patch, val, alpha, "mean", True, batch_size=b, progress=False) for b in (3, 8, 24, 1000)]
+    runs = [discover(model, patch, val, alpha, include_mlps=True, batch_size=b, progress=False) for b in (3, 8, 24, 1000)]
     for run in runs[1:]:
         assert (run.heads, run.mlps) == (runs[0].heads, runs[0].mlps)
         torch.testing.assert_close(
@@ -161,7 +137,7 @@ def test_kl_trace_is_consistent():
     model = make_model("gpt2")
     patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
     alpha = median_alpha(model, patch, val, "zero", True)
-    found = discover(model, patch, val, alpha, "zero", True, batch_size=16, progress=False)
+    found = discover(model, patch, val, alpha, ablation="zero", include_mlps=True, batch_size=16, progress=False)
     adapter = get_adapter(model)
     order = [Component(l, h) for l in reversed(range(2)) for h in [*range(adapter.n_heads), None]]
     assert [s.component for s in found.kl_trace] == order
@@ -186,7 +162,7 @@ def test_kl_trace_is_consistent():
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_synthetic_task_recovers_its_circuit(model_type, ablation):
     task = synthetic_task(model_type)
-    found = discover(task.model, task.patch_data, task.val_data, 1e-6, ablation, progress=False)
+    found = discover(task.model, task.patch_data, task.val_data, 1e-6, ablation=ablation, progress=False)
     assert found.heads == task.true_heads
     assert head_rates(found.heads, task.true_heads, 3, 4) == (1.0, 0.0)
     # The heads outside the circuit write nothing: ablating them is exactly free.
@@ -199,8 +175,8 @@ def test_pruning_everything_matches_algorithm_1(family, ablation):
     """Whole layers and MLPs pruned: discovery skips their work, the KL must not notice."""
     model = make_model(family)
     patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
-    found = discover(model, patch, val, float("inf"), ablation, True, batch_size=24, progress=False)
-    *_, trace = naive_discover(model, patch, val, float("inf"), ablation, True)
+    found = discover(model, patch, val, float("inf"), ablation=ablation, include_mlps=True, batch_size=24, progress=False)
+    *_, trace = naive_discover(model, patch, val, float("inf"), ablation=ablation, include_mlps=True)
     assert found.heads == [] and found.mlps == []
     torch.testing.assert_close(
         torch.tensor([s.kl_after for s in found.kl_trace]), torch.tensor([k for _, _, k, _ in trace]), atol=1e-6, rtol=1e-4
