@@ -2,11 +2,15 @@
 (eigenfast.testing.naive_discovery)."""
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from eigenfast.adapters import get_adapter, projection_matrix
 from eigenfast.circuit import Component, ablated, component_means, discover
+from eigenfast.circuit import discovery as discovery_module
 from eigenfast.circuit.discovery import kl_divergence
 from eigenfast.circuit.synthetic import head_rates, synthetic_task
 from eigenfast.forward import last_logits
@@ -181,3 +185,96 @@ def test_pruning_everything_matches_algorithm_1(family, ablation):
     torch.testing.assert_close(
         torch.tensor([s.kl_after for s in found.kl_trace]), torch.tensor([k for _, _, k, _ in trace]), atol=1e-6, rtol=1e-4
     )
+
+
+@pytest.mark.parametrize("n_val", [1, 5, 40])
+def test_discover_matches_algorithm_1_as_D_v_grows(n_val):
+    """A whole layer stacked per forward (|D_v| = 1), a few candidates (5), uneven chunks one candidate at a time (40)."""
+    model = make_model("llama")
+    patch, val = make_data(12, 6, padded=True), make_data(n_val, 7, seed=4, padded=True)
+    alpha = median_alpha(model, patch, val, "mean", True)
+    found = discover(model, patch, val, alpha, include_mlps=True, batch_size=16, progress=False)
+    heads, mlps, trace = naive_discover(model, patch, val, alpha, include_mlps=True)
+    assert (found.heads, found.mlps) == (heads, mlps)
+    assert [s.pruned for s in found.kl_trace] == [p for *_, p in trace]
+    torch.testing.assert_close(
+        torch.tensor([s.kl_after for s in found.kl_trace]), torch.tensor([k for _, _, k, _ in trace]), atol=1e-6, rtol=1e-4
+    )
+
+
+# --- host synchronisation and hooks ---------------------------------------------
+
+# Ops whose result the host must wait for, or whose output shape depends on the data.
+SYNC_OPS = {
+    "aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default", "aten.equal.default",
+    "aten.nonzero.default", "aten.nonzero_static.default", "aten.masked_select.default", "aten._unique2.default",
+    "aten.unique_consecutive.default", "aten.unique_dim.default", "aten.repeat_interleave.Tensor",
+}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts host-synchronising / data-dependent ops, boolean-mask indexing included, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name in SYNC_OPS or (name.startswith("aten.index") and _bool_index(args)):
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _bool_index(args) -> bool:
+    return any(
+        isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in a)
+        for a in args
+    )
+
+
+def test_sync_counter_sees_syncs():
+    x = torch.arange(4.0)
+    with SyncCounter() as counter:
+        float(x.sum()), x[x > 1], x.nonzero(), bool(x[1])
+    assert sum(counter.counts.values()) == 4
+
+
+@pytest.mark.parametrize("batch_size", [4, 24], ids=["chunked", "speculative"])
+def test_search_reads_the_device_once_per_group(family, batch_size, monkeypatch):
+    """The search's only host syncs are one read of each stacked group's decisions: none per chunk of D_v,
+    per candidate, per layer or per hook. (The final copy of the KL values is not an op on a CPU tensor.)"""
+    model = make_model(family)
+    patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
+    counter = SyncCounter()
+    search = discovery_module._search
+
+    def counted(*args, **kwargs):
+        with counter:
+            return search(*args, **kwargs)
+
+    monkeypatch.setattr(discovery_module, "_search", counted)
+    found = discover(model, patch, val, 0.05, include_mlps=True, batch_size=batch_size, progress=False)
+    assert counter.counts == {"aten._local_scalar_dense.default": found.rounds}
+    if batch_size == 4:  # two chunks of D_v, one candidate per group
+        assert found.rounds == found.evaluations == len(found.kl_trace)
+    else:
+        assert found.rounds < len(found.kl_trace)
+
+
+def test_discovery_leaves_the_modules_alone(family):
+    """Skipping pruned blocks is done with hooks: no module's forward is replaced, and no hook outlives the call."""
+    model = make_model(family)
+    patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
+    patched = []
+
+    def check(module, args, output):
+        patched.extend(name for name, m in model.named_modules() if "forward" in vars(m))
+
+    handle = model.get_output_embeddings().register_forward_hook(check)
+    found = discover(model, patch, val, float("inf"), include_mlps=True, progress=False)
+    handle.remove()
+    assert found.heads == [] and not patched
+    assert not any(
+        m._forward_hooks or m._forward_pre_hooks for m in model.modules()
+    ), "a hook outlived discovery"
