@@ -91,10 +91,13 @@ class Discovery:
         return Ablation(frozenset(self.pruned_heads), frozenset(self.pruned_mlps))
 
 
-def kl_divergence(logp_f: torch.Tensor, logits_g: torch.Tensor) -> torch.Tensor:
-    """Per-example KL(f‖g) from f's log-probabilities ``(B, V)`` and g's logits ``(..., B, V)``."""
+def kl_divergence(logp_f: torch.Tensor, logits_g: torch.Tensor, p_f: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example KL(f‖g) from f's log-probabilities ``(B, V)`` and g's logits ``(..., B, V)``.
+
+    ``p_f`` (``logp_f.exp()``) may be passed when f is compared with many g's, to compute it once.
+    """
     logp_g = torch.log_softmax(logits_g.float(), dim=-1)
-    return (logp_f.exp() * (logp_f - logp_g)).sum(dim=-1)
+    return ((logp_f.exp() if p_f is None else p_f) * (logp_f - logp_g)).sum(dim=-1)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class _Chunk:
     size: int
     rows: torch.Tensor  # (N, T) each token's row in the mean tables (its clamped true position)
     logp_f: torch.Tensor  # (N, vocab) the unpruned model's last-token log-probabilities
+    p_f: torch.Tensor  # (N, vocab) their exponentials
     inputs: list[torch.Tensor]  # per layer: residual stream entering it (N, T, d)
     calls: list[tuple[tuple, dict[str, Any]]]  # per layer: its other positional and keyword arguments
 
@@ -133,7 +137,7 @@ class _Runner:
         layers = self.adapter.layers()
         for chunk in self.chunks:
             self.chunk = chunk
-            hidden = chunk.inputs[layer].repeat(groups, 1, 1)
+            hidden = _repeat(chunk.inputs[layer], chunk.size, groups)
             for index in range(layer, len(layers)):
                 args, kwargs = chunk.calls[index]
                 hidden = layers[index](hidden, *_repeat(args, chunk.size, groups), **_repeat(kwargs, chunk.size, groups))
@@ -141,7 +145,7 @@ class _Runner:
             for module in self.tail:
                 last = module(last)
             logits = self.adapter.lm_head()(last).unflatten(0, (groups, chunk.size))
-            total += kl_divergence(chunk.logp_f, logits).sum(dim=1).double()
+            total += kl_divergence(chunk.logp_f, logits, chunk.p_f).sum(dim=1).double()
         return total / self.n_examples
 
     @contextlib.contextmanager
@@ -218,7 +222,7 @@ def _cache(
             logp_f = torch.log_softmax(last_logits(adapter, batch), dim=-1)
         positions = batch.position_ids.to(device)
         rows = clamp_positions(positions, calib_len, extrapolate) if means is not None else positions
-        chunks.append(_Chunk(len(batch), rows, logp_f, inputs, calls))
+        chunks.append(_Chunk(len(batch), rows, logp_f, logp_f.exp(), inputs, calls))
         tail = order[order.index(None) + 1:]
     return chunks, tail
 
