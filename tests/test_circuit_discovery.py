@@ -202,6 +202,24 @@ def test_discover_matches_algorithm_1_as_D_v_grows(n_val):
     )
 
 
+
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_last_position_only_below_a_dead_top_layer(family, ablation):
+    """The top layer's heads write nothing, so all are pruned: layer 0's candidates then run their output
+    projection and both MLPs at the last position alone, and must still agree with Algorithm 1."""
+    model = make_model(family)
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        projection_matrix(model.get_submodule(adapter.site(1, "o").path)).zero_()
+    patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
+    found = discover(model, patch, val, 1e-6, ablation=ablation, include_mlps=True, batch_size=24, progress=False)
+    heads, mlps, trace = naive_discover(model, patch, val, 1e-6, ablation=ablation, include_mlps=True)
+    assert (found.heads, found.mlps) == (heads, mlps)
+    assert not any(layer == 1 for layer, _ in found.heads) and any(layer == 0 for layer, _ in found.heads)
+    torch.testing.assert_close(
+        torch.tensor([s.kl_after for s in found.kl_trace]), torch.tensor([k for _, _, k, _ in trace]), atol=1e-6, rtol=1e-4
+    )
+
 # --- host synchronisation and hooks ---------------------------------------------
 
 # Ops whose result the host must wait for, or whose output shape depends on the data.

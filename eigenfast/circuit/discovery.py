@@ -9,9 +9,10 @@ it cheaper without changing a single decision:
   stream entering L is the unpruned model's. One forward caches it (and each
   layer's call arguments: masks, rotary tables, position ids) and every
   candidate runs layers L..end only. There, nothing is computed only to be
-  ablated (attention blocks with no head left, pruned MLPs), and the top
-  layer's output projection and MLP, the final norm and the LM head run at
-  the last position only.
+  ablated (attention blocks with no head left, pruned MLPs), and above the
+  highest layer whose attention still has a head (its *horizon*) only the
+  last position is computed: the output projections and MLPs from the horizon
+  up, the final norm and the LM head run there alone.
 * Several candidates share one forward, stacked along the batch. Candidate k
   of a group is evaluated on top of the decisions *predicted* for candidates
   0..k-1; the decisions are then replayed in order and, at the first wrong
@@ -127,11 +128,14 @@ class _Runner:
         )
         self.tail = tail
         self.n_examples = sum(c.size for c in chunks)
+        self.horizon = adapter.n_layers - 1  # see _last_position_only
+
 
     @torch.inference_mode()
     def kl(self, layer: int, states: list[Ablation]) -> torch.Tensor:
         """Mean KL(f‖g) over D_v of each state, ``(len(states),)`` float64 on the model's device."""
         self.patcher.set(states)
+        self.horizon = _horizon(self.adapter, layer, states)
         groups = len(states)
         total = self.chunks[0].logp_f.new_zeros(groups, dtype=torch.float64)
         layers = self.adapter.layers()
@@ -156,22 +160,38 @@ class _Runner:
 
     @contextlib.contextmanager
     def _last_position_only(self) -> Iterator[None]:
-        """Feed the top layer's output projection and MLP the last position alone.
+        """Feed the output projections and MLPs of the layers from the horizon up the last position alone.
 
-        Both act on each position separately and only the last position's
-        output is read, so this is exact; the residual additions broadcast it
-        over the (then meaningless) earlier positions.
+        Only the last position of the top layer's output is read. Above the
+        horizon no attention mixes positions (every head is ablated), so the
+        last position depends on the last position alone, down to the
+        horizon's attention, which reads all positions of its input (computed
+        in full below it). Output projections and MLPs act on each position
+        separately, so this is exact; the residual additions broadcast the
+        result over the (then meaningless) earlier positions.
         """
-        top = self.adapter.n_layers - 1
-        modules = [self.adapter.model.get_submodule(self.adapter.site(top, "o").path), self.adapter.mlp(top)]
         with contextlib.ExitStack() as stack:
-            for module in modules:
-                # prepend: run before the ablation hooks, so they see what the module will.
-                handle = module.register_forward_pre_hook(
-                    lambda module, args: (args[0][:, -1:], *args[1:]), prepend=True
-                )
-                stack.callback(handle.remove)
+            for layer in range(self.adapter.n_layers):
+                o_proj = self.adapter.model.get_submodule(self.adapter.site(layer, "o").path)
+                for module in (o_proj, self.adapter.mlp(layer)):
+                    # prepend: run before the ablation hooks, so they see what the module will.
+                    handle = module.register_forward_pre_hook(self._last_position_hook(layer), prepend=True)
+                    stack.callback(handle.remove)
             yield
+
+    def _last_position_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            return (args[0][:, -1:], *args[1:]) if layer >= self.horizon else None
+
+        return hook
+
+
+def _horizon(adapter: Adapter, layer: int, states: list[Ablation]) -> int:
+    """The highest layer from ``layer`` up whose attention keeps a head in some state (``layer`` if none)."""
+    for top in range(adapter.n_layers - 1, layer, -1):
+        if any(len(state.at(top)[0]) < adapter.n_heads for state in states):
+            return top
+    return layer
 
 
 def _repeat(value: Any, n: int, groups: int) -> Any:
