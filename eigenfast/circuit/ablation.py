@@ -83,9 +83,10 @@ class Patcher:
     tables (see :func:`~eigenfast.circuit.means.clamp_positions`). With
     ``skip``, attention blocks with no head left and MLPs every group ablates
     run on one row of the batch (zero rows would break the models' reshapes)
-    and their hooks supply the output; that is exact because such a block's output is a function of the
-    plan alone (the o-projection's bias plus the heads' means; the MLP's mean or
-    zero). Hooks only: no module of the model is modified.
+    and their hooks supply the output. That is exact: such a block's output is
+    a function of the plan alone (the o-projection's bias plus the heads'
+    means; the MLP's mean or zero). Hooks only: no module of the model is
+    modified.
     """
 
     def __init__(
@@ -172,9 +173,14 @@ class Patcher:
                 add(mlp.register_forward_hook(self._mlp_hook(layer)))
                 if self.skip:
                     attention = self.adapter.attention(layer)
+                    # What a block with no head left outputs before the means: the o-projection of
+                    # zeros (its bias), computed once; .forward bypasses the hooks.
+                    with torch.no_grad():
+                        zeros = torch.zeros(1, 1, self.head_columns[layer].shape[1], device=self.device, dtype=self.dtype)
+                        bias = o_proj.forward(zeros)
                     off = lambda plan: plan.attention_off  # noqa: E731
                     add(attention.register_forward_pre_hook(self._one_row_hook(layer, off), with_kwargs=True))
-                    add(attention.register_forward_hook(self._skipped_attention_hook(layer, o_proj)))
+                    add(attention.register_forward_hook(self._skipped_attention_hook(layer, bias)))
                     off = lambda plan: plan.mlp_all_off  # noqa: E731
                     add(mlp.register_forward_pre_hook(self._one_row_hook(layer, off), with_kwargs=True))
             yield
@@ -199,14 +205,11 @@ class Patcher:
 
         return hook
 
-    def _skipped_attention_hook(self, layer: int, o_proj: nn.Module):
-        # o_proj.forward (not o_proj(...)) bypasses the hooks: this is the bare projection of zeros.
+    def _skipped_attention_hook(self, layer: int, bias: torch.Tensor):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             if not self._skipping(layer, attention=True):
                 return None
-            rows = self._skipped_rows
-            zeros = torch.zeros(1, 1, self.head_columns[layer].shape[1], device=self.device, dtype=self.dtype)
-            value = o_proj.forward(zeros).expand(rows, 1, -1)
+            value = bias.expand(self._skipped_rows, 1, -1)
             plan = self.plans[layer]
             if plan.head_rows is not None:
                 means = self._means_at_rows(plan.head_rows).to(value.dtype)
