@@ -130,7 +130,6 @@ class _Runner:
         self.n_examples = sum(c.size for c in chunks)
         self.horizon = adapter.n_layers - 1  # see _last_position_only
 
-
     @torch.inference_mode()
     def kl(self, layer: int, states: list[Ablation]) -> torch.Tensor:
         """Mean KL(f‖g) over D_v of each state, ``(len(states),)`` float64 on the model's device."""
