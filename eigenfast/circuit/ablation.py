@@ -176,8 +176,8 @@ class Patcher:
                     # What a block with no head left outputs before the means: the o-projection of
                     # zeros (its bias), computed once; .forward bypasses the hooks.
                     with torch.no_grad():
-                        zeros = torch.zeros(1, 1, self.head_columns[layer].shape[1], device=self.device, dtype=self.dtype)
-                        bias = o_proj.forward(zeros)
+                        d_o = self.head_columns[layer].shape[1]
+                        bias = o_proj.forward(torch.zeros(1, 1, d_o, device=self.device, dtype=self.dtype))
                     off = lambda plan: plan.attention_off  # noqa: E731
                     add(attention.register_forward_pre_hook(self._one_row_hook(layer, off), with_kwargs=True))
                     add(attention.register_forward_hook(self._skipped_attention_hook(layer, bias)))

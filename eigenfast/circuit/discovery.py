@@ -143,7 +143,8 @@ class _Runner:
             hidden = _repeat(chunk.inputs[layer], chunk.size, groups)
             for index in range(layer, len(layers)):
                 args, kwargs = chunk.calls[index]
-                hidden = layers[index](hidden, *_repeat(args, chunk.size, groups), **_repeat(kwargs, chunk.size, groups))
+                args, kwargs = _repeat(args, chunk.size, groups), _repeat(kwargs, chunk.size, groups)
+                hidden = layers[index](hidden, *args, **kwargs)
             last = hidden[:, -1]
             for module in self.tail:
                 last = module(last)

@@ -24,11 +24,15 @@ class CircuitOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", float(self.threshold))
         if math.isnan(self.threshold):
-            raise ValueError("threshold is NaN: give the KL increase (a float, inf prunes everything) below which a component is pruned")
+            raise ValueError(
+                "threshold is NaN: give the KL increase below which a component is pruned (inf prunes everything)"
+            )
         check_ablation(self.ablation, self.extrapolate)
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (or None to pick it from the device), got {self.batch_size}")
 
     def check_patch_data(self, patch_data: object) -> None:
         if self.ablation == "mean" and patch_data is None:
-            raise ValueError("mean ablation needs patch_data (D_a) for the mean activations; pass it or use ablation='zero'")
+            raise ValueError(
+                "mean ablation needs patch_data (D_a) for the mean activations; pass it or use ablation='zero'"
+            )
