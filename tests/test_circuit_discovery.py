@@ -9,9 +9,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from eigenfast.adapters import get_adapter, projection_matrix
-from eigenfast.circuit import Component, ablated, component_means, discover
+from eigenfast.circuit import Component, ablated, component_means, discover, extract_circuit
 from eigenfast.circuit import discovery as discovery_module
 from eigenfast.circuit.discovery import kl_divergence
+from eigenfast.circuit.options import CircuitOptions
 from eigenfast.circuit.synthetic import head_rates, synthetic_task
 from eigenfast.forward import last_logits
 from eigenfast.modules import PositionIndexError
@@ -91,6 +92,23 @@ def test_bad_arguments():
         discover(model, data, data, 0.1, ablation="resample", progress=False)
     with pytest.raises(ValueError, match="patch_data"):
         discover(model, None, data, 0.1, progress=False)
+    with pytest.raises(ValueError, match="extrapolate must be one of"):
+        discover(model, data, data, 0.1, extrapolate="wrap", progress=False)
+    with pytest.raises(ValueError, match="threshold is NaN"):
+        discover(model, data, data, float("nan"), progress=False)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        discover(model, data, data, 0.1, batch_size=0, progress=False)
+    with pytest.raises(TypeError):
+        discover(model, data, data, 0.1, "zero")  # the options are keyword-only
+
+
+def test_discovery_and_extraction_share_one_options_check():
+    model, data = make_model("gpt2"), make_data()
+    with pytest.raises(ValueError, match="ablation must be one of"):
+        extract_circuit(model, data, data, 0.1, ablation="resample", progress=False)
+    with pytest.raises(ValueError, match="extrapolate must be one of"):
+        CircuitOptions(0.1, extrapolate="wrap")
+    assert CircuitOptions(1).threshold == 1.0 and isinstance(CircuitOptions(1).threshold, float)
 
 
 # --- discovery ----------------------------------------------------------------
