@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eigenfast.adapters import get_adapter  # noqa: E402
 from eigenfast.circuit import ablated, component_means, remove_components  # noqa: E402
-from eigenfast.circuit.report import count_parameters, latency_batch, time_forward  # noqa: E402
+from eigenfast.circuit.report import latency_batch, time_forward  # noqa: E402
+from eigenfast.sizes import count_parameters  # noqa: E402
 from eigenfast.data import TaskData  # noqa: E402
 import eigenfast.serving  # noqa: E402,F401  (counts the token-bias op's FLOPs)
 

@@ -19,7 +19,6 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 from transformers import StaticCache
 
 from .adapters import projection_matrix
-from .ops import token_bias_linear  # noqa: F401  (registers the op the FLOP formula names)
 
 
 @register_flop_formula(torch.ops.eigenfast.token_bias_linear)

@@ -1,49 +1,30 @@
-"""Circuit discovery: means, hook ablation, and the fast search against a literal Algorithm 1."""
+"""Circuit discovery: means, hook ablation, and the fast search against a literal Algorithm 1
+(eigenfast.testing.naive_discovery)."""
 from __future__ import annotations
+
+import collections
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from eigenfast.adapters import get_adapter, projection_matrix
-from eigenfast.circuit import Component, ablated, component_means, discover
+from eigenfast.circuit import Component, ablated, component_means, discover, extract_circuit
+from eigenfast.circuit import discovery as discovery_module
 from eigenfast.circuit.discovery import kl_divergence
+from eigenfast.circuit.options import CircuitOptions
 from eigenfast.circuit.synthetic import head_rates, synthetic_task
 from eigenfast.forward import last_logits
 from eigenfast.modules import PositionIndexError
+from eigenfast.testing.naive_discovery import naive_discover
 
 from conftest import make_data, make_model
-
-
-@torch.no_grad()
-def naive_discover(model, patch_data, val_data, threshold, ablation="mean", include_mlps=False):
-    """Algorithm 1 as written: one full hook-ablated forward over D_v per candidate.
-
-    Returns the kept heads, kept MLPs and the (component, kl_before, kl_after, pruned) trace.
-    """
-    adapter = get_adapter(model)
-    means = component_means(model, patch_data) if ablation == "mean" else None
-    logp_f = torch.log_softmax(last_logits(adapter, val_data), dim=-1)
-    heads, mlps, kl, trace = set(), set(), 0.0, []
-    for layer in reversed(range(adapter.n_layers)):
-        candidates = [Component(layer, h) for h in range(adapter.n_heads)]
-        candidates += [Component(layer, None)] if include_mlps else []
-        for c in candidates:
-            trial_heads = heads | ({(layer, c.head)} if c.head is not None else set())
-            trial_mlps = mlps | ({layer} if c.head is None else set())
-            with ablated(model, trial_heads, trial_mlps, means, ablation):
-                kl_after = float(kl_divergence(logp_f, last_logits(adapter, val_data)).mean())
-            pruned = kl_after - kl < threshold
-            trace.append((c, kl, kl_after, pruned))
-            if pruned:
-                heads, mlps, kl = trial_heads, trial_mlps, kl_after
-    kept = [(l, h) for l in range(adapter.n_layers) for h in range(adapter.n_heads) if (l, h) not in heads]
-    return kept, [l for l in range(adapter.n_layers) if l not in mlps], trace
 
 
 def median_alpha(model, patch, val, ablation, include_mlps) -> float:
     """A threshold that prunes some components and keeps others: midway between the middle two
     steps of pruning everything (never equal to a step's delta, where rounding could flip a decision)."""
-    steps = discover(model, patch, val, float("inf"), ablation, include_mlps, progress=False).kl_trace
+    steps = discover(model, patch, val, float("inf"), ablation=ablation, include_mlps=include_mlps, progress=False).kl_trace
     deltas = sorted(s.delta for s in steps)
     middle = len(deltas) // 2
     return (deltas[middle - 1] + deltas[middle]) / 2
@@ -111,6 +92,23 @@ def test_bad_arguments():
         discover(model, data, data, 0.1, ablation="resample", progress=False)
     with pytest.raises(ValueError, match="patch_data"):
         discover(model, None, data, 0.1, progress=False)
+    with pytest.raises(ValueError, match="extrapolate must be one of"):
+        discover(model, data, data, 0.1, extrapolate="wrap", progress=False)
+    with pytest.raises(ValueError, match="threshold is NaN"):
+        discover(model, data, data, float("nan"), progress=False)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        discover(model, data, data, 0.1, batch_size=0, progress=False)
+    with pytest.raises(TypeError):
+        discover(model, data, data, 0.1, "zero")  # the options are keyword-only
+
+
+def test_discovery_and_extraction_share_one_options_check():
+    model, data = make_model("gpt2"), make_data()
+    with pytest.raises(ValueError, match="ablation must be one of"):
+        extract_circuit(model, data, data, 0.1, ablation="resample", progress=False)
+    with pytest.raises(ValueError, match="extrapolate must be one of"):
+        CircuitOptions(0.1, extrapolate="wrap")
+    assert CircuitOptions(1).threshold == 1.0 and isinstance(CircuitOptions(1).threshold, float)
 
 
 # --- discovery ----------------------------------------------------------------
@@ -123,8 +121,8 @@ def test_discover_matches_algorithm_1(family, ablation, include_mlps):
     patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
     alpha = median_alpha(model, patch, val, ablation, include_mlps)
     # Small groups so that speculation goes wrong and re-runs happen.
-    found = discover(model, patch, val, alpha, ablation, include_mlps, batch_size=24, progress=False)
-    heads, mlps, trace = naive_discover(model, patch, val, alpha, ablation, include_mlps)
+    found = discover(model, patch, val, alpha, ablation=ablation, include_mlps=include_mlps, batch_size=24, progress=False)
+    heads, mlps, trace = naive_discover(model, patch, val, alpha, ablation=ablation, include_mlps=include_mlps)
     assert (found.heads, found.mlps) == (heads, mlps)
     assert 0 < len(found.kl_trace) - sum(s.pruned for s in found.kl_trace) < len(found.kl_trace)
     assert [s.component for s in found.kl_trace] == [c for c, *_ in trace]
@@ -139,8 +137,8 @@ def test_discover_matches_algorithm_1_other_llamas(name):
     model = make_model(name)
     patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
     alpha = median_alpha(model, patch, val, "mean", True)
-    found = discover(model, patch, val, alpha, "mean", True, progress=False)
-    assert (found.heads, found.mlps) == naive_discover(model, patch, val, alpha, "mean", True)[:2]
+    found = discover(model, patch, val, alpha, include_mlps=True, progress=False)
+    assert (found.heads, found.mlps) == naive_discover(model, patch, val, alpha, include_mlps=True)[:2]
 
 
 def test_discover_does_not_depend_on_batch_size():
@@ -148,7 +146,7 @@ def test_discover_does_not_depend_on_batch_size():
     model = make_model("neox")
     patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
     alpha = median_alpha(model, patch, val, "mean", True)
-    runs = [discover(model, patch, val, alpha, "mean", True, batch_size=b, progress=False) for b in (3, 8, 24, 1000)]
+    runs = [discover(model, patch, val, alpha, include_mlps=True, batch_size=b, progress=False) for b in (3, 8, 24, 1000)]
     for run in runs[1:]:
         assert (run.heads, run.mlps) == (runs[0].heads, runs[0].mlps)
         torch.testing.assert_close(
@@ -161,7 +159,7 @@ def test_kl_trace_is_consistent():
     model = make_model("gpt2")
     patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
     alpha = median_alpha(model, patch, val, "zero", True)
-    found = discover(model, patch, val, alpha, "zero", True, batch_size=16, progress=False)
+    found = discover(model, patch, val, alpha, ablation="zero", include_mlps=True, batch_size=16, progress=False)
     adapter = get_adapter(model)
     order = [Component(l, h) for l in reversed(range(2)) for h in [*range(adapter.n_heads), None]]
     assert [s.component for s in found.kl_trace] == order
@@ -186,7 +184,7 @@ def test_kl_trace_is_consistent():
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_synthetic_task_recovers_its_circuit(model_type, ablation):
     task = synthetic_task(model_type)
-    found = discover(task.model, task.patch_data, task.val_data, 1e-6, ablation, progress=False)
+    found = discover(task.model, task.patch_data, task.val_data, 1e-6, ablation=ablation, progress=False)
     assert found.heads == task.true_heads
     assert head_rates(found.heads, task.true_heads, 3, 4) == (1.0, 0.0)
     # The heads outside the circuit write nothing: ablating them is exactly free.
@@ -199,9 +197,120 @@ def test_pruning_everything_matches_algorithm_1(family, ablation):
     """Whole layers and MLPs pruned: discovery skips their work, the KL must not notice."""
     model = make_model(family)
     patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
-    found = discover(model, patch, val, float("inf"), ablation, True, batch_size=24, progress=False)
-    *_, trace = naive_discover(model, patch, val, float("inf"), ablation, True)
+    found = discover(model, patch, val, float("inf"), ablation=ablation, include_mlps=True, batch_size=24, progress=False)
+    *_, trace = naive_discover(model, patch, val, float("inf"), ablation=ablation, include_mlps=True)
     assert found.heads == [] and found.mlps == []
     torch.testing.assert_close(
         torch.tensor([s.kl_after for s in found.kl_trace]), torch.tensor([k for _, _, k, _ in trace]), atol=1e-6, rtol=1e-4
     )
+
+
+@pytest.mark.parametrize("n_val", [1, 5, 40])
+def test_discover_matches_algorithm_1_as_D_v_grows(n_val):
+    """A whole layer stacked per forward (|D_v| = 1), a few candidates (5), uneven chunks one candidate at a time (40)."""
+    model = make_model("llama")
+    patch, val = make_data(12, 6, padded=True), make_data(n_val, 7, seed=4, padded=True)
+    alpha = median_alpha(model, patch, val, "mean", True)
+    found = discover(model, patch, val, alpha, include_mlps=True, batch_size=16, progress=False)
+    heads, mlps, trace = naive_discover(model, patch, val, alpha, include_mlps=True)
+    assert (found.heads, found.mlps) == (heads, mlps)
+    assert [s.pruned for s in found.kl_trace] == [p for *_, p in trace]
+    torch.testing.assert_close(
+        torch.tensor([s.kl_after for s in found.kl_trace]), torch.tensor([k for _, _, k, _ in trace]), atol=1e-6, rtol=1e-4
+    )
+
+
+
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_last_position_only_below_a_dead_top_layer(family, ablation):
+    """The top layer's heads write nothing, so all are pruned: layer 0's candidates then run their output
+    projection and both MLPs at the last position alone, and must still agree with Algorithm 1."""
+    model = make_model(family)
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        projection_matrix(model.get_submodule(adapter.site(1, "o").path)).zero_()
+    patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
+    found = discover(model, patch, val, 1e-6, ablation=ablation, include_mlps=True, batch_size=24, progress=False)
+    heads, mlps, trace = naive_discover(model, patch, val, 1e-6, ablation=ablation, include_mlps=True)
+    assert (found.heads, found.mlps) == (heads, mlps)
+    assert not any(layer == 1 for layer, _ in found.heads) and any(layer == 0 for layer, _ in found.heads)
+    torch.testing.assert_close(
+        torch.tensor([s.kl_after for s in found.kl_trace]), torch.tensor([k for _, _, k, _ in trace]), atol=1e-6, rtol=1e-4
+    )
+
+# --- host synchronisation and hooks ---------------------------------------------
+
+# Ops whose result the host must wait for, or whose output shape depends on the data.
+SYNC_OPS = {
+    "aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default", "aten.equal.default",
+    "aten.nonzero.default", "aten.nonzero_static.default", "aten.masked_select.default", "aten._unique2.default",
+    "aten.unique_consecutive.default", "aten.unique_dim.default", "aten.repeat_interleave.Tensor",
+}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts host-synchronising / data-dependent ops, boolean-mask indexing included, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name in SYNC_OPS or (name.startswith("aten.index") and _bool_index(args)):
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _bool_index(args) -> bool:
+    return any(
+        isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in a)
+        for a in args
+    )
+
+
+def test_sync_counter_sees_syncs():
+    x = torch.arange(4.0)
+    with SyncCounter() as counter:
+        float(x.sum()), x[x > 1], x.nonzero(), bool(x[1])
+    assert sum(counter.counts.values()) == 4
+
+
+@pytest.mark.parametrize("batch_size", [4, 24], ids=["chunked", "speculative"])
+def test_search_reads_the_device_once_per_group(family, batch_size, monkeypatch):
+    """The search's only host syncs are one read of each stacked group's decisions: none per chunk of D_v,
+    per candidate, per layer or per hook. (The final copy of the KL values is not an op on a CPU tensor.)"""
+    model = make_model(family)
+    patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
+    counter = SyncCounter()
+    search = discovery_module._search
+
+    def counted(*args, **kwargs):
+        with counter:
+            return search(*args, **kwargs)
+
+    monkeypatch.setattr(discovery_module, "_search", counted)
+    found = discover(model, patch, val, 0.05, include_mlps=True, batch_size=batch_size, progress=False)
+    assert counter.counts == {"aten._local_scalar_dense.default": found.rounds}
+    if batch_size == 4:  # two chunks of D_v, one candidate per group
+        assert found.rounds == found.evaluations == len(found.kl_trace)
+    else:
+        assert found.rounds < len(found.kl_trace)
+
+
+def test_discovery_leaves_the_modules_alone(family):
+    """Skipping pruned blocks is done with hooks: no module's forward is replaced, and no hook outlives the call."""
+    model = make_model(family)
+    patch, val = make_data(12, 6, padded=True), make_data(8, 7, seed=1, padded=True)
+    patched = []
+
+    def check(module, args, output):
+        patched.extend(name for name, m in model.named_modules() if "forward" in vars(m))
+
+    handle = model.get_output_embeddings().register_forward_hook(check)
+    found = discover(model, patch, val, float("inf"), include_mlps=True, progress=False)
+    handle.remove()
+    assert found.heads == [] and not patched
+    assert not any(
+        m._forward_hooks or m._forward_pre_hooks for m in model.modules()
+    ), "a hook outlived discovery"

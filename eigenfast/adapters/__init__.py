@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .base import (
     COMPONENTS,
     Adapter,
     Site,
-    UnsupportedModelError,
     head_inputs,
     head_matrices,
     head_outputs,

@@ -17,7 +17,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..projection import project
-from ..errors import UnsupportedModelError
 
 COMPONENTS = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
 HEAD_OUTPUT_COMPONENTS = ("q", "k", "v")  # each head owns some output columns

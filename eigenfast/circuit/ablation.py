@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..adapters import Adapter, get_adapter
 from ..forward import model_device
+from ..modules import EXTRAPOLATE
 from ..positions import PositionTracker
-from .means import ComponentMeans, clamp_positions, extend_rows
+from ..projection import PositionalModule
+from ..modules import extend_rows, table_positions
+from .means import ComponentMeans
 
 ABLATIONS = ("mean", "zero")
 
@@ -41,17 +44,52 @@ class Ablation:
         return tuple(sorted(h for l, h in self.heads if l == layer)), layer in self.mlps
 
 
+def check_ablation(ablation: str, extrapolate: str) -> None:
+    """The one check of the ablation kind and of the rule for positions past the means' calibration length."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+    if extrapolate not in EXTRAPOLATE:
+        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host-built tensor on ``device`` without a stream sync (pinned, asynchronous copy on CUDA).
+
+    A plain ``.to("cuda")`` of pageable memory waits for the copy; the caching
+    host allocator keeps a pinned buffer alive until its copy has run.
+    """
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 @dataclass
 class _LayerPlan:
-    """What one layer's hooks do to each group (a leading dim of 1 means: the same for all)."""
+    """What one layer's hooks do to each group (a leading dim of 1 means: the same for all).
+
+    The two flags come from the host-side component sets, so deciding to skip
+    work never reads a device tensor.
+    """
 
     keep: torch.Tensor | None  # (G, d_o) 1/0 mask on the o-projection input
     head_rows: torch.Tensor | None  # (G, calib_len + 1, d_model) summed mean contributions
     mlp_off: torch.Tensor | None  # (G,) bool
+    attention_off: bool  # every group ablates every head of the layer
+    mlp_all_off: bool  # every group ablates the layer's MLP
 
 
 class Patcher:
-    """Ablation hooks on every layer; :meth:`set` chooses what each row group ablates."""
+    """Ablation hooks on every layer; :meth:`set` chooses what each row group ablates.
+
+    ``rows`` gives, for the batch in flight, each token's row in the mean
+    tables (see :func:`~eigenfast.circuit.modules.table_positions`). With
+    ``skip``, attention blocks with no head left and MLPs every group ablates
+    run on one row of the batch (zero rows would break the models' reshapes)
+    and their hooks supply the output. That is exact: such a block's output is
+    a function of the plan alone (the o-projection's bias plus the heads'
+    means; the MLP's mean or zero). Hooks only: no module of the model is
+    modified.
+    """
 
     def __init__(
         self,
@@ -59,27 +97,39 @@ class Patcher:
         means: ComponentMeans | None,
         ablation: str,
         extrapolate: str,
-        positions: Callable[[], torch.Tensor],
+        rows: Callable[[], torch.Tensor],
+        skip: bool = False,
     ) -> None:
-        if ablation not in ABLATIONS:
-            raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+        check_ablation(ablation, extrapolate)
         if ablation == "mean" and means is None:
             raise ValueError("mean ablation needs the component means: pass means=component_means(model, patch_data)")
         self.adapter = adapter
         self.ablation = ablation
-        self.extrapolate = extrapolate
-        self.positions = positions
+        self.rows = rows
+        self.skip = skip
         self.device = model_device(adapter.model)
         self.dtype = next(adapter.model.parameters()).dtype
         self.sites = [adapter.site(layer, "o") for layer in range(adapter.n_layers)]
-        self.calib_len = 0
+        # A pruned o-projection's bias depends on the position, so a block with no head left cannot be
+        # stood in for by one row's output: such blocks run in full.
+        self.skippable_attention = [
+            not isinstance(adapter.model.get_submodule(site.path), PositionalModule) for site in self.sites
+        ]
+        # (heads, d_o) 1/0: which o-projection inputs each head owns; a plan's
+        # masks are then one small product with the host-built (G, heads) choice.
+        self.head_columns = []
+        for site in self.sites:
+            columns = torch.zeros(adapter.n_heads, site.in_index.numel())
+            for head in range(adapter.n_heads):
+                columns[head, site.in_index[head]] = 1.0
+            self.head_columns.append(columns.to(self.device, self.dtype))
         if ablation == "mean":
             _check_shapes(adapter, means)
-            self.calib_len = means.calib_len
-            self.head_rows = extend_rows(means.heads, extrapolate)
-            self.mlp_rows = extend_rows(means.mlps, extrapolate)
+            self.head_rows = extend_rows(means.heads, extrapolate).to(self.device)
+            self.mlp_rows = extend_rows(means.mlps, extrapolate).to(self.device)
         self.groups = 1
         self.plans: dict[int, _LayerPlan] = {}
+        self._skipped_rows = 0  # rows of the batch a skipped block would have seen
 
     def set(self, groups: Sequence[Ablation]) -> None:
         """Ablate ``groups[g]`` in the ``g``-th of ``len(groups)`` equal blocks of batch rows."""
@@ -94,45 +144,94 @@ class Patcher:
 
     def _plan(self, layer: int, per_group: list[tuple[tuple[int, ...], bool]]) -> _LayerPlan:
         keep = head_rows = mlp_off = None
+        n_heads = self.adapter.n_heads
         if any(heads for heads, _ in per_group):
-            index = self.sites[layer].in_index
-            keep = torch.ones(len(per_group), index.numel())
+            chosen = torch.zeros(len(per_group), n_heads)
             for g, (heads, _) in enumerate(per_group):
-                keep[g, index[list(heads)].flatten()] = 0.0
-            keep = keep.to(self.device, self.dtype)
+                chosen[g, list(heads)] = 1.0
+            chosen = to_device(chosen, self.device)
+            keep = 1.0 - chosen.to(self.dtype) @ self.head_columns[layer]
             if self.ablation == "mean":
-                rows = self.head_rows[layer]
-                head_rows = torch.stack([rows[list(heads)].sum(dim=0) for heads, _ in per_group])
+                head_rows = torch.einsum("gh,hpd->gpd", chosen.to(self.head_rows.dtype), self.head_rows[layer])
         if any(mlp for _, mlp in per_group):
-            mlp_off = torch.tensor([mlp for _, mlp in per_group], device=self.device)
-        return _LayerPlan(keep, head_rows, mlp_off)
+            mlp_off = to_device(torch.tensor([mlp for _, mlp in per_group]), self.device)
+        return _LayerPlan(
+            keep, head_rows, mlp_off,
+            attention_off=all(len(heads) == n_heads for heads, _ in per_group),
+            mlp_all_off=all(mlp for _, mlp in per_group),
+        )
 
-    def _rows(self, table: torch.Tensor) -> torch.Tensor:
-        """``(G, calib_len + 1, d)`` → ``(G, B/G or 1, T, d)`` at the current true positions."""
-        return table[:, clamp_positions(self.positions(), self.calib_len, self.extrapolate)]
+    def _means_at_rows(self, table: torch.Tensor) -> torch.Tensor:
+        """``(G, calib_len + 1, d)`` → ``(G, B/G, T, d)`` at the current rows."""
+        return table[:, self.rows()]
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
-        """Install the hooks for the block (they do nothing in layers without a plan)."""
-        handles = []
-        for layer, site in enumerate(self.sites):
-            o_proj = self.adapter.model.get_submodule(site.path)
-            handles.append(o_proj.register_forward_pre_hook(self._o_input_hook(layer)))
-            handles.append(o_proj.register_forward_hook(self._o_output_hook(layer)))
-            handles.append(self.adapter.mlp(layer).register_forward_hook(self._mlp_hook(layer)))
-        try:
+        """Install the hooks for the block (they do nothing in layers without a plan); removed on exit."""
+        with contextlib.ExitStack() as stack:
+            def add(handle) -> None:
+                stack.callback(handle.remove)
+
+            for layer, site in enumerate(self.sites):
+                o_proj = self.adapter.model.get_submodule(site.path)
+                add(o_proj.register_forward_pre_hook(self._o_input_hook(layer)))
+                add(o_proj.register_forward_hook(self._o_output_hook(layer)))
+                mlp = self.adapter.mlp(layer)
+                add(mlp.register_forward_hook(self._mlp_hook(layer)))
+                if self.skip and self.skippable_attention[layer]:
+                    attention = self.adapter.attention(layer)
+                    # What a block with no head left outputs before the means: the o-projection of
+                    # zeros (its bias), computed once; .forward bypasses the hooks.
+                    with torch.no_grad():
+                        d_o = self.head_columns[layer].shape[1]
+                        bias = o_proj.forward(torch.zeros(1, 1, d_o, device=self.device, dtype=self.dtype))
+                    off = lambda plan: plan.attention_off  # noqa: E731
+                    add(attention.register_forward_pre_hook(self._one_row_hook(layer, off), with_kwargs=True))
+                    add(attention.register_forward_hook(self._skipped_attention_hook(layer, bias)))
+                if self.skip:
+                    off = lambda plan: plan.mlp_all_off  # noqa: E731
+                    add(mlp.register_forward_pre_hook(self._one_row_hook(layer, off), with_kwargs=True))
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(0, (self.groups, -1))
 
+    def _skipping(self, layer: int, attention: bool) -> bool:
+        plan = self.plans.get(layer)
+        if plan is None or not self.skip:
+            return False
+        return plan.attention_off and self.skippable_attention[layer] if attention else plan.mlp_all_off
+
+    def _one_row_hook(self, layer: int, off: Callable[[_LayerPlan], bool]):
+        """Feed a block that is ablated for every group one row (every batch-leading argument sliced)."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+            plan = self.plans.get(layer)
+            if plan is None or not off(plan):
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._skipped_rows = len(hidden)
+            return _one_row(args, len(hidden)), _one_row(kwargs, len(hidden))
+
+        return hook
+
+    def _skipped_attention_hook(self, layer: int, bias: torch.Tensor):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if not self._skipping(layer, attention=True):
+                return None
+            value = bias.expand(self._skipped_rows, 1, -1)
+            plan = self.plans[layer]
+            if plan.head_rows is not None:
+                means = self._means_at_rows(plan.head_rows).to(value.dtype)
+                value = value + means.expand(self.groups, *means.shape[1:]).flatten(0, 1)
+            return (value, *output[1:]) if isinstance(output, tuple) else value
+
+        return hook
+
     def _o_input_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple) -> tuple | None:
             plan = self.plans.get(layer)
-            if plan is None or plan.keep is None:
+            if plan is None or plan.keep is None or self._skipping(layer, attention=True):
                 return None
             return ((self._grouped(args[0]) * plan.keep[:, None, None, :]).flatten(0, 1), *args[1:])
 
@@ -141,9 +240,9 @@ class Patcher:
     def _o_output_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             plan = self.plans.get(layer)
-            if plan is None or plan.head_rows is None:
+            if plan is None or plan.head_rows is None or self._skipping(layer, attention=True):
                 return None
-            return (self._grouped(output) + self._rows(plan.head_rows).to(output.dtype)).flatten(0, 1)
+            return (self._grouped(output) + self._means_at_rows(plan.head_rows).to(output.dtype)).flatten(0, 1)
 
         return hook
 
@@ -152,14 +251,30 @@ class Patcher:
             plan = self.plans.get(layer)
             if plan is None or plan.mlp_off is None:
                 return None
+            if self._skipping(layer, attention=False):
+                if self.ablation == "zero":
+                    return output.new_zeros(self._skipped_rows, 1, output.shape[-1])
+                mean = self._means_at_rows(self.mlp_rows[layer].unsqueeze(0)).to(output.dtype)
+                return mean.expand(self.groups, *mean.shape[1:]).flatten(0, 1)
             off = plan.mlp_off[:, None, None, None]
             out = self._grouped(output)
             if self.ablation == "zero":
                 return out.masked_fill(off, 0.0).flatten(0, 1)
-            mean = self._rows(self.mlp_rows[layer].unsqueeze(0)).to(output.dtype)
+            mean = self._means_at_rows(self.mlp_rows[layer].unsqueeze(0)).to(output.dtype)
             return torch.where(off, mean, out).flatten(0, 1)
 
         return hook
+
+
+def _one_row(value: Any, rows: int) -> Any:
+    """Slice every batch-leading tensor (leading dim ``rows``, at least 2-D) to its first row; others stay."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows:
+        return value[:1]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_one_row(v, rows) for v in value)
+    if isinstance(value, dict):
+        return {k: _one_row(v, rows) for k, v in value.items()}
+    return value
 
 
 def _check_shapes(adapter: Adapter, means: ComponentMeans) -> None:
@@ -203,7 +318,10 @@ def ablated(
     adapter = get_adapter(model)
     components = check_components(adapter, heads, mlps)
     tracker = PositionTracker()
-    patcher = Patcher(adapter, means, ablation, extrapolate, tracker.current)
+    calib_len = means.calib_len if means is not None else 0
+    patcher = Patcher(
+        adapter, means, ablation, extrapolate, lambda: table_positions(tracker.current(), calib_len, extrapolate)
+    )
     patcher.set([components])
     with contextlib.ExitStack() as stack:
         if ablation == "mean" and components:

@@ -9,9 +9,10 @@ it cheaper without changing a single decision:
   stream entering L is the unpruned model's. One forward caches it (and each
   layer's call arguments: masks, rotary tables, position ids) and every
   candidate runs layers L..end only. There, nothing is computed only to be
-  ablated (attention blocks with no head left, pruned MLPs), and the top
-  layer's output projection and MLP, the final norm and the LM head run at
-  the last position only.
+  ablated (attention blocks with no head left, pruned MLPs), and above the
+  highest layer whose attention still has a head (its *horizon*) only the
+  last position is computed: the output projections and MLPs from the horizon
+  up, the final norm and the LM head run there alone.
 * Several candidates share one forward, stacked along the batch. Candidate k
   of a group is evaluated on top of the decisions *predicted* for candidates
   0..k-1; the decisions are then replayed in order and, at the first wrong
@@ -19,6 +20,12 @@ it cheaper without changing a single decision:
   Every recorded KL is therefore that of exactly the model the sequential
   algorithm would have built. Predictions come from a candidate's stale
   evaluation when it has one, else from the last decision.
+
+The host never waits on the device inside the search but once per group:
+KLs are summed and compared with α on the device, the group's verdicts reach
+the host as one integer, and the KL values for the trace come back in one copy
+at the end. Nothing in between has a data-dependent shape, and what to skip
+is decided from the host-side component sets.
 """
 from __future__ import annotations
 
@@ -34,9 +41,10 @@ from ..adapters import Adapter, get_adapter
 from ..data import TaskData, as_task_data
 from ..forward import eval_mode, last_logits, model_device
 from ..progress import progress as progress_bar
-from ..projection import PositionalModule
-from .ablation import ABLATIONS, Ablation, Patcher
+from .ablation import Ablation, Patcher
+from ..modules import table_positions
 from .means import ComponentMeans, component_means
+from .options import CircuitOptions
 
 
 class Component(NamedTuple):
@@ -78,16 +86,20 @@ class Discovery:
     means: ComponentMeans | None  # what mean ablation used: extraction needs the same tables
     timings: dict[str, float] = field(default_factory=dict)
     evaluations: int = 0  # candidate evaluations, speculative re-evaluations included
+    rounds: int = 0  # stacked evaluations; each is one host read of its decisions
 
     @property
     def pruned(self) -> Ablation:
         return Ablation(frozenset(self.pruned_heads), frozenset(self.pruned_mlps))
 
 
-def kl_divergence(logp_f: torch.Tensor, logits_g: torch.Tensor) -> torch.Tensor:
-    """Per-example KL(f‖g) from f's log-probabilities ``(B, V)`` and g's logits ``(..., B, V)``."""
+def kl_divergence(logp_f: torch.Tensor, logits_g: torch.Tensor, p_f: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example KL(f‖g) from f's log-probabilities ``(B, V)`` and g's logits ``(..., B, V)``.
+
+    ``p_f`` (``logp_f.exp()``) may be passed when f is compared with many g's, to compute it once.
+    """
     logp_g = torch.log_softmax(logits_g.float(), dim=-1)
-    return (logp_f.exp() * (logp_f - logp_g)).sum(dim=-1)
+    return ((logp_f.exp() if p_f is None else p_f) * (logp_f - logp_g)).sum(dim=-1)
 
 
 @dataclass
@@ -95,100 +107,95 @@ class _Chunk:
     """A slice of D_v with what the unpruned forward left behind: each layer's input and call arguments."""
 
     size: int
-    positions: torch.Tensor  # (N, T) true positions
+    rows: torch.Tensor  # (N, T) each token's row in the mean tables (its clamped true position)
     logp_f: torch.Tensor  # (N, vocab) the unpruned model's last-token log-probabilities
+    p_f: torch.Tensor  # (N, vocab) their exponentials
     inputs: list[torch.Tensor]  # per layer: residual stream entering it (N, T, d)
     calls: list[tuple[tuple, dict[str, Any]]]  # per layer: its other positional and keyword arguments
 
 
 class _Runner:
-    """Runs layers ``L..end`` for a stack of candidate ablations over cached inputs; returns their KL."""
+    """Runs layers ``L..end`` for a stack of candidate ablations over cached inputs; their KL stays on the device."""
 
     def __init__(
-        self,
-        adapter: Adapter,
-        means: ComponentMeans | None,
-        ablation: str,
-        extrapolate: str,
-        chunks: list[_Chunk],
+        self, adapter: Adapter, means: ComponentMeans | None, options: CircuitOptions, chunks: list[_Chunk],
         tail: list[nn.Module],
     ) -> None:
         self.adapter = adapter
         self.chunks = chunks
-        self.chunk = chunks[0]  # the chunk in flight: its positions index the mean tables
-        self.patcher = Patcher(adapter, means, ablation, extrapolate, positions=lambda: self.chunk.positions)
+        self.chunk = chunks[0]  # the chunk in flight: its rows index the mean tables
+        self.patcher = Patcher(
+            adapter, means, options.ablation, options.extrapolate, rows=lambda: self.chunk.rows, skip=True
+        )
         self.tail = tail
         self.n_examples = sum(c.size for c in chunks)
+        self.horizon = adapter.n_layers - 1  # see _last_position_only
 
     @torch.inference_mode()
-    def kl(self, layer: int, states: list[Ablation]) -> list[float]:
+    def kl(self, layer: int, states: list[Ablation]) -> torch.Tensor:
+        """Mean KL(f‖g) over D_v of each state, ``(len(states),)`` float64 on the model's device."""
         self.patcher.set(states)
+        self.horizon = _horizon(self.adapter, layer, states)
         groups = len(states)
-        total = torch.zeros(groups, dtype=torch.float64)
+        total = self.chunks[0].logp_f.new_zeros(groups, dtype=torch.float64)
         layers = self.adapter.layers()
         for chunk in self.chunks:
             self.chunk = chunk
-            hidden = chunk.inputs[layer].repeat(groups, 1, 1)
-            with self._skipping_ablated(len(hidden)):
-                for index in range(layer, len(layers)):
-                    args, kwargs = chunk.calls[index]
-                    hidden = layers[index](
-                        hidden, *_repeat(args, chunk.size, groups), **_repeat(kwargs, chunk.size, groups)
-                    )
+            hidden = _repeat(chunk.inputs[layer], chunk.size, groups)
+            for index in range(layer, len(layers)):
+                args, kwargs = chunk.calls[index]
+                args, kwargs = _repeat(args, chunk.size, groups), _repeat(kwargs, chunk.size, groups)
+                hidden = layers[index](hidden, *args, **kwargs)
             last = hidden[:, -1]
             for module in self.tail:
                 last = module(last)
             logits = self.adapter.lm_head()(last).unflatten(0, (groups, chunk.size))
-            total += kl_divergence(chunk.logp_f, logits).sum(dim=1).double().cpu()
-        return (total / self.n_examples).tolist()
+            total += kl_divergence(chunk.logp_f, logits, chunk.p_f).sum(dim=1).double()
+        return total / self.n_examples
 
     @contextlib.contextmanager
-    def _skipping_ablated(self, rows: int) -> Iterator[None]:
-        """Skip what every group ablates anyway: attention blocks with no head left, and MLPs.
-
-        Such an attention block's output is its output projection applied to
-        zeros, which the ablation hooks turn into the bias plus the heads' means;
-        one zero position per row is enough, the means broadcast over positions.
-        An ablated MLP's output is replaced by its hook whatever it computed, so
-        it computes nothing. (HF attention modules return ``(output, weights)``.)
-        """
-        skipped = []
-        for layer, plan in self.patcher.plans.items():
-            o_proj = self.adapter.model.get_submodule(self.adapter.site(layer, "o").path)
-            # A pruned output projection's bias depends on the position: one zero position can't stand for all.
-            if plan.keep is not None and len(plan.keep) == 1 and not plan.keep.any() and not isinstance(o_proj, PositionalModule):
-                zeros = plan.keep.new_zeros(rows, 1, plan.keep.shape[1])
-                skipped.append(self.adapter.attention(layer))
-                skipped[-1].forward = lambda *args, _o=o_proj, _z=zeros, **kwargs: (_o(_z), None)
-            if plan.mlp_off is not None and len(plan.mlp_off) == 1 and bool(plan.mlp_off):
-                skipped.append(self.adapter.mlp(layer))
-                skipped[-1].forward = lambda x, *args, **kwargs: torch.zeros_like(x)
-        try:
+    def hooks(self) -> Iterator[None]:
+        """Every hook the search needs, installed for the block and removed on exit."""
+        with self.patcher.hooks(), self._last_position_only():
             yield
-        finally:
-            for module in skipped:
-                del module.forward  # back to the class's forward
 
     @contextlib.contextmanager
-    def last_position_only(self) -> Iterator[None]:
-        """Feed the top layer's output projection and MLP the last position alone.
+    def _last_position_only(self) -> Iterator[None]:
+        """Feed the output projections and MLPs of the layers from the horizon up the last position alone.
 
-        Both act on each position separately and only the last position's
-        output is read, so this is exact; the residual additions broadcast it
-        over the (then meaningless) earlier positions.
+        Only the last position of the top layer's output is read. Above the
+        horizon no attention mixes positions (every head is ablated), so the
+        last position depends on the last position alone, down to the
+        horizon's attention, which reads all positions of its input (computed
+        in full below it). Output projections and MLPs act on each position
+        separately, so this is exact; the residual additions broadcast the
+        result over the (then meaningless) earlier positions.
         """
-        top = self.adapter.n_layers - 1
-        modules = [self.adapter.model.get_submodule(self.adapter.site(top, "o").path), self.adapter.mlp(top)]
-        # prepend: run before the ablation hooks, so they see what the module will.
-        handles = [
-            m.register_forward_pre_hook(_last_position, prepend=True)
-            for m in modules
-        ]
-        try:
+        with contextlib.ExitStack() as stack:
+            for layer in range(self.adapter.n_layers):
+                o_proj = self.adapter.model.get_submodule(self.adapter.site(layer, "o").path)
+                for module in (o_proj, self.adapter.mlp(layer)):
+                    # prepend: run before the ablation hooks, so they see what the module will.
+                    handle = module.register_forward_pre_hook(self._last_position_hook(layer), prepend=True)
+                    stack.callback(handle.remove)
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
+
+    def _last_position_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            if layer < self.horizon:
+                return None
+            # eigenfast's modules (a pruned model) also take the positions (B or 1, T): cut them alike.
+            return tuple(a[:, -1:] if i < 2 and isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
+
+        return hook
+
+
+def _horizon(adapter: Adapter, layer: int, states: list[Ablation]) -> int:
+    """The highest layer from ``layer`` up whose attention keeps a head in some state (``layer`` if none)."""
+    for top in range(adapter.n_layers - 1, layer, -1):
+        if any(len(state.at(top)[0]) < adapter.n_heads for state in states):
+            return top
+    return layer
 
 
 def _last_position(module: nn.Module, args: tuple) -> tuple:
@@ -211,14 +218,19 @@ def _repeat(value: Any, n: int, groups: int) -> Any:
 
 
 @torch.inference_mode()
-def _cache(adapter: Adapter, data: TaskData, batch_size: int) -> tuple[list[_Chunk], list[nn.Module]]:
+def _cache(
+    adapter: Adapter, data: TaskData, batch_size: int, means: ComponentMeans | None, extrapolate: str
+) -> tuple[list[_Chunk], list[nn.Module]]:
     """One unpruned forward per chunk of D_v: f's log-probs, each layer's input and call arguments.
 
     It also finds the backbone's *tail*: the modules it applies after its last
     layer (the final norm), which the candidates' forwards apply themselves.
+    Positions are turned into mean-table rows here, once: under
+    ``extrapolate="error"`` that check reads the device, and it must not in the search.
     """
     device = model_device(adapter.model)
     layers = adapter.layers()
+    calib_len = means.calib_len if means is not None else 0
     chunks: list[_Chunk] = []
     tail: list[nn.Module] = []
     for batch in data.batches(batch_size):
@@ -240,7 +252,9 @@ def _cache(adapter: Adapter, data: TaskData, batch_size: int) -> tuple[list[_Chu
                 if child is not layers:
                     stack.callback(child.register_forward_hook(lambda m, *_: order.append(m)).remove)
             logp_f = torch.log_softmax(last_logits(adapter, batch), dim=-1)
-        chunks.append(_Chunk(len(batch), batch.position_ids.to(device), logp_f, inputs, calls))
+        positions = batch.position_ids.to(device)
+        rows = table_positions(positions, calib_len, extrapolate) if means is not None else positions
+        chunks.append(_Chunk(len(batch), rows, logp_f, logp_f.exp(), inputs, calls))
         tail = order[order.index(None) + 1:]
     return chunks, tail
 
@@ -271,52 +285,89 @@ def _with(state: Ablation, c: Component) -> Ablation:
     return Ablation(state.heads | {(c.layer, c.head)}, state.mlps)
 
 
+# One int64 carries a group's decisions to the host, so a group has at most 63 candidates.
+MAX_GROUP = 63
+
+
+def _read_decisions(decisions: torch.Tensor) -> list[bool]:
+    """A ``(G,)`` bool device tensor on the host, with a single scalar read (the search's one sync per group)."""
+    weights = torch.pow(2, torch.arange(len(decisions), device=decisions.device))
+    packed = int((decisions.long() * weights).sum())
+    return [bool(packed >> k & 1) for k in range(len(decisions))]
+
+
+def _default_batch_size(adapter: Adapter, data: TaskData) -> int:
+    """Rows per forward when the caller gives none: 64 on a CPU, which gains little from more;
+    on a GPU as many as a quarter of its free memory holds (at most 4 GiB), one stacked forward's
+    activations and logits per row estimated from the model's shape."""
+    device = model_device(adapter.model)
+    if device.type != "cuda":
+        return 64
+    free, _ = torch.cuda.mem_get_info(device)
+    config = adapter.config
+    d_ff = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * adapter.d_model)
+    T = data.input_ids.shape[1]
+    itemsize = next(adapter.model.parameters()).element_size()
+    per_row = 3 * adapter.config.vocab_size * 4 + 4 * T * (2 * d_ff + 4 * adapter.d_model + adapter.n_heads * T) * itemsize
+    return max(64, min(free // 4, 4 << 30) // per_row)
+
+
 def discover(
     model: nn.Module,
     patch_data: "TaskData | dict | None",
     val_data: "TaskData | dict",
     threshold: float,
+    *,
     ablation: str = "mean",
     include_mlps: bool = False,
-    batch_size: int = 64,
-    progress: bool = True,
     extrapolate: str = "mean",
+    batch_size: int | None = None,
+    progress: bool = True,
 ) -> Discovery:
     """Algorithm 1: the heads (and, with ``include_mlps``, MLPs) whose ablation raises KL(f‖g) by ≥ ``threshold``.
 
     ``patch_data`` (D_a) gives the mean activations (unused, may be None, for
     zero ablation); ``val_data`` (D_v) the KL. ``batch_size`` bounds the rows of
     one forward: candidates are stacked ``batch_size // len(D_v)`` at a time
-    (one at a time, over chunks of D_v, when D_v is larger). A CPU gains
-    little past a few candidates per forward; a GPU gains from many. The residual
-    stream entering every layer is kept for D_v: O(layers · |D_v| · T · d_model).
+    (one at a time, over chunks of D_v, when D_v is larger); ``None`` picks it
+    from the device (see :class:`CircuitOptions`). The residual stream entering
+    every layer is kept for D_v: O(layers · |D_v| · T · d_model).
     """
-    if ablation not in ABLATIONS:
-        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if ablation == "mean" and patch_data is None:
-        raise ValueError("mean ablation needs patch_data (D_a) for the mean activations")
-    threshold = float(threshold)
+    options = CircuitOptions(threshold, ablation, include_mlps, extrapolate, batch_size)
+    return discover_with(model, patch_data, val_data, options, progress=progress)
+
+
+def discover_with(
+    model: nn.Module,
+    patch_data: "TaskData | dict | None",
+    val_data: "TaskData | dict",
+    options: CircuitOptions,
+    *,
+    progress: bool = True,
+) -> Discovery:
+    """:func:`discover` with checked options (what :func:`~eigenfast.circuit.extract_circuit` calls)."""
+    options.check_patch_data(patch_data)
     adapter = get_adapter(model)
     val = as_task_data(val_data)
+    batch_size = options.batch_size or _default_batch_size(adapter, val)
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
     with eval_mode(model):
-        means = component_means(model, patch_data, batch_size) if ablation == "mean" else None
+        means = component_means(model, patch_data, batch_size) if options.ablation == "mean" else None
         timings["means"] = time.perf_counter() - start
         mark = time.perf_counter()
-        chunks, tail = _cache(adapter, val, batch_size)
+        chunks, tail = _cache(adapter, val, batch_size, means, options.extrapolate)
         timings["cache"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        runner = _Runner(adapter, means, ablation, extrapolate, chunks, tail)
-        group_size = max(1, batch_size // max(c.size for c in chunks))
-        with runner.patcher.hooks(), runner.last_position_only():
-            trace, evaluations = _search(adapter, runner, threshold, include_mlps, group_size, progress)
+        runner = _Runner(adapter, means, options, chunks, tail)
+        group_size = min(MAX_GROUP, max(1, batch_size // max(c.size for c in chunks)))
+        with runner.hooks():
+            search = _search(adapter, runner, options, group_size, progress)
         timings["search"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - start
 
+    trace = search.trace
     pruned = [s.component for s in trace if s.pruned]
     pruned_heads = {(c.layer, c.head) for c in pruned if not c.is_mlp}
     pruned_mlps = {c.layer for c in pruned if c.is_mlp}
@@ -328,52 +379,73 @@ def discover(
         pruned_mlps=pruned_mlps,
         kl_trace=trace,
         kl=next((s.kl_after for s in reversed(trace) if s.pruned), 0.0),
-        threshold=threshold,
-        ablation=ablation,
+        threshold=options.threshold,
+        ablation=options.ablation,
         means=means,
         timings=timings,
-        evaluations=evaluations,
+        evaluations=search.evaluations,
+        rounds=search.rounds,
     )
 
 
-def _search(
-    adapter: Adapter, runner: _Runner, threshold: float, include_mlps: bool, group_size: int, progress: bool
-) -> tuple[list[Step], int]:
-    state, kl = Ablation(), 0.0  # g = f: KL(f‖f) = 0
-    trace: list[Step] = []
+class _Search(NamedTuple):
+    trace: list[Step]
+    evaluations: int
+    rounds: int
+
+
+def _search(adapter: Adapter, runner: _Runner, options: CircuitOptions, group_size: int, progress: bool) -> _Search:
+    """The greedy walk. KL values stay on the device (``log``) and reach the host once, at the end;
+    each group costs one read of its decisions."""
+    threshold = options.threshold
+    state = Ablation()
+    kl = runner.chunks[0].logp_f.new_zeros((), dtype=torch.float64)  # g = f: KL(f‖f) = 0
+    kl_at: int | None = None  # where the current state's KL is in the log (None: the 0 above)
+    log: list[torch.Tensor] = []
+    logged = 0
+    records: list[tuple[Component, int | None, int, bool]] = []  # component, kl_before at, kl_after at, pruned
     predict = _Predictor()
-    evaluations = 0
+    evaluations = rounds = 0
     layers = range(adapter.n_layers - 1, -1, -1)
     for layer in progress_bar(layers, adapter.n_layers, "circuit discovery: layers" if progress else None):
         pending = [Component(layer, h) for h in range(adapter.n_heads)]
-        if include_mlps:
+        if options.include_mlps:
             pending.append(Component(layer, None))
         while pending:
             group = pending[:group_size]
-            # Candidate k runs on top of the decisions predicted for 0..k-1.
-            states, guesses, assumed = [], [], state
-            for c in group:
+            # Candidate k runs on top of the decisions predicted for 0..k-1; its
+            # verdict is taken against the KL of that assumed state: the state's
+            # own, or that of the last candidate before k guessed pruned.
+            states, guesses, bases, assumed, assumed_at = [], [], [], state, None
+            for k, c in enumerate(group):
                 states.append(_with(assumed, c))
+                bases.append(assumed_at)
                 guesses.append(predict(c))
                 if guesses[-1]:
-                    assumed = states[-1]
+                    assumed, assumed_at = states[-1], k
             kls = runner.kl(layer, states)
+            before = torch.stack([kl if j is None else kls[j] for j in bases])
+            verdicts = _read_decisions(kls - before < threshold)
+            log.append(kls)
+            offset, logged = logged, logged + len(group)
             evaluations += len(group)
+            rounds += 1
             valid = True  # every earlier guess in the group was right
-            assumed_kl = kl  # KL of the state the next candidate was stacked on top of
-            for c, kl_after, guess in zip(group, kls, guesses):
+            for k, (c, guess, pruned) in enumerate(zip(group, guesses, verdicts)):
                 if valid:
-                    delta = kl_after - kl
-                    pruned = delta < threshold
-                    trace.append(Step(c, kl, kl_after, delta, pruned))
+                    records.append((c, kl_at, offset + k, pruned))
                     predict.record(c, pruned)
                     pending.pop(0)
                     if pruned:
-                        state, kl = _with(state, c), kl_after
+                        state, kl, kl_at = _with(state, c), kls[k], offset + k
                     valid = pruned == guess
                 else:
                     # Evaluated on a wrongly assumed state: its verdict is only a guess for the re-run.
-                    predict.stale[c] = kl_after - assumed_kl < threshold
-                if guess:
-                    assumed_kl = kl_after
-    return trace, evaluations
+                    predict.stale[c] = pruned
+    values = torch.cat(log).tolist() if log else []
+    trace = []
+    for c, before_at, after_at, pruned in records:
+        kl_before = 0.0 if before_at is None else values[before_at]
+        kl_after = values[after_at]
+        trace.append(Step(c, kl_before, kl_after, kl_after - kl_before, pruned))
+    return _Search(trace, evaluations, rounds)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +14,11 @@ from ..adapters import get_adapter
 from ..data import TaskData, as_task_data, check_fits_model
 from ..errors import ArgumentError
 from ..forward import evaluate
-from ..modules import EXTRAPOLATE
 from ..sizes import count_parameters
 from .ablation import check_components
-from .discovery import Step, discover
+from .discovery import Step, discover_with
 from .means import ComponentMeans
+from .options import CircuitOptions
 from .removal import remove_components
 from .report import (
     LATENCY_BATCHES, CircuitReport, HeadRates, Latency, latency_batch, median_latency,
@@ -75,10 +74,11 @@ def extract_circuit(
     patch_data: "TaskData | dict | None",
     val_data: "TaskData | dict",
     threshold: float = 0.01,
+    *,
     ablation: str = "mean",
     include_mlps: bool = False,
     extrapolate: str = "mean",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     inplace: bool = False,
     ground_truth: Iterable[tuple[int, int]] | None = None,
     progress: bool = True,
@@ -94,23 +94,20 @@ def extract_circuit(
     ``inplace``. ``ground_truth`` (known circuit heads) adds TPR/FPR to the report;
     the report's latencies are medians of ``latency_repeats`` forwards (0: not measured).
     """
-    if extrapolate not in EXTRAPOLATE:
-        raise ArgumentError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
-    if not math.isfinite(threshold) or threshold < 0:
-        raise ArgumentError(
-            f"threshold must be a finite number >= 0 (the KL increase a component must cause to stay), got {threshold}"
-        )
+    options = CircuitOptions(threshold, ablation, include_mlps, extrapolate, batch_size)
+    options.check_patch_data(patch_data)
     if latency_repeats < 0:
         raise ArgumentError(f"latency_repeats must be >= 0 (0 skips the latency measurement), got {latency_repeats}")
     adapter = get_adapter(model)
     truth = None if ground_truth is None else check_components(adapter, ground_truth, ()).heads
     val = as_task_data(val_data)
-    patch = None if patch_data is None else as_task_data(patch_data)
-    for part in (patch, val):
+    batch_size = batch_size or 64  # evaluation and latency batches; discovery picks its own when None
+
+    for part in (None if patch_data is None else as_task_data(patch_data), val):
         if part is not None:
             check_fits_model(part, model)
 
-    discovery = discover(model, patch, val, threshold, ablation, include_mlps, batch_size, progress, extrapolate)
+    discovery = discover_with(model, patch_data, val, options, progress=progress)
     timings = {f"discover.{name}": seconds for name, seconds in discovery.timings.items()}
     params_before = count_parameters(model)
     before = evaluate(model, val, batch_size, desc="evaluate the model" if progress else None)

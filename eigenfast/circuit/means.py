@@ -19,7 +19,6 @@ from torch import nn
 from ..adapters import Adapter, get_adapter, head_inputs, head_matrices, projection_matrix
 from ..data import TaskData, as_task_data
 from ..forward import eval_mode, model_device
-from ..modules import EXTRAPOLATE, PositionIndexError
 
 
 @dataclass
@@ -32,30 +31,6 @@ class ComponentMeans:
     @property
     def calib_len(self) -> int:
         return int(self.heads.shape[2])
-
-
-def extend_rows(rows: torch.Tensor, extrapolate: str) -> torch.Tensor:
-    """``(..., calib_len, d)`` → ``(..., calib_len + 1, d)``: the extra row serves positions ≥ calib_len.
-
-    The same rule as :class:`eigenfast.modules.PositionTable`, so a hook-ablated
-    model and a physically extracted one agree past the calibration length too.
-    """
-    if extrapolate not in EXTRAPOLATE:
-        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
-    tail = rows[..., -1:, :] if extrapolate == "last" else rows.mean(dim=-2, keepdim=True)
-    return torch.cat([rows, tail], dim=-2)
-
-
-def clamp_positions(positions: torch.Tensor, calib_len: int, extrapolate: str) -> torch.Tensor:
-    """Row indices into an :func:`extend_rows` table (raises past ``calib_len`` under ``"error"``)."""
-    if extrapolate == "error":
-        longest = int(positions.max())
-        if longest >= calib_len:
-            raise PositionIndexError(
-                f"token position {longest} is beyond the calibration length {calib_len} of the means; "
-                "compute them on longer sequences or pick extrapolate='mean' or 'last'"
-            )
-    return positions.clamp(max=calib_len)
 
 
 @torch.no_grad()
@@ -77,12 +52,15 @@ def component_means(model: nn.Module, patch_data: "TaskData | dict", batch_size:
 
     with eval_mode(model):
         for batch in data.batches(batch_size):
-            real = batch.mask.to(device).bool().reshape(-1)
-            pos = batch.position_ids.to(device).reshape(-1)[real]
-            counts.index_add_(0, pos, torch.ones_like(pos, dtype=torch.float64))
+            # Padding is weighted 0 rather than dropped: a boolean selection would
+            # make the shapes depend on the data and cost a host sync per batch.
+            # (padded slots have position 0; torch.where, not a product, so whatever they hold adds nothing).
+            real = batch.mask.to(device).reshape(-1, 1).bool()
+            pos = batch.position_ids.to(device).reshape(-1)
+            counts.index_add_(0, pos, real[:, 0].double())
 
             def add(sums: torch.Tensor, x: torch.Tensor) -> None:
-                sums.index_add_(0, pos, x.reshape(-1, x.shape[-1])[real].double())
+                sums.index_add_(0, pos, torch.where(real, x.reshape(-1, x.shape[-1]).double(), 0.0))
 
             with _collect(adapter, o_paths, lambda l, z: add(z_sums[l], z), lambda l, y: add(mlp_sums[l], y)):
                 adapter.backbone()(**batch.model_inputs(device), use_cache=False)

@@ -12,7 +12,7 @@ from torch import nn
 from ..adapters import get_adapter
 from ..data import TaskData
 from ..forward import Evaluation, last_logits
-from ..sizes import ParameterCount, count_parameters  # noqa: F401  (count_parameters: benches import it from here)
+from ..sizes import ParameterCount
 from .synthetic import head_rates
 
 LATENCY_BATCHES = (1, 32)

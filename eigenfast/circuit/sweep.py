@@ -102,8 +102,8 @@ def sweep(
     points, accuracy_before = [], 0.0
     for threshold in sorted(thresholds):
         result = extract_circuit(
-            model, patch_data, val_data, threshold, ablation, include_mlps, extrapolate, batch_size,
-            progress=progress, latency_repeats=0,
+            model, patch_data, val_data, threshold, ablation=ablation, include_mlps=include_mlps,
+            extrapolate=extrapolate, batch_size=batch_size, progress=progress, latency_repeats=0,
         )
         report = result.report
         accuracy_before = report.before.accuracy

@@ -16,7 +16,7 @@ from typing import Any
 from ..loading import load_model
 from ..data import TASKS, TaskData, load_task
 from ..table import (
-    REDUCES, Setting, default_settings, markdown, plot, prune_supports_reduce, run_table,
+    REDUCES, default_settings, markdown, plot, prune_supports_reduce, run_table,
 )
 from ..tasks import induction
 from .arguments import comma_list, component, fraction

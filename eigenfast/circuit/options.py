@@ -1,0 +1,38 @@
+"""The options circuit discovery and extraction share, checked once."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .ablation import check_ablation
+
+
+@dataclass(frozen=True)
+class CircuitOptions:
+    """Algorithm 1's settings (SPEC §3); constructing one checks them all.
+
+    ``batch_size`` bounds the rows of one forward (candidates × examples when
+    discovery stacks candidates); ``None`` picks it from the device.
+    """
+
+    threshold: float
+    ablation: str = "mean"
+    include_mlps: bool = False
+    extrapolate: str = "mean"
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", float(self.threshold))
+        if math.isnan(self.threshold):
+            raise ValueError(
+                "threshold is NaN: give the KL increase below which a component is pruned (inf prunes everything)"
+            )
+        check_ablation(self.ablation, self.extrapolate)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (or None to pick it from the device), got {self.batch_size}")
+
+    def check_patch_data(self, patch_data: object) -> None:
+        if self.ablation == "mean" and patch_data is None:
+            raise ValueError(
+                "mean ablation needs patch_data (D_a) for the mean activations; pass it or use ablation='zero'"
+            )
