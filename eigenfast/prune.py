@@ -113,6 +113,7 @@ def prune(
     inplace: bool = False,
     tokenizer: Any = None,
     progress_bar: bool = True,
+    reduce: str = "max",
 ) -> PruneResult:
     """Eigenprune ``model`` for the task in ``data`` (SPEC §2).
 
@@ -120,7 +121,8 @@ def prune(
     ``"auto"``: score once, try every candidate p (plus the defaults) on held-out
     data (``val_data``, else a seeded ``val_fraction`` split of ``data``) and keep
     the most accurate. ``test_data``, if given, is evaluated for the report only,
-    never to choose p. The input model is left untouched unless ``inplace``.
+    never to choose p. ``reduce`` is how scores pool over pairs ("max" or "mean",
+    see :func:`eigenfast.score`). The input model is left untouched unless ``inplace``.
     """
     if extrapolate not in EXTRAPOLATE:
         raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
@@ -139,7 +141,9 @@ def prune(
         data, val_data = data.split(1.0 - val_fraction, seed=seed)
 
     started = time.perf_counter()
-    attribution = attribute(model, data, components, pairs, batch_size, backend=backend, progress_bar=progress_bar)
+    attribution = attribute(
+        model, data, components, pairs, batch_size, backend=backend, progress_bar=progress_bar, reduce=reduce
+    )
     timings = {"score": time.perf_counter() - started, **attribution.timings}
     scores = attribution.scores
 
