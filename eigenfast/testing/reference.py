@@ -173,7 +173,7 @@ def reference_pipeline(
     for site in sites:
         A = head_matrices(projection_matrix(model.get_submodule(site.path)).detach(), site)
         factors[site.key] = torch.linalg.svd(A, full_matrices=False)
-    scores = {site.key: torch.full(factors[site.key][1].shape, -torch.inf) for site in sites}
+    scores = {site.key: torch.full_like(factors[site.key][1], -torch.inf) for site in sites}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(True)
