@@ -221,3 +221,21 @@ def test_batch_loop_never_syncs_on_gpu(monkeypatch, pairs, reduce):
 
     watch_batches(monkeypatch, sync_errors)
     eigenfast.score(model, data, components=("q", "o", "mlp_out"), pairs=pairs, batch_size=4, reduce=reduce)
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("pairs", ["all", "shift"])
+def test_kept_pass1_graphs_give_the_same_scores(monkeypatch, pairs, reduce):
+    """Pass 2 on graphs pass 1 kept (all, the first only, none) equals the naive scores."""
+    model = make_model("gpt2")
+    data = make_data(n=7, length=5, padded=True)
+    results = []
+    for budget in (1 << 40, 1, 0):
+        monkeypatch.setattr(scoring, "GRAPH_BYTES", budget)
+        attribution = scoring.attribute(model, data, ("k", "o"), pairs, batch_size=3, progress_bar=False, reduce=reduce)
+        results.append(attribution.scores)
+    for key in results[0]:
+        ref = naive_scores(model, data, key[0], key[1], pairs, batch_size=3, reduce=reduce)
+        top = naive_scores(model, data, key[0], key[1], pairs, batch_size=3).abs().max().item()
+        for scores in results:
+            assert_close(scores[key], ref, scale=top)
