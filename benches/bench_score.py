@@ -112,7 +112,7 @@ def main() -> None:
         ref, t_ref = timed(reference_pipeline, model, on_device, components, args.batch)
         for name, t in (("ref", t_ref), ("shift", t_shift), ("all", t_all), ("forward", forward), ("fwd_bwd", fwd_bwd)):
             best[name] = min(best[name], t)
-    worst = max(float((shift[k] - ref[k].cpu()).abs().max() / ref[k].abs().max()) for k in ref)
+    worst = max(float((shift[k] - ref[k].cpu()).abs().max() / ref[k].cpu().abs().max()) for k in ref)
 
     print(f"GPT-2-small shapes: {args.layers} layers, 12 heads, d_model 768, vocab 50257; "
           f"{args.examples} examples x {args.tokens} tokens, batch {args.batch}; components {components}; "

@@ -391,7 +391,9 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             self.add(t)
-            return t
+            # A detached alias, not ``t``: a saved output returned as itself would make a
+            # reference cycle through its grad_fn, freed only by the garbage collector.
+            return t.detach()
 
         super().__init__(pack, lambda t: t)
 
