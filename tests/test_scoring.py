@@ -239,3 +239,23 @@ def test_kept_pass1_graphs_give_the_same_scores(monkeypatch, pairs, reduce):
         top = naive_scores(model, data, key[0], key[1], pairs, batch_size=3).abs().max().item()
         for scores in results:
             assert_close(scores[key], ref, scale=top)
+
+
+def test_graph_size_counter_keeps_no_reference_cycle():
+    """Kept graphs must die with their loss, without waiting for the garbage collector."""
+    import gc
+    import weakref
+
+    x = torch.randn(50, 50, requires_grad=True)
+    counter = scoring._SavedBytes()
+    gc.disable()
+    try:
+        with counter:
+            y = torch.exp(x)  # exp saves its own output
+            loss = y.sum()
+        alive = weakref.ref(y)
+        del y, loss
+        assert alive() is None
+    finally:
+        gc.enable()
+    assert counter.nbytes == 50 * 50 * 4
