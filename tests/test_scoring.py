@@ -259,3 +259,13 @@ def test_graph_size_counter_keeps_no_reference_cycle():
     finally:
         gc.enable()
     assert counter.nbytes == 50 * 50 * 4
+
+
+def test_prune_passes_reduce_through():
+    model, data = make_model("gpt2", seed=6), make_data()
+    result = eigenfast.prune(model, data, p=0.1, components=("k",), reduce="mean", progress_bar=False)
+    mean = eigenfast.score(model, data, components=("k",), reduce="mean")
+    for key in mean:
+        torch.testing.assert_close(result.scores[key], mean[key])
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        eigenfast.prune(model, data, p=0.1, reduce="median")
