@@ -295,6 +295,12 @@ class _Pass2:
     pairs: str
     reduce: str
     backend: str
+    weights: frozenset[int] = frozenset()  # storages of the model's tensors, not counted as graph memory
+
+    def __post_init__(self) -> None:
+        model = self.adapter.model
+        tensors = [*model.parameters(), *model.buffers()]
+        self.weights = frozenset(t.untyped_storage().data_ptr() for t in tensors)
 
     def forward(self, batch: _DeviceBatch, on_input=None) -> _Graph:
         """The loss of ``batch`` with gradient hooks on every site (and ``on_input`` on their inputs)."""
@@ -328,7 +334,7 @@ class _Pass2:
         bottom = adapter.layers()[min(st.site.layer for st in self.stats.values())]
         with contextlib.ExitStack() as stack:
             stack.enter_context(_frozen_parameters(adapter.model))
-            saved = _SavedBytes()
+            saved = _SavedBytes(self.weights)
             stack.enter_context(saved)
             stack.enter_context(_grad_hooks(adapter, self.stats, on_grad, saved))
             stack.enter_context(_grad_from(bottom))
@@ -384,10 +390,12 @@ def _pass2_batch(scorer: _Pass2, batch: _DeviceBatch, weight: torch.Tensor | Non
 
 
 class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Counts the bytes of the distinct storages a forward saves for its backward."""
+    """Counts the bytes of the distinct storages a forward saves for its backward,
+    leaving out ``shared`` ones (the model's weights: they are alive anyway)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: frozenset[int] = frozenset()) -> None:
         self.storages: dict[int, int] = {}
+        self.shared = shared
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             self.add(t)
@@ -399,7 +407,8 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
 
     def add(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
-        self.storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in self.shared:
+            self.storages[storage.data_ptr()] = storage.nbytes()
 
     @property
     def nbytes(self) -> int:
