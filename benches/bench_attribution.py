@@ -3,9 +3,10 @@
 Prints three tables, all measured in this run on the same activations and gradients:
 
 (a) ours vs. the eigenpruning reference code's loop over singular values ("shift"
-    pairs: for each i build E_i = s_i u_i v_i^T, form (x' - x) E_i for all rows and
-    heads, dot it with the gradient). The loop costs the same for every i, so only
-    ``--ref-iters`` of its iterations are timed and the total is scaled up by r/iters.
+    pairs: for each i project x' - x on u_i, expand it along v_i to a (rows, heads,
+    d_out) change, dot it with the gradient; eigenfast.testing.reference). The loop
+    costs the same for every i, so only ``--ref-iters`` of its iterations are timed
+    and the total is scaled up by r/iters.
 (b) our throughput as a fraction of the matmul limit: the time torch.matmul/bmm need
     for GEMMs of the same M, N, K as ours, in one call each, over our time.
 (c) memory against the number of rows: the statistics are O(T x H x r) and our working
@@ -32,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eigenfast.attribution import pass1_update, pass2_update  # noqa: E402
+from eigenfast.testing.reference import per_singular_value_loop  # noqa: E402
 
 T = 128  # positions: rows are R/T sequences of T tokens
 
@@ -189,17 +191,10 @@ def ours_all(d, c: Component) -> torch.Tensor:
     return out
 
 
-def reference_loop(d, c: Component, iters: int | None = None) -> torch.Tensor:
-    """A re-implementation of the reference eigenpruning code's scoring, shift pairs:
-    one full rank-one matrix per singular value, applied to every row of every head."""
+def reference_loop(d, iters: int | None = None) -> torch.Tensor:
+    """The eigenpruning reference code's scoring, shift pairs (the shared reference)."""
     x, partner, g, U, V, s = (d[k].float() for k in ("x", "partner", "g", "U", "V", "s"))
-    delta = partner - x  # (R, H, d_in)
-    out = torch.empty(c.heads, c.rank, device=x.device)
-    for i in range(c.rank if iters is None else iters):
-        E = s[:, i, None, None] * U[:, :, i, None] * V[:, i, None, :]  # (H, d_in, d_out)
-        change = torch.einsum("rhk,hko->rho", delta, E)  # (R, H, d_out)
-        out[:, i] = (change * g).sum(-1).amax(0)
-    return out
+    return per_singular_value_loop(x, g, U, V, s, partner, iters)
 
 
 def gemm_limit(d, c: Component, mode: str) -> Callable[[], None]:
@@ -263,7 +258,7 @@ def main() -> None:
     for c in COMPONENTS:
         d = make_inputs(c, args.rows, device, dtype)
         iters = min(args.ref_iters, c.rank)
-        t_ref = seconds({"ref": lambda: reference_loop(d, c, iters)}, device, repeat=1)["ref"]
+        t_ref = seconds({"ref": lambda: reference_loop(d, iters)}, device, repeat=1)["ref"]
         t_ref *= c.rank / iters
         t = seconds(
             {
@@ -275,7 +270,7 @@ def main() -> None:
             device,
             repeat=args.repeat,
         )
-        want = reference_loop(d, c, iters)[:, :iters]
+        want = reference_loop(d, iters)[:, :iters]
         same = torch.allclose(ours_shift(d, c)[:, :iters], want, rtol=1e-3, atol=1e-3)
         speed.append([c.name, f"{t_ref:.2f}", f"{t['shift'] * 1e3:.1f}",
                       f"{t_ref / t['shift']:.0f}x", f"{t['all'] * 1e3:.1f}",
@@ -288,7 +283,7 @@ def main() -> None:
             d = make_inputs(c, rows, device, dtype)
             stat_bytes = sum(st.numel() * st.element_size() for st in stats(c, device))
             mem.append([c.name, str(rows), mib(stat_bytes), mib(memory(lambda: ours_all(d, c))),
-                        mib(memory(lambda: reference_loop(d, c, 1)))])  # fmt: skip
+                        mib(memory(lambda: reference_loop(d, 1)))])  # fmt: skip
         del d
 
     table(

@@ -8,7 +8,11 @@ For one (layer, component) with per-head thin SVD ``A_h = U_h diag(s_h) V_h``, r
 Pass 1 keeps per position ``t`` the running max/min of ``P`` (``pmax``/``pmin``).
 Pass 2 keeps ``out[h, i] = max_row s[h, i] · (Q - P) · G``, where the partner term ``Q``
 is ``pmax[pos]`` or ``pmin[pos]`` ("all" pairs: the best partner at that position) or
-``partner · U`` ("shift" pairs: one explicit partner per row).
+``partner · U`` ("shift" pairs: one explicit partner per row). With ``reduce="mean"``
+it keeps ``out[h, i] = Σ_row w · s · (Q - P) · G`` instead, ``Q`` being ``pmean[pos]``
+(the mean partner, "all") or ``partner · U`` ("shift"); the caller divides by the
+total weight. Row weights ``w`` also drop rows (weight 0) from the max, so callers
+pass every row, padding included, and never index rows by a data-dependent mask.
 
 All statistics are float32 and updated in place, so a data set is streamed batch by
 batch. The CPU fast path here works blockwise over rows: one GEMM per block and
@@ -25,6 +29,8 @@ from typing import Callable, Literal
 import torch
 
 Backend = Literal["auto", "torch", "triton"]
+Reduce = Literal["max", "mean"]
+REDUCE = ("max", "mean")
 
 # Budget, in float32 elements, for one row-block buffer of shape (block, H, r). About
 # five such buffers are alive at once: 2**21 (8 MiB each) caps the working memory near
@@ -80,30 +86,39 @@ def pass2_update(
     out: torch.Tensor,
     *,
     partner: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduce: Reduce = "max",
+    pmean: torch.Tensor | None = None,
     backend: Backend = "auto",
 ) -> None:
-    """Fold rows into ``out[h, i] = max_row s · (Q - P) · G`` (see module docstring).
+    """Fold rows into ``out`` (see module docstring).
 
     x: (R, H, d_in) and g: (R, H, d_out), each possibly stride 0 over H; U: (H, d_in, r);
     V: (H, r, d_out); s: (H, r), non-negative (singular values); pos: (R,) int64.
-    partner=None is "all" mode and reads pmax/pmin (T, H, r), which must already hold
-    every position in ``pos``; partner (same layout as x) is "shift" mode and ignores
-    pmax/pmin. out: (H, r) float32, updated in place (start it at -inf).
+    partner=None is "all" mode and reads pmax/pmin (max) or pmean (mean), (T, H, r),
+    which must already hold every position in ``pos``; partner (same layout as x) is
+    "shift" mode and reads none of them. weight: (R,) float32, or None for all ones;
+    reduce="max" skips rows of weight 0, "mean" sums weight x gain. out: (H, r)
+    float32, updated in place (start it at -inf for "max", 0 for "mean").
     """
-    _check(x, U, g, V, s, pos, pmax, pmin, out, partner)
+    _check(x, U, g, V, s, pos, pmax, pmin, out, partner, weight, reduce, pmean)
     if _use_triton(backend, x):
         from eigenfast.kernels import attribution_pass2
 
-        attribution_pass2.pass2_update(x, g, U, V, s, pos, pmax, pmin, out, partner=partner)
+        attribution_pass2.pass2_update(
+            x, g, U, V, s, pos, pmax, pmin, out, partner=partner, weight=weight, reduce=reduce, pmean=pmean
+        )
         return
     R, H, _ = x.shape
     step = _block_rows(H, U.shape[2])
+    mean = reduce == "mean"
     # G is linear in g and P in x, so ``s`` folds into V once per call and the shift
     # partner into x per block: (Pp - P) = (xp - x) · U costs one GEMM, not two.
     gradient = _projector(g, V.float().transpose(1, 2) * s.float().unsqueeze(1))
     if partner is None:
         project = _projector(x, U)
-        spread = pmax - pmin
+        spread = None if mean else pmax - pmin
+        anchor = pmean if mean else pmax
     else:
         project = _projector(partner, U, minus=x)
     for start in range(0, R, step):
@@ -111,13 +126,22 @@ def pass2_update(
         sG = gradient(start, stop)
         if partner is None:
             p = pos[start:stop]
-            # With s >= 0 the best partner is Pmax where sG >= 0 and Pmin = Pmax - spread
-            # elsewhere, so (Q - P) sG = (Pmax - P) sG - spread min(sG, 0): no select,
-            # and the GEMM writes Pmax - P straight into the gathered Pmax rows.
-            gain = project(start, stop, minus_from=pmax.index_select(0, p)).mul_(sG)
-            gain.addcmul_(spread.index_select(0, p), sG.clamp_(max=0), value=-1)
+            # The GEMM writes Q - P straight into the gathered anchor rows. For the max,
+            # with s >= 0 the best partner is Pmax where sG >= 0 and Pmin = Pmax - spread
+            # elsewhere, so (Q - P) sG = (Pmax - P) sG - spread min(sG, 0): no select.
+            gain = project(start, stop, minus_from=anchor.index_select(0, p)).mul_(sG)
+            if not mean:
+                gain.addcmul_(spread.index_select(0, p), sG.clamp_(max=0), value=-1)
         else:
             gain = project(start, stop).mul_(sG)
+        w = None if weight is None else weight[start:stop]
+        if mean:
+            flat = gain.reshape(stop - start, -1)
+            out.view(-1).add_(flat.sum(0) if w is None else w @ flat)
+            continue
+        if w is not None:
+            # -inf, not 0: a dropped row must never win the max, even if every real gain is negative.
+            gain.masked_fill_((w == 0).view(-1, 1, 1), -torch.inf)
         torch.maximum(out, gain.amax(0), out=out)
 
 
@@ -189,6 +213,9 @@ def _check(
     pmin: torch.Tensor | None,
     out: torch.Tensor | None,
     partner: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    reduce: str = "max",
+    pmean: torch.Tensor | None = None,
 ) -> None:
     if x.dim() != 3 or U.dim() != 3:
         raise ValueError("x must be (R, H, d_in) and U (H, d_in, r)")
@@ -198,18 +225,32 @@ def _check(
     r = U.shape[2]
     if pos.shape != (R,) or pos.dtype != torch.int64:
         raise ValueError("pos must be an int64 tensor of shape (R,)")
-    if g is not None:
-        if g.dim() != 3 or g.shape[:2] != (R, H):
-            raise ValueError(f"g shape {tuple(g.shape)} does not match x {tuple(x.shape)}")
-        if V.shape != (H, r, g.shape[2]) or s.shape != (H, r):
-            raise ValueError("V must be (H, r, d_out) and s (H, r)")
-        if out.shape != (H, r) or out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError("out must be a contiguous float32 (H, r) tensor")
-    if partner is not None and partner.shape != x.shape:
-        raise ValueError(f"partner shape {tuple(partner.shape)} != x shape {tuple(x.shape)}")
-    if partner is None:
+    if g is None:
         for name, stat in (("pmax", pmax), ("pmin", pmin)):
-            if stat is None or stat.dim() != 3 or stat.shape[1:] != (H, r):
-                raise ValueError(f"{name} must be a (T, H, r) tensor")
-            if stat.dtype != torch.float32 or not stat.is_contiguous():
-                raise ValueError(f"{name} must be a contiguous float32 tensor")
+            _check_stat(name, stat, H, r)
+        return
+    if reduce not in REDUCE:
+        raise ValueError(f"reduce must be one of {REDUCE}, got {reduce!r}")
+    if g.dim() != 3 or g.shape[:2] != (R, H):
+        raise ValueError(f"g shape {tuple(g.shape)} does not match x {tuple(x.shape)}")
+    if V.shape != (H, r, g.shape[2]) or s.shape != (H, r):
+        raise ValueError("V must be (H, r, d_out) and s (H, r)")
+    if out.shape != (H, r) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError("out must be a contiguous float32 (H, r) tensor")
+    if weight is not None and (weight.shape != (R,) or weight.dtype != torch.float32):
+        raise ValueError("weight must be a float32 tensor of shape (R,)")
+    if partner is not None:
+        if partner.shape != x.shape:
+            raise ValueError(f"partner shape {tuple(partner.shape)} != x shape {tuple(x.shape)}")
+    elif reduce == "mean":
+        _check_stat("pmean", pmean, H, r)
+    else:
+        for name, stat in (("pmax", pmax), ("pmin", pmin)):
+            _check_stat(name, stat, H, r)
+
+
+def _check_stat(name: str, stat: torch.Tensor | None, H: int, r: int) -> None:
+    if stat is None or stat.dim() != 3 or stat.shape[1:] != (H, r):
+        raise ValueError(f"{name} must be a (T, H, r) tensor")
+    if stat.dtype != torch.float32 or not stat.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous float32 tensor")

@@ -122,6 +122,7 @@ def prune(
     inplace: bool = False,
     tokenizer: Any = None,
     progress_bar: bool = True,
+    reduce: str = "max",
 ) -> PruneResult:
     """Eigenprune ``model`` for the task in ``data`` (docs/MATH.md §2, §3).
 
@@ -129,7 +130,8 @@ def prune(
     ``"auto"``: score once, try every candidate p (plus the defaults) on held-out
     data (``val_data``, else a seeded ``val_fraction`` split of ``data``) and keep
     the most accurate. ``test_data``, if given, is evaluated for the report only,
-    never to choose p. The input model is left untouched unless ``inplace``.
+    never to choose p. ``reduce`` is how scores pool over pairs ("max" or "mean",
+    see :func:`eigenfast.score`). The input model is left untouched unless ``inplace``.
     """
     if extrapolate not in EXTRAPOLATE:
         raise ArgumentError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
@@ -154,7 +156,9 @@ def prune(
 
     size_before = count_parameters(model)  # before an inplace prune changes it
     started = time.perf_counter()
-    attribution = attribute(model, data, components, pairs, batch_size, backend=backend, progress_bar=progress_bar)
+    attribution = attribute(
+        model, data, components, pairs, batch_size, backend=backend, progress_bar=progress_bar, reduce=reduce
+    )
     timings = {"score": time.perf_counter() - started, **attribution.timings}
     scores = attribution.scores
 

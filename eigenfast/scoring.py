@@ -4,22 +4,28 @@ Pass 1 (forward only, stops after the highest selected layer) reduces, per
 token position, the max/min of every U-projection and the sum of each site's
 inputs (for the freezing means). Pass 2 (forward + backward of activation
 gradients only, stopping below the lowest selected layer) combines each batch's
-U-projections with its gradient projections and max-reduces into ``(heads, r)``.
-Only O(positions × heads × rank) statistics outlive a batch.
+U-projections with its gradient projections and max-reduces (or, for
+``reduce="mean"``, sums) into ``(heads, r)``. Only O(positions × heads × rank)
+statistics outlive a batch.
+
+The per-batch loop never waits on the device: batches move to it before the loop,
+padding rows are processed like real ones but land in a trash position row and
+carry weight 0 in pass 2, so no boolean-mask indexing, ``nonzero`` or ``.item()``
+happens per batch.
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .adapters import Adapter, Site, get_adapter, head_inputs, head_outputs, projection_matrix
-from .attribution import pass1_update, pass2_update
+from .attribution import REDUCE, pass1_update, pass2_update
 from .data import TaskData, as_task_data
 from .forward import eval_mode, last_logits, model_device
 from .progress import progress
@@ -34,9 +40,11 @@ class SiteStats:
     site: Site
     factors: Factors  # float64, exact: freezing uses these
     work: Factors  # float32 on the model's device: the kernels use these
-    pmax: torch.Tensor | None
+    heads: Site  # ``site`` with its head indices on the model's device (no host copy per batch)
+    pmax: torch.Tensor | None  # (calib_len + 1, heads, r): the last row collects padding
     pmin: torch.Tensor | None
-    scores: torch.Tensor  # (heads, r), running max
+    scores: torch.Tensor  # (heads, r): running max, or running weighted sum for reduce="mean"
+    pmean: torch.Tensor | None = None  # (calib_len + 1, heads, r): u_i · x̄[t], all-pairs mean only
 
 
 @dataclass
@@ -47,6 +55,7 @@ class Attribution:
     input_sums: dict[str, torch.Tensor]  # module path -> (calib_len, d_in_total)
     counts: torch.Tensor  # (calib_len,) real tokens seen at each position
     pairs: str
+    reduce: str = "max"
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -72,10 +81,17 @@ def score(
     layers: Sequence[int] | None = None,
     backend: str = "auto",
     progress_bar: bool = True,
+    reduce: str = "max",
 ) -> dict[Key, torch.Tensor]:
-    """ΔL of every rank-one term: ``{(layer, component): (heads, rank)}``, singular values descending."""
-    # Scores alone need pass 1 only for the all-pairs ranges, never for the means.
-    return attribute(model, data, components, pairs, batch_size, layers, backend, progress_bar, need_means=False).scores
+    """ΔL of every rank-one term: ``{(layer, component): (heads, rank)}``, singular values descending.
+
+    ``reduce="max"`` (the paper's) takes the max over examples, positions and partners;
+    ``reduce="mean"`` the mean over all those (example, position, partner) pairs.
+    """
+    # Scores alone need pass 1 only for the all-pairs statistics, never for the means.
+    return attribute(
+        model, data, components, pairs, batch_size, layers, backend, progress_bar, need_means=False, reduce=reduce
+    ).scores
 
 
 def attribute(
@@ -88,10 +104,13 @@ def attribute(
     backend: str = "auto",
     progress_bar: bool = True,
     need_means: bool = True,
+    reduce: str = "max",
 ) -> Attribution:
     """Run both passes and keep the statistics (``prune`` needs the means as well as the scores)."""
     if pairs not in PAIRS:
         raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
+    if reduce not in REDUCE:
+        raise ValueError(f"reduce must be one of {REDUCE} ('max': the paper's score, 'mean': mean over pairs), got {reduce!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     data = as_task_data(data)
@@ -102,28 +121,50 @@ def attribute(
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    stats = {site.key: _new_stats(adapter, site, calib_len, pairs, device) for site in sites}
+    stats = {site.key: _new_stats(adapter, site, calib_len, pairs, reduce, device) for site in sites}
     timings["svd"] = time.perf_counter() - start
-    counts = torch.zeros(calib_len, dtype=torch.long, device=device)
+    # Row calib_len of every per-position buffer is the trash row padding lands in, so no
+    # batch ever selects its real rows with a boolean mask (a host synchronisation).
+    counts = torch.zeros(calib_len + 1, dtype=torch.long, device=device)
     input_sums = {
-        site.path: torch.zeros(calib_len, _fan_in(adapter.model.get_submodule(site.path)), device=device)
+        site.path: torch.zeros(calib_len + 1, _fan_in(adapter.model.get_submodule(site.path)), device=device)
         for site in sites
     }
-    n_batches = -(-len(data) // batch_size)
+    batches = [_DeviceBatch.of(batch, calib_len, device) for batch in data.batches(batch_size)]
+    total = torch.zeros((), device=device)  # the mean's denominator: the weight of all pairs
 
+    scorer = _Pass2(adapter, stats, pairs, reduce, backend)
+    graphs: list[_Graph | None] = [None] * len(batches)
     with eval_mode(model):
         if pairs == "all" or need_means:
             start = time.perf_counter()
             desc = "pass 1: forward statistics" if progress_bar else None
-            for batch in progress(data.batches(batch_size), n_batches, desc):
-                _pass1_batch(adapter, batch, stats, input_sums, counts, pairs == "all", backend)
+            ranges = pairs == "all" and reduce == "max"
+            budget, kept = _graph_budget(device), 0
+            for i, batch in enumerate(progress(batches, len(batches), desc)):
+                graphs[i] = _pass1_batch(
+                    adapter, batch, stats, input_sums, counts, ranges, backend, scorer if kept < budget else None
+                )
+                kept += 0 if graphs[i] is None else graphs[i].nbytes
             timings["pass1"] = time.perf_counter() - start
+        if pairs == "all" and reduce == "mean":
+            _set_mean_projections(stats, input_sums, counts)
         start = time.perf_counter()
         desc = "pass 2: forward+backward scores" if progress_bar else None
-        for batch in progress(data.batches(batch_size), n_batches, desc):
-            _pass2_batch(adapter, batch, stats, pairs, backend)
+        for i, batch in enumerate(progress(batches, len(batches), desc)):
+            weight = _pass2_weight(batch, pairs, reduce, counts)
+            if reduce == "mean":
+                total += weight.sum()
+            _pass2_batch(scorer, batch, weight, graphs[i])
+            graphs[i] = None  # frees the graph's activations
         timings["pass2"] = time.perf_counter() - start
-    return Attribution(stats, input_sums, counts, pairs, timings)
+    if reduce == "mean":
+        for st in stats.values():
+            st.scores /= total
+    for st in stats.values():
+        st.pmax, st.pmin, st.pmean = (None if t is None else t[:calib_len] for t in (st.pmax, st.pmin, st.pmean))
+    input_sums = {path: t[:calib_len] for path, t in input_sums.items()}
+    return Attribution(stats, input_sums, counts[:calib_len], pairs, reduce, timings)
 
 
 def select_sites(adapter: Adapter, components: Sequence[str], layers: Sequence[int] | None) -> list[Site]:
@@ -144,19 +185,76 @@ def _fan_in(module: nn.Module) -> int:
     return projection_matrix(module).shape[0]
 
 
-def _new_stats(adapter: Adapter, site: Site, calib_len: int, pairs: str, device: torch.device) -> SiteStats:
+def _new_stats(
+    adapter: Adapter, site: Site, calib_len: int, pairs: str, reduce: str, device: torch.device
+) -> SiteStats:
     module = adapter.model.get_submodule(site.path)
     factors = site_factors(module, site)
     heads, rank = factors.s.shape
-    need_range = pairs == "all"
+    need_range = pairs == "all" and reduce == "max"
+    shape = (calib_len + 1, heads, rank)
     return SiteStats(
         site=site,
         factors=factors,
         work=factors.to(device),
-        pmax=torch.full((calib_len, heads, rank), -torch.inf, device=device) if need_range else None,
-        pmin=torch.full((calib_len, heads, rank), torch.inf, device=device) if need_range else None,
-        scores=torch.full((heads, rank), -torch.inf, device=device),
+        heads=replace(
+            site,
+            out_index=None if site.out_index is None else site.out_index.to(device),
+            in_index=None if site.in_index is None else site.in_index.to(device),
+        ),
+        pmax=torch.full(shape, -torch.inf, device=device) if need_range else None,
+        pmin=torch.full(shape, torch.inf, device=device) if need_range else None,
+        scores=torch.full((heads, rank), -torch.inf if reduce == "max" else 0.0, device=device),
     )
+
+
+@dataclass
+class _DeviceBatch:
+    """One batch moved to the model's device before the loop, with its row bookkeeping:
+    ``pos`` sends padding to the trash row ``calib_len``, ``real`` is 1.0 on real tokens."""
+
+    data: TaskData
+    pos: torch.Tensor  # (B*T,) int64
+    real: torch.Tensor  # (B, T) float32
+    padded: bool  # known on the host: batches without padding skip the row weights
+
+    @classmethod
+    def of(cls, batch: TaskData, calib_len: int, device: torch.device) -> "_DeviceBatch":
+        mask = batch.mask.bool()
+        pos = batch.position_ids.masked_fill(~mask, calib_len).reshape(-1)
+        on_device = TaskData(
+            batch.input_ids.to(device),
+            batch.labels.to(device),
+            None if batch.attention_mask is None else batch.attention_mask.to(device),
+        )
+        return cls(on_device, pos.to(device), mask.float().to(device), batch.attention_mask is not None)
+
+
+def _pass2_weight(batch: _DeviceBatch, pairs: str, reduce: str, counts: torch.Tensor) -> torch.Tensor | None:
+    """Row weights for pass 2: which rows count (max), or how many pairs each row stands for (mean)."""
+    real = batch.real
+    if pairs == "shift":
+        # The partner of example b is example b-1 of the same batch (the reference code's roll).
+        real = real * real.roll(1, dims=0)
+    if reduce == "max":
+        return real.reshape(-1) if batch.padded else None
+    if pairs == "shift":
+        return real.reshape(-1)
+    # A row at position t stands for its n_t partners there (itself included): the pass-2
+    # gain against the mean partner, times n_t, is the sum over those pairs.
+    return counts.index_select(0, batch.pos).float() * real.reshape(-1)
+
+
+@torch.no_grad()
+def _set_mean_projections(
+    stats: dict[Key, SiteStats], input_sums: dict[str, torch.Tensor], counts: torch.Tensor
+) -> None:
+    """``pmean[t] = u_i · x̄[t]`` per head, from pass 1's input sums (trash row: 0)."""
+    n = counts.clamp_min(1).float().unsqueeze(1)
+    n[-1] = torch.inf
+    for st in stats.values():
+        mean = head_inputs(input_sums[st.site.path] / n, st.heads)
+        st.pmean = torch.einsum("thk,hki->thi", mean, st.work.U).contiguous()
 
 
 class _StopForward(Exception):
@@ -170,72 +268,156 @@ def _sites_by_module(stats: dict[Key, SiteStats]) -> dict[str, list[SiteStats]]:
     return grouped
 
 
-@torch.no_grad()
+# Pass 1 keeps the autograd graphs of its first batches, up to this many bytes of saved
+# activations (CPU; a quarter of the free memory on CUDA), and pass 2 runs their backward
+# without a second forward. Scoring "all" pairs then costs one forward less per kept
+# batch, a third of its time on the CPU; memory stays bounded whatever the data size.
+GRAPH_BYTES = 1 << 30
+
+
+def _graph_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    return GRAPH_BYTES
+
+
+@dataclass
+class _Graph:
+    """One batch's forward with its autograd graph, waiting for pass 2's backward. The
+    gradient hooks read ``weight`` (pass 2's row weights) when the backward reaches them."""
+
+    loss: torch.Tensor | None = None
+    nbytes: int = 0  # activations the graph keeps alive
+    weight: torch.Tensor | None = None
+
+
+@dataclass
+class _Pass2:
+    """Pass 2's setting: what the gradient hooks fold each batch into."""
+
+    adapter: Adapter
+    stats: dict[Key, SiteStats]
+    pairs: str
+    reduce: str
+    backend: str
+    weights: frozenset[int] = frozenset()  # storages of the model's tensors, not counted as graph memory
+
+    def __post_init__(self) -> None:
+        model = self.adapter.model
+        tensors = [*model.parameters(), *model.buffers()]
+        self.weights = frozenset(t.untyped_storage().data_ptr() for t in tensors)
+
+    def forward(self, batch: _DeviceBatch, on_input=None) -> _Graph:
+        """The loss of ``batch`` with gradient hooks on every site (and ``on_input`` on their inputs)."""
+        graph = _Graph()
+        pos = batch.pos
+
+        def on_grad(sites: list[SiteStats], x: torch.Tensor, g: torch.Tensor) -> None:
+            rows_x = x.reshape(-1, x.shape[-1])
+            rows_g = g.reshape(-1, g.shape[-1])
+            partner = x.roll(1, dims=0).reshape(-1, x.shape[-1]) if self.pairs == "shift" else None
+            for st in sites:
+                w = st.work
+                pass2_update(
+                    head_inputs(rows_x, st.heads),
+                    head_outputs(rows_g, st.heads),
+                    w.U,
+                    w.V,
+                    w.s,
+                    pos,
+                    st.pmax,
+                    st.pmin,
+                    st.scores,
+                    partner=None if partner is None else head_inputs(partner, st.heads),
+                    weight=graph.weight,
+                    reduce=self.reduce,
+                    pmean=st.pmean,
+                    backend=self.backend,
+                )
+
+        adapter = self.adapter
+        bottom = adapter.layers()[min(st.site.layer for st in self.stats.values())]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_frozen_parameters(adapter.model))
+            saved = _SavedBytes(self.weights)
+            stack.enter_context(saved)
+            stack.enter_context(_grad_hooks(adapter, self.stats, on_grad, saved))
+            stack.enter_context(_grad_from(bottom))
+            if on_input is not None:
+                stack.enter_context(_input_hooks(adapter, self.stats, on_input))
+            logits = last_logits(adapter, batch.data)
+            # Summed, not averaged: each example's gradient is its own loss's, whatever the batch.
+            graph.loss = nn.functional.cross_entropy(logits, batch.data.labels, reduction="sum")
+        graph.nbytes = saved.nbytes
+        return graph
+
+
 def _pass1_batch(
     adapter: Adapter,
-    batch: TaskData,
+    batch: _DeviceBatch,
     stats: dict[Key, SiteStats],
     input_sums: dict[str, torch.Tensor],
     counts: torch.Tensor,
     ranges: bool,
     backend: str,
-) -> None:
-    device = counts.device
-    real = batch.mask.to(device).bool().reshape(-1)
-    pos = batch.position_ids.to(device).reshape(-1)[real]
+    keep: _Pass2 | None,
+) -> _Graph | None:
+    """Fold one batch into the pass-1 statistics. With ``keep``, the forward runs to the
+    loss with pass 2's hooks and its graph is returned; otherwise it stops after the
+    highest selected layer and keeps nothing."""
+    pos = batch.pos
     counts.index_add_(0, pos, torch.ones_like(pos))
 
+    @torch.no_grad()
     def on_input(sites: list[SiteStats], x: torch.Tensor) -> None:
-        rows = x.reshape(-1, x.shape[-1])[real]
+        rows = x.reshape(-1, x.shape[-1])
         input_sums[sites[0].site.path].index_add_(0, pos, rows.float())
         if ranges:
             for st in sites:
-                pass1_update(head_inputs(rows, st.site), st.work.U, pos, st.pmax, st.pmin, backend=backend)
+                pass1_update(head_inputs(rows, st.heads), st.work.U, pos, st.pmax, st.pmin, backend=backend)
 
+    if keep is not None:
+        return keep.forward(batch, on_input)
     top = max(st.site.layer for st in stats.values())
-    with _input_hooks(adapter, stats, on_input), _stop_after(adapter.layers()[top]):
+    with torch.no_grad(), _input_hooks(adapter, stats, on_input), _stop_after(adapter.layers()[top]):
         try:
-            adapter.backbone()(**batch.model_inputs(device), use_cache=False)
+            adapter.backbone()(**batch.data.model_inputs(), use_cache=False)
         except _StopForward:
             pass
+    return None
 
 
-def _pass2_batch(adapter: Adapter, batch: TaskData, stats: dict[Key, SiteStats], pairs: str, backend: str) -> None:
-    device = model_device(adapter.model)
-    mask = batch.mask.to(device).bool()
-    if pairs == "shift":
-        # The partner of example b is example b-1 of the same batch (the reference code's roll).
-        real = (mask & mask.roll(1, dims=0)).reshape(-1)
-    else:
-        real = mask.reshape(-1)
-    pos = batch.position_ids.to(device).reshape(-1)[real]
+def _pass2_batch(scorer: _Pass2, batch: _DeviceBatch, weight: torch.Tensor | None, graph: _Graph | None) -> None:
+    """Backward of one batch (its forward too, unless pass 1 kept the graph): the hooks fold it into the scores."""
+    graph = scorer.forward(batch) if graph is None else graph
+    graph.weight = weight
+    graph.loss.backward()
 
-    def on_grad(sites: list[SiteStats], x: torch.Tensor, g: torch.Tensor) -> None:
-        rows_x = x.reshape(-1, x.shape[-1])[real]
-        rows_g = g.reshape(-1, g.shape[-1])[real]
-        partner = x.roll(1, dims=0).reshape(-1, x.shape[-1])[real] if pairs == "shift" else None
-        for st in sites:
-            w = st.work
-            pass2_update(
-                head_inputs(rows_x, st.site),
-                head_outputs(rows_g, st.site),
-                w.U,
-                w.V,
-                w.s,
-                pos,
-                st.pmax,
-                st.pmin,
-                st.scores,
-                partner=None if partner is None else head_inputs(partner, st.site),
-                backend=backend,
-            )
 
-    bottom = min(st.site.layer for st in stats.values())
-    with _frozen_parameters(adapter.model), _grad_hooks(adapter, stats, on_grad), _grad_from(adapter.layers()[bottom]):
-        logits = last_logits(adapter, batch)
-        # Summed, not averaged: each example's gradient is its own loss's, whatever the batch.
-        loss = nn.functional.cross_entropy(logits, batch.labels.to(device), reduction="sum")
-        loss.backward()
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes of the distinct storages a forward saves for its backward,
+    leaving out ``shared`` ones (the model's weights: they are alive anyway)."""
+
+    def __init__(self, shared: frozenset[int] = frozenset()) -> None:
+        self.storages: dict[int, int] = {}
+        self.shared = shared
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            self.add(t)
+            # A detached alias, not ``t``: a saved output returned as itself would make a
+            # reference cycle through its grad_fn, freed only by the garbage collector.
+            return t.detach()
+
+        super().__init__(pack, lambda t: t)
+
+    def add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.shared:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
 
 
 @contextlib.contextmanager
@@ -254,11 +436,12 @@ def _input_hooks(adapter: Adapter, stats: dict[Key, SiteStats], callback) -> Ite
 
 
 @contextlib.contextmanager
-def _grad_hooks(adapter: Adapter, stats: dict[Key, SiteStats], callback) -> Iterator[None]:
+def _grad_hooks(adapter: Adapter, stats: dict[Key, SiteStats], callback, saved: _SavedBytes) -> Iterator[None]:
     handles = []
     for path, sites in _sites_by_module(stats).items():
         def hook(module, args, output, _sites=sites):
             x = args[0].detach()
+            saved.add(x)  # kept alive by the hook until the backward reaches it
             output.register_hook(lambda g: callback(_sites, x, g.detach()))
 
         handles.append(adapter.model.get_submodule(path).register_forward_hook(hook))

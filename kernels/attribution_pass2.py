@@ -7,6 +7,11 @@ maxes the (rank block,) result into out (H, r). Neither P nor G ever reaches mem
 
 Q is, per row, either the best partner at the row's position (``pmax``/``pmin`` from
 pass 1, "all" mode) or Xp · U[h] for an explicit partner row Xp ("shift" mode).
+
+MEAN mode sums ``w · s (Q - P) G`` over rows instead (Q: the mean partner ``pmean``
+at the row's position, or Xp · U[h]) and atomically adds into out. Rows of weight 0
+never win the max (their gain is -inf): callers hand in padding rows too rather
+than compacting the real ones with a host-synchronising boolean mask.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ def _pass2_kernel(
     v_ptr,
     s_ptr,
     pos_ptr,
+    w_ptr,
     pmax_ptr,
     pmin_ptr,
     out_ptr,
@@ -58,6 +64,8 @@ def _pass2_kernel(
     stride_oh,
     stride_on,
     SHIFT: tl.constexpr,
+    MEAN: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -117,15 +125,26 @@ def _pass2_kernel(
     if SHIFT:
         gain = (pp - p) * sg
     else:
-        # With s >= 0 the sign of s*G picks the partner, so (Q - P) s G is the larger
-        # of the two candidates: no select on the sign needed.
         pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
         stats = pos[:, None] * stride_st + h * stride_th + cols[None, :] * stride_tn
-        hi = tl.load(pmax_ptr + stats, mask=mask, other=0.0)
-        lo = tl.load(pmin_ptr + stats, mask=mask, other=0.0)
-        gain = tl.maximum((hi - p) * sg, (lo - p) * sg)
-    gain = tl.where(mask, gain, float("-inf"))
-    tl.atomic_max(out_ptr + h * stride_oh + cols * stride_on, tl.max(gain, axis=0), mask=col_ok)
+        hi = tl.load(pmax_ptr + stats, mask=mask, other=0.0)  # pmean in MEAN mode
+        if MEAN:
+            gain = (hi - p) * sg
+        else:
+            # With s >= 0 the sign of s*G picks the partner, so (Q - P) s G is the larger
+            # of the two candidates: no select on the sign needed.
+            lo = tl.load(pmin_ptr + stats, mask=mask, other=0.0)
+            gain = tl.maximum((hi - p) * sg, (lo - p) * sg)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+    else:
+        w = tl.where(row_ok, 1.0, 0.0)
+    if MEAN:
+        gain = tl.where(mask, gain * w[:, None], 0.0)
+        tl.atomic_add(out_ptr + h * stride_oh + cols * stride_on, tl.sum(gain, axis=0), mask=col_ok)
+    else:
+        gain = tl.where(mask & (w[:, None] != 0.0), gain, float("-inf"))
+        tl.atomic_max(out_ptr + h * stride_oh + cols * stride_on, tl.max(gain, axis=0), mask=col_ok)
 
 
 def pass2_update(
@@ -140,12 +159,16 @@ def pass2_update(
     out: torch.Tensor,
     *,
     partner: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduce: str = "max",
+    pmean: torch.Tensor | None = None,
 ) -> None:
     """Triton version of ``eigenfast.attribution.pass2_update`` (inputs validated there).
 
     x/partner: (R, H, d_in) and g: (R, H, d_out), any strides (stride 0 over H allowed);
-    U/V are cast to the dtype of x/g. pmax/pmin: contiguous (T, H, r) float32, unused
-    in shift mode; out: (H, r) float32, updated in place.
+    U/V are cast to the dtype of x/g. pmax/pmin (max) or pmean (mean): contiguous
+    (T, H, r) float32, unused in shift mode; weight: (R,) float32 or None; out: (H, r)
+    float32, updated in place.
     """
     R, H, d_in = x.shape
     d_out = g.shape[2]
@@ -153,11 +176,14 @@ def pass2_update(
     if R == 0:
         return
     shift = partner is not None
+    mean = reduce == "mean"
     U = U.to(x.dtype)
     V = V.to(g.dtype)
     if shift:
         partner = partner.to(x.dtype)
         pmax = pmin = out  # never read; any valid pointer will do
+    elif mean:
+        pmax = pmin = pmean  # the kernel reads the anchor through pmax_ptr
     block_r, block_n, block_k = tile_sizes(rank)
     grid = (triton.cdiv(R, block_r) * H * triton.cdiv(rank, block_n),)
     _pass2_kernel[grid](
@@ -168,6 +194,7 @@ def pass2_update(
         V,
         s,
         pos,
+        out if weight is None else weight,  # never read without HAS_WEIGHT
         pmax,
         pmin,
         out,
@@ -185,6 +212,8 @@ def pass2_update(
         *(pmax.stride() if not shift else (0, 0, 0)),
         *out.stride(),
         SHIFT=shift,
+        MEAN=mean,
+        HAS_WEIGHT=weight is not None,
         BLOCK_R=block_r,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

@@ -1,5 +1,5 @@
-"""Attribution statistics (eigenfast.attribution, kernels/attribution_pass*.py) against a
-plain PyTorch reference.
+"""Attribution statistics (eigenfast.attribution, kernels/attribution_pass*.py) against the
+plain PyTorch references of eigenfast.testing.reference.
 
 The Triton kernels run on the GPU when there is one; otherwise
 ``test_kernels_in_interpreter`` re-runs this file's ``test_triton_*`` tests in a child
@@ -21,48 +21,11 @@ import torch
 
 from eigenfast import attribution
 from eigenfast.attribution import pass1_update, pass2_update
+from eigenfast.testing.reference import pair_statistics, per_singular_value_loop
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 TRITON_RUNS_HERE = INTERPRET or torch.cuda.is_available()
-
-
-# --------------------------------------------------------------------------- reference
-
-
-def reference(x, g, U, V, s, pos, T, partner=None):
-    """Naive statistics: P and G for all rows, and in "all" mode every (row, partner)
-    pair at the same position tried explicitly (O(R^2), no Pmax/Pmin shortcut).
-
-    Returns (pmax, pmin, score) with pmax/pmin (T, H, r) and score (H, r).
-    """
-    x, g, U, V, s = (t.double() for t in (x, g, U, V, s))
-    P = torch.einsum("rhk,hki->rhi", x, U)
-    G = torch.einsum("rho,hio->rhi", g, V)
-    at_t = (pos[None, :] == torch.arange(T, device=pos.device)[:, None])[..., None, None]
-    pmax = torch.where(at_t, P, -torch.inf).amax(1)
-    pmin = torch.where(at_t, P, torch.inf).amin(1)
-    if partner is None:
-        same_pos = (pos[:, None] == pos[None, :])[..., None, None]
-        gain = s * (P[None, :] - P[:, None]) * G[:, None]  # [row, partner, h, i]
-        score = torch.where(same_pos, gain, -torch.inf).amax((0, 1))
-    else:
-        Pp = torch.einsum("rhk,hki->rhi", partner.double(), U)
-        score = (s * (Pp - P) * G).amax(0)
-    return pmax.float(), pmin.float(), score.float()
-
-
-def reference_loop(x, g, U, V, s, pos, T, partner):
-    """Shift-mode score the way the eigenpruning reference code computes it: one
-    rank-one matrix E_i = s_i u_i v_i^T at a time, ΔL_i = max <(x' - x) E_i, g>."""
-    H, _, r = U.shape
-    score = torch.empty(H, r)
-    for h in range(H):
-        for i in range(r):
-            E = s[h, i] * torch.outer(U[h, :, i], V[h, i])
-            delta = (partner[:, h] - x[:, h]).double() @ E.double()
-            score[h, i] = (delta * g[:, h].double()).sum(-1).max()
-    return score
 
 
 # --------------------------------------------------------------------------- cases
@@ -113,29 +76,46 @@ def make_rows(case: Case, dtype: torch.dtype, seed: int = 0, device: str = DEVIC
     return dict(zip(("x", "g", "partner", "U", "V", "s", "pos"), out))
 
 
-def fresh_stats(case: Case, device: str = DEVICE):
+def fresh_stats(case: Case, device: str = DEVICE, reduce: str = "max"):
     shape = (T, case.heads, case.rank)
     pmax = torch.full(shape, -torch.inf, device=device)
     pmin = torch.full(shape, torch.inf, device=device)
-    out = torch.full(shape[1:], -torch.inf, device=device)
+    out = torch.full(shape[1:], -torch.inf if reduce == "max" else 0.0, device=device)
     return pmax, pmin, out
 
 
-def run_both_passes(d, case: Case, mode: str, backend: str, rows=slice(None), stats=None):
-    pmax, pmin, out = stats if stats is not None else fresh_stats(case, d["x"].device)
+def mean_projection(d) -> torch.Tensor:
+    """pmean[t] = mean of P over the rows at position t (what scoring derives from x̄[t])."""
+    P = torch.einsum("rhk,hki->rhi", d["x"].float(), d["U"])
+    total = torch.zeros(T, *P.shape[1:], device=P.device).index_add_(0, d["pos"], P)
+    return total / torch.bincount(d["pos"], minlength=T).view(T, 1, 1)
+
+
+def run_both_passes(d, case: Case, mode: str, backend: str, rows=slice(None), stats=None, reduce="max", weight=None):
+    pmax, pmin, out = stats if stats is not None else fresh_stats(case, d["x"].device, reduce)
     x, g, pos = d["x"][rows], d["g"][rows], d["pos"][rows]
     pass1_update(x, d["U"], pos, pmax, pmin, backend=backend)
     partner = d["partner"][rows] if mode == "shift" else None
+    pmean = mean_projection(d) if reduce == "mean" and mode == "all" else None
     pass2_update(
-        x, g, d["U"], d["V"], d["s"], pos, pmax, pmin, out, partner=partner, backend=backend
-    )
+        x, g, d["U"], d["V"], d["s"], pos, pmax, pmin, out,
+        partner=partner, weight=weight, reduce=reduce, pmean=pmean, backend=backend,
+    )  # fmt: skip
     return pmax, pmin, out
 
 
-def expected(d, mode: str):
+def expected(d, mode: str, reduce: str = "max", weight=None):
     inputs = [d[k].float().cpu() for k in ("x", "g", "U", "V", "s")]
     partner = d["partner"].float().cpu() if mode == "shift" else None
-    return reference(*inputs, d["pos"].cpu(), T, partner)
+    return pair_statistics(*inputs, d["pos"].cpu(), T, partner, weight, reduce)
+
+
+def row_weights(d, reduce: str) -> torch.Tensor:
+    """Every third row dropped (weight 0); for the mean, uneven positive weights on the rest."""
+    R = len(d["pos"])
+    keep = (torch.arange(R) % 3 != 0).float()
+    w = keep if reduce == "max" else keep * (1 + torch.arange(R) % 4)
+    return w.to(d["x"].device)
 
 
 def assert_close(got, want, dtype: torch.dtype) -> None:
@@ -143,7 +123,7 @@ def assert_close(got, want, dtype: torch.dtype) -> None:
     rtol = 1e-4 if dtype == torch.float32 else 3e-2
     for a, b in zip(got, want):
         scale = b[b.isfinite()].abs().max()
-        torch.testing.assert_close(a.cpu(), b, rtol=rtol, atol=rtol * scale)
+        torch.testing.assert_close(a.cpu().double(), b.double(), rtol=rtol, atol=rtol * scale)
 
 
 # --------------------------------------------------------------------------- CPU path
@@ -163,12 +143,40 @@ def test_torch_matches_reference(case, mode, dtype, small_blocks):
     assert_close(run_both_passes(d, case, mode, "torch"), expected(d, mode), dtype)
 
 
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("mode", ["all", "shift"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_reference_agrees_with_per_singular_value_loop(case):
+def test_torch_row_weights_and_mean(case, mode, reduce, small_blocks):
     d = make_rows(case, torch.float32, device="cpu")
-    args = [d[k] for k in ("x", "g", "U", "V", "s", "pos")]
-    _, _, score = reference(*args, T, d["partner"])
-    torch.testing.assert_close(score, reference_loop(*args, T, d["partner"]), rtol=1e-5, atol=1e-5)
+    w = row_weights(d, reduce)
+    got = run_both_passes(d, case, mode, "torch", reduce=reduce, weight=w)
+    assert_close(got, expected(d, mode, reduce, w), torch.float32)
+
+
+def dropped_rows_case(backend: str, device: str) -> torch.Tensor:
+    """One rank-one term, shift pairs, gain = partner: -1 on kept rows, +1 on dropped ones."""
+    R = 10
+    w = (torch.arange(R) % 2).float()
+    x = torch.zeros(R, 1, 1)
+    partner = torch.where(w == 1, -1.0, 1.0).view(R, 1, 1)
+    one = torch.ones(1, 1, 1)
+    out = torch.full((1, 1), -torch.inf)
+    t = [v.to(device) for v in (x, torch.ones(R, 1, 1), one, one, one[0], torch.zeros(R, dtype=torch.long), out)]
+    pass2_update(*t[:6], None, None, t[6], partner=partner.to(device), weight=w.to(device), backend=backend)
+    return t[6]
+
+
+def test_dropped_rows_never_win_the_max():
+    # Masking to 0 instead of -inf would give 0 here.
+    assert dropped_rows_case("torch", "cpu").item() == -1.0
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_pair_reference_agrees_with_per_singular_value_loop(case):
+    d = make_rows(case, torch.float32, device="cpu")
+    args = [d[k].double() for k in ("x", "g", "U", "V", "s")]
+    _, _, score = pair_statistics(*args, d["pos"], T, d["partner"].double())
+    torch.testing.assert_close(score, per_singular_value_loop(*args, d["partner"].double()), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["all", "shift"])
@@ -213,12 +221,19 @@ def test_rejects_bad_shapes():
     case = CASES[0]
     d = make_rows(case, torch.float32, device="cpu")
     pmax, pmin, out = fresh_stats(case, "cpu")
+    args = [d[k] for k in ("x", "g", "U", "V", "s", "pos")]
     with pytest.raises(ValueError):
         pass1_update(d["x"], d["U"][:, :-1], d["pos"], pmax, pmin)
     with pytest.raises(ValueError):
-        pass2_update(d["x"], d["g"], d["U"], d["V"], d["s"], d["pos"], None, None, out)
+        pass2_update(*args, None, None, out)
     with pytest.raises(ValueError):
         pass1_update(d["x"], d["U"], d["pos"], pmax, pmin, backend="numpy")
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        pass2_update(*args, pmax, pmin, out, reduce="sum")
+    with pytest.raises(ValueError, match="pmean"):
+        pass2_update(*args, pmax, pmin, out, reduce="mean")
+    with pytest.raises(ValueError, match="weight"):
+        pass2_update(*args, pmax, pmin, out, weight=torch.ones(3))
 
 
 # --------------------------------------------------------------------------- Triton
@@ -235,6 +250,22 @@ needs_triton = pytest.mark.skipif(
 def test_triton_matches_reference(case, mode, dtype):
     d = make_rows(case, dtype)
     assert_close(run_both_passes(d, case, mode, "triton"), expected(d, mode), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("mode", ["all", "shift"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_triton_row_weights_and_mean(case, mode, reduce):
+    d = make_rows(case, torch.float32)
+    w = row_weights(d, reduce)
+    got = run_both_passes(d, case, mode, "triton", reduce=reduce, weight=w)
+    assert_close(got, expected(d, mode, reduce, w.cpu()), torch.float32)
+
+
+@needs_triton
+def test_triton_dropped_rows_never_win_the_max():
+    assert dropped_rows_case("triton", DEVICE).item() == -1.0
 
 
 @needs_triton
