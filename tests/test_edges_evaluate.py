@@ -10,7 +10,7 @@ from conftest import make_data, make_model
 import eigenfast
 from eigenfast.adapters import get_adapter
 from eigenfast.circuit import ablated, component_means
-from eigenfast.circuit.report import count_parameters
+from eigenfast.sizes import count_parameters
 from eigenfast.circuit.synthetic import synthetic_task
 from eigenfast.edges import EdgeGraph, evaluate_circuit, extract_nodes, roc_auc, true_edges
 from eigenfast.forward import last_logits
