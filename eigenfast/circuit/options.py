@@ -4,12 +4,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..errors import ArgumentError
 from .ablation import check_ablation
 
 
 @dataclass(frozen=True)
 class CircuitOptions:
-    """Algorithm 1's settings (SPEC §3); constructing one checks them all.
+    """Algorithm 1's settings (docs/MATH.md §4); constructing one checks them all.
 
     ``batch_size`` bounds the rows of one forward (candidates × examples when
     discovery stacks candidates); ``None`` picks it from the device.
@@ -23,9 +24,10 @@ class CircuitOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", float(self.threshold))
-        if math.isnan(self.threshold):
-            raise ValueError(
-                "threshold is NaN: give the KL increase below which a component is pruned (inf prunes everything)"
+        if not math.isfinite(self.threshold) or self.threshold < 0:
+            raise ArgumentError(
+                "threshold must be a finite number >= 0 (the KL increase a component must cause to stay), "
+                f"got {self.threshold}"
             )
         check_ablation(self.ablation, self.extrapolate)
         if self.batch_size is not None and self.batch_size < 1:

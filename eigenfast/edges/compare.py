@@ -95,7 +95,8 @@ def compare(
         else:
             for t in alg1_thresholds:
                 # Algorithm 1 takes its means from the corrupted inputs: the same counterfactual as the others.
-                found = discover(model, corrupted, clean, t, "mean", True, batch_size, progress)
+                found = discover(model, corrupted, clean, t, ablation="mean", include_mlps=True,
+                                 batch_size=batch_size, progress=progress)
                 runs.append((method, f"Algorithm 1 α={t:g}", found, found.timings["total"]))
     reports = [
         (method, evaluate_circuit(model, circuit, clean, corrupted, label, seconds, true_heads, batch_size))

@@ -1,4 +1,4 @@
-"""Slow, obvious references for attribution scores (SPEC §2), shared by tests and benches.
+"""Slow, obvious references for attribution scores (docs/MATH.md §2), shared by tests and benches.
 
 One module, so that the tests that prove the fast paths right and the benchmarks
 that time them run the very same reference code. Nothing here is fast or streamed:
