@@ -113,9 +113,12 @@ def test_onnx_runtime_matches_eager(family, tmp_path):
 
 @pytest.mark.slow
 def test_aoti_package_runs_in_a_fresh_process(tmp_path):
-    """Compiles C++ with Inductor (a minute or more on a CPU)."""
+    """Compiles C++ with Inductor (a minute or more on a CPU). Unpadded positions: with left-padded ones
+    (a position repeated) the AOTInductor package of even the unchanged HF model disagrees with eager
+    (seen with torch 2.13 and transformers 5.23; docs/SERVING.md)."""
     model = both("llama")
-    ids, positions = inputs(4, 9)
+    ids = inputs(4, 9)[0]
+    positions = torch.arange(9).repeat(4, 1)
     save_file({"ids": ids, "positions": positions, "expected": eager_logits(model, ids, positions)}, tmp_path / "io.safetensors")
     package = aoti_package(model, tmp_path / "model.pt2", max_length=16)
     script = (
