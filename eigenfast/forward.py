@@ -28,6 +28,20 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """The model's parameters out of autograd for the block (their flags restored after): gradients flow
+    to activations (scoring) or masks (edge methods) only."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def last_logits(adapter: Adapter, batch: TaskData) -> torch.Tensor:
     """Next-token logits ``(B, vocab)`` at each example's last real token (the LM head runs there only)."""
     inputs = batch.model_inputs(model_device(adapter.model))

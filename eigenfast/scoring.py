@@ -27,7 +27,7 @@ from torch import nn
 from .adapters import Adapter, Site, get_adapter, head_inputs, head_outputs, projection_matrix
 from .attribution import REDUCE, pass1_update, pass2_update
 from .data import TaskData, as_task_data
-from .forward import eval_mode, last_logits, model_device
+from .forward import eval_mode, frozen_parameters, last_logits, model_device
 from .progress import progress
 from .svd import Factors, site_factors
 
@@ -338,7 +338,7 @@ class _Pass2:
         adapter = self.adapter
         bottom = adapter.layers()[min(st.site.layer for st in self.stats.values())]
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_frozen_parameters(adapter.model))
+            stack.enter_context(frozen_parameters(adapter.model))
             saved = _SavedBytes(self.weights)
             stack.enter_context(saved)
             stack.enter_context(_grad_hooks(adapter, self.stats, on_grad, saved))
@@ -479,17 +479,4 @@ def _grad_from(layer: nn.Module) -> Iterator[None]:
         yield
     finally:
         handle.remove()
-
-
-@contextlib.contextmanager
-def _frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """No parameter gradients: only activation gradients are needed."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 

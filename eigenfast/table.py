@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+from . import figures
 from .data import TaskData
 from .prune import DEFAULT_CANDIDATES, prune
 
@@ -172,10 +173,7 @@ def markdown(rows: Sequence[Row], candidates: Sequence[float]) -> str:
 
 def plot(rows: Sequence[Row], candidates: Sequence[float], path: str | Path) -> Path:
     """Test accuracy against p, one panel per (model, task), one line per scoring setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
 
     ps = sorted(candidates)
     panels = list(dict.fromkeys((r.model, r.task) for r in rows))
@@ -195,9 +193,4 @@ def plot(rows: Sequence[Row], candidates: Sequence[float], path: str | Path) -> 
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return figures.save(fig, path, dpi=110)

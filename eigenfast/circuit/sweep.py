@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from .. import figures
 from ..data import TaskData
 from .extract import extract_circuit
 
@@ -51,10 +52,7 @@ class Sweep:
 
     def plot(self, path: str | Path) -> Path:
         """Two panels: size against α (figure 2) and accuracy against size (figure 3)."""
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display on servers
-        import matplotlib.pyplot as plt
+        plt = figures.pyplot()
 
         label = f"{self.ablation} ablation, {'with' if self.include_mlps else 'without'} MLPs"
         alphas = [p.threshold for p in self.points]
@@ -70,12 +68,7 @@ class Sweep:
         for ax in (left, right):
             ax.grid(alpha=0.3)
             ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return figures.save(fig, path, dpi=120)
 
     def save(self, directory: str | Path) -> tuple[Path, Path]:
         """``sweep.json`` and ``sweep.png`` in ``directory``."""

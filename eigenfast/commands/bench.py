@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .. import figures
 from ..adapters import get_adapter
 from ..circuit import component_means, remove_components
 from ..data import TaskData
@@ -177,10 +178,7 @@ def markdown(rows: list[Row]) -> str:
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
 
     decoded = [r for r in rows if r.tokens_per_s is not None]
     labels = sorted({(r.mode, r.batch, r.prompt) for r in decoded})
@@ -193,9 +191,7 @@ def plot(rows: list[Row], path: Path) -> None:
     ax.set_ylabel("decode tokens/s")
     ax.set_yscale("log")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path, dpi=120)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from .. import figures
 from ..circuit.discovery import discover
 from ..data import TaskData
 from .acdc import acdc
@@ -31,10 +32,7 @@ class Comparison:
 
     def plot(self, path: str | Path) -> Path:
         """KL(f‖circuit) against edges kept, one line per method."""
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display on servers
-        import matplotlib.pyplot as plt
+        plt = figures.pyplot()
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in dict.fromkeys(m for m, _ in self.reports):
@@ -43,12 +41,7 @@ class Comparison:
         ax.set(xlabel="edges kept", ylabel="KL(full ‖ circuit)", title="KL against edges kept")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return figures.save(fig, path, dpi=120)
 
     def save(self, directory: str | Path) -> tuple[Path, Path]:
         """``edges.json`` and ``edges.png`` in ``directory``."""

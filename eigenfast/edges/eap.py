@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from ..data import TaskData, as_task_data
-from ..forward import eval_mode
+from ..forward import eval_mode, frozen_parameters
 from ..progress import progress
 from .evaluate import EdgeCircuit, evaluate_circuit, prepare_batches
-from .masked_forward import EdgeForward, Prepared, frozen
+from .masked_forward import EdgeForward, Prepared
 
 
 def edge_attributions(forward: EdgeForward, batches: list[Prepared], desc: str | None = None) -> torch.Tensor:
@@ -48,7 +48,7 @@ def eap(
     clean, corrupted = as_task_data(clean_data), as_task_data(corrupted_data)
     start = time.perf_counter()
     forward = EdgeForward(model)
-    with eval_mode(model), frozen(model):
+    with eval_mode(model), frozen_parameters(model):
         batches = prepare_batches(forward, clean, corrupted, batch_size)
         attributions = edge_attributions(forward, batches, "EAP: batches" if progress else None)
     scores = attributions.abs().float()

@@ -8,11 +8,11 @@ from torch import nn
 
 from ..circuit.discovery import kl_divergence
 from ..data import TaskData, as_task_data
-from ..forward import eval_mode
+from ..forward import eval_mode, frozen_parameters
 from ..progress import progress_bar
 from . import hard_concrete
 from .evaluate import EdgeCircuit, evaluate_circuit, prepare_batches
-from .masked_forward import EdgeForward, frozen
+from .masked_forward import EdgeForward
 
 
 def round_masks(edges: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ def edge_prune(
     forward = EdgeForward(model)
     graph = forward.graph
     generator = torch.Generator().manual_seed(seed)
-    with eval_mode(model), frozen(model):
+    with eval_mode(model), frozen_parameters(model):
         batches = prepare_batches(forward, clean, corrupted, batch_size)
         device = batches[0].clean.logits.device
         edge_alpha = (init_log_alpha + 0.01 * torch.randn(graph.n_edges, generator=generator)).to(device)

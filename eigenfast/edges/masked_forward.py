@@ -293,19 +293,6 @@ class EdgeForward:
                 _set_submodule(self.model, path, module)
 
 
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """The model's weights out of autograd for the block: only the masks get gradients."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
     """Half-precision logits go up to float32 for the softmax; float64 ones stay (finite-difference checks)."""
     return logits if logits.dtype == torch.float64 else logits.float()
