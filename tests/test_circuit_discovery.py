@@ -94,7 +94,7 @@ def test_bad_arguments():
         discover(model, None, data, 0.1, progress=False)
     with pytest.raises(ValueError, match="extrapolate must be one of"):
         discover(model, data, data, 0.1, extrapolate="wrap", progress=False)
-    with pytest.raises(ValueError, match="threshold is NaN"):
+    with pytest.raises(ValueError, match="threshold must be a number >= 0"):
         discover(model, data, data, float("nan"), progress=False)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         discover(model, data, data, 0.1, batch_size=0, progress=False)

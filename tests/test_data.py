@@ -166,12 +166,12 @@ def test_left_padding_without_a_mask_is_refused():
         eigenfast.prune(model, unmasked, p=0.1, progress_bar=False)
 
 
-@pytest.mark.parametrize("threshold", [-0.1, float("nan"), float("inf")])
+@pytest.mark.parametrize("threshold", [-0.1, float("nan"), float("-inf")])
 def test_bad_thresholds_are_refused_before_any_work(threshold):
     from conftest import make_data
 
     data = make_data()
-    with pytest.raises(eigenfast.ArgumentError, match="threshold must be a finite number >= 0"):
+    with pytest.raises(eigenfast.ArgumentError, match="threshold must be a number >= 0"):
         eigenfast.extract_circuit(_tiny_model(), data, data, threshold=threshold, progress=False)
 
 

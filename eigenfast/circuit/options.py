@@ -1,7 +1,6 @@
 """The options circuit discovery and extraction share, checked once."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..errors import ArgumentError
@@ -24,10 +23,10 @@ class CircuitOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", float(self.threshold))
-        if not math.isfinite(self.threshold) or self.threshold < 0:
+        if not self.threshold >= 0:  # NaN fails this too
             raise ArgumentError(
-                "threshold must be a finite number >= 0 (the KL increase a component must cause to stay), "
-                f"got {self.threshold}"
+                "threshold must be a number >= 0 (the KL increase a component must cause to stay; inf prunes "
+                f"everything), got {self.threshold}"
             )
         check_ablation(self.ablation, self.extrapolate)
         if self.batch_size is not None and self.batch_size < 1:
