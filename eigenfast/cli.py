@@ -1,8 +1,9 @@
 """The eigenfast command line: the entry point of ``eigenfast`` and ``python -m eigenfast.cli``.
 
-The commands live in :mod:`eigenfast.commands`; this file only builds the parser and
-turns errors into exit statuses: 2 for usage errors (argparse), 1 for an
-:class:`~eigenfast.errors.EigenfastError`, printed as ``error: ...``.
+The commands live in :mod:`eigenfast.commands`; this file only builds the parser,
+starts the process group under ``torchrun``, and turns errors into exit statuses:
+2 for usage errors (argparse), 1 for an :class:`~eigenfast.errors.EigenfastError`,
+printed as ``error: ...``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Sequence
 
 from .commands import COMMANDS
 from .commands.arguments import HelpFormatter
+from .distributed import launched_by_torchrun
 from .errors import EigenfastError
 
 DESCRIPTION = "Eigenprune a Hugging Face causal LM for a task, evaluate it, or extract its circuit."
@@ -37,7 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:  # argparse: 2 for a usage error, 0 for --help
         return stop.code if isinstance(stop.code, int) else 2
     try:
-        return args.run(args)
+        # Under torchrun: one process group for the command; rank 0 alone prints and writes.
+        with launched_by_torchrun():
+            return args.run(args)
     except EigenfastError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,8 +1,9 @@
 """Progress for long work: a bar on a terminal, plain log lines otherwise, nothing when asked.
 
-Silent when ``desc`` is None or ``EIGENFAST_QUIET=1``. When stderr is not a terminal
-(a log file, CI, a pipe) a bar's carriage returns would fill the log with partial
-lines, so each ``desc`` prints a line at the start, about every tenth of the way and at the end.
+Silent when ``desc`` is None, ``EIGENFAST_QUIET=1``, or on any rank but 0 of a process
+group. When stderr is not a terminal (a log file, CI, a pipe) a bar's carriage returns
+would fill the log with partial lines, so each ``desc`` prints a line at the start,
+about every tenth of the way and at the end.
 """
 from __future__ import annotations
 
@@ -13,17 +14,23 @@ from typing import Iterable, Iterator, TextIO, TypeVar
 
 from tqdm.auto import tqdm
 
+from .distributed import is_main_process
+
 T = TypeVar("T")
 LOG_STEPS = 10
 
 
 def progress(items: Iterable[T], total: int | None = None, desc: str | None = None) -> Iterator[T]:
     """Wrap ``items`` in a tqdm bar (terminal) or line logs (anything else) labelled ``desc``."""
-    if desc is None or os.environ.get("EIGENFAST_QUIET") == "1":
+    if _silent(desc):
         return iter(items)
     if not sys.stderr.isatty():
         return log_lines(items, total, desc, sys.stderr)
     return iter(tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True))
+
+
+def _silent(desc: str | None) -> bool:
+    return desc is None or os.environ.get("EIGENFAST_QUIET") == "1" or not is_main_process()
 
 
 def log_lines(items: Iterable[T], total: int | None, desc: str, stream: TextIO) -> Iterator[T]:
@@ -65,7 +72,7 @@ class _LineBar:
 def progress_bar(total: int, desc: str | None = None) -> "tqdm | _LineBar | None":
     """A bar advanced by hand (``update``, ``set_postfix``, ``close``): tqdm on a terminal, log lines otherwise,
     None under the rules that silence :func:`progress`."""
-    if desc is None or os.environ.get("EIGENFAST_QUIET") == "1":
+    if _silent(desc):
         return None
     if not sys.stderr.isatty():
         return _LineBar(total, desc, sys.stderr)

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from . import distributed
 from .adapters import get_adapter
 from .data import TaskData, as_task_data, check_fits_model
 from .errors import ArgumentError
@@ -143,6 +144,12 @@ def prune(
     elif inplace:
         raise ArgumentError("inplace=True needs a fixed p: p='auto' builds one pruned copy per candidate")
     get_adapter(model)  # fail early on an unsupported architecture
+    if distributed.is_sharded(model):
+        raise ArgumentError(
+            "prune rewrites weights, which an FSDP2-sharded model holds only in shards; score the sharded model "
+            "with eigenfast.scoring.attribute, then fold the frozen terms into an unsharded copy with "
+            "eigenfast.freezing.freeze(copy, attribution, select_frozen(attribution.scores, p))"
+        )
     data = as_task_data(data)
     if val_data is not None:
         val_data = as_task_data(val_data)

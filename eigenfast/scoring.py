@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, Site, get_adapter, head_inputs, head_outputs, projection_matrix
+from . import distributed
 from .attribution import REDUCE, pass1_update, pass2_update
 from .data import TaskData, as_task_data
 from .forward import eval_mode, frozen_parameters, last_logits, model_device
@@ -130,7 +131,7 @@ def attribute(
         site.path: torch.zeros(calib_len + 1, _fan_in(adapter.model.get_submodule(site.path)), device=device)
         for site in sites
     }
-    batches = [_DeviceBatch.of(batch, calib_len, device) for batch in data.batches(batch_size)]
+    batches = [_DeviceBatch.of(batch, calib_len, device) for batch in distributed.local_batches(data, batch_size, model)]
     total = torch.zeros((), device=device)  # the mean's denominator: the weight of all pairs
 
     scorer = _Pass2(adapter, stats, pairs, reduce, backend)
@@ -146,6 +147,9 @@ def attribute(
                     adapter, batch, stats, input_sums, counts, ranges, backend, scorer if kept < budget else None
                 )
                 kept += 0 if graphs[i] is None else graphs[i].nbytes
+            distributed.all_max_(st.pmax for st in stats.values())
+            distributed.all_min_(st.pmin for st in stats.values())
+            distributed.all_sum_([counts, *input_sums.values()])
             timings["pass1"] = time.perf_counter() - start
         if pairs == "all" and reduce == "mean":
             _set_mean_projections(stats, input_sums, counts)
@@ -157,6 +161,10 @@ def attribute(
                 total += weight.sum()
             _pass2_batch(scorer, batch, weight, graphs[i])
             graphs[i] = None  # frees the graph's activations
+        if reduce == "max":
+            distributed.all_max_(st.scores for st in stats.values())
+        else:  # sums of weighted gains and of weights
+            distributed.all_sum_([total, *(st.scores for st in stats.values())])
         timings["pass2"] = time.perf_counter() - start
     if reduce == "mean":
         for st in stats.values():
@@ -304,7 +312,8 @@ class _Pass2:
 
     def __post_init__(self) -> None:
         model = self.adapter.model
-        tensors = [*model.parameters(), *model.buffers()]
+        # An FSDP2-sharded parameter is a DTensor: its storage is its local shard's.
+        tensors = [getattr(t, "_local_tensor", t) for t in (*model.parameters(), *model.buffers())]
         self.weights = frozenset(t.untyped_storage().data_ptr() for t in tensors)
 
     def forward(self, batch: _DeviceBatch, on_input=None) -> _Graph:

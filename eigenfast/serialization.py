@@ -26,6 +26,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model as sa
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from . import distributed
 from .adapters import get_adapter
 from .errors import OutputExistsError, SavedModelError
 from .modules import ATTRIBUTES, MODULE_KINDS, replace_module, set_attributes
@@ -82,14 +83,19 @@ def save_model(
     did not write are never touched.
     """
     directory = check_output_directory(directory)
-    previous = _files_of_previous_save(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging.", dir=directory.parent))
-    try:
-        _write_save(staging, model, kind, report, tensors, tokenizer)
-        _move_into_place(staging, directory, previous)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    def write() -> None:
+        previous = _files_of_previous_save(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging.", dir=directory.parent))
+        try:
+            _write_save(staging, model, kind, report, tensors, tokenizer)
+            _move_into_place(staging, directory, previous)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # Under a process group every rank holds the same result: rank 0 alone writes it.
+    distributed.on_main(write)
     return directory
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .adapters import Site, head_matrices, projection_matrix
+from .distributed import full_tensor
 
 
 @dataclass
@@ -51,7 +52,7 @@ def site_factors(module: nn.Module, site: Site) -> Factors:
     if hit is not None and hit[0] == weight._version:
         return hit[1]
     version = weight._version
-    factors = Factors(*thin_svd(head_matrices(projection_matrix(module).detach().double(), site)))
+    factors = Factors(*thin_svd(head_matrices(full_tensor(projection_matrix(module).detach()).double(), site)))
     entries[site.key] = (version, factors)
     return factors
 

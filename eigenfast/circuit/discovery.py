@@ -37,6 +37,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from torch import nn
 
+from .. import distributed
 from ..adapters import Adapter, get_adapter
 from ..data import TaskData, as_task_data
 from ..forward import eval_mode, last_logits, model_device
@@ -128,7 +129,7 @@ class _Runner:
             adapter, means, options.ablation, options.extrapolate, rows=lambda: self.chunk.rows, skip=True
         )
         self.tail = tail
-        self.n_examples = sum(c.size for c in chunks)
+        self.n_examples = distributed.sum_number(sum(c.size for c in chunks))  # D_v is sharded over ranks
         self.horizon = adapter.n_layers - 1  # see _last_position_only
 
     @torch.inference_mode()
@@ -151,6 +152,7 @@ class _Runner:
                 last = module(last)
             logits = self.adapter.lm_head()(last).unflatten(0, (groups, chunk.size))
             total += kl_divergence(chunk.logp_f, logits, chunk.p_f).sum(dim=1).double()
+        distributed.all_sum_(total)
         return total / self.n_examples
 
     @contextlib.contextmanager
@@ -357,11 +359,12 @@ def discover_with(
         means = component_means(model, patch_data, batch_size) if options.ablation == "mean" else None
         timings["means"] = time.perf_counter() - start
         mark = time.perf_counter()
-        chunks, tail = _cache(adapter, val, batch_size, means, options.extrapolate)
+        chunks, tail = _cache(adapter, distributed.local_examples(val, "D_v (val_data)"), batch_size, means, options.extrapolate)
         timings["cache"] = time.perf_counter() - mark
         mark = time.perf_counter()
         runner = _Runner(adapter, means, options, chunks, tail)
-        group_size = min(MAX_GROUP, max(1, batch_size // max(c.size for c in chunks)))
+        # alike on every rank: each group is one collective
+        group_size = min(MAX_GROUP, max(1, batch_size // int(distributed.max_number(max(c.size for c in chunks)))))
         with runner.hooks():
             search = _search(adapter, runner, options, group_size, progress)
         timings["search"] = time.perf_counter() - mark

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .. import distributed
 from ..adapters import Adapter, get_adapter, head_inputs, head_matrices, projection_matrix
 from ..data import TaskData, as_task_data
 from ..forward import eval_mode, model_device
@@ -51,7 +52,7 @@ def component_means(model: nn.Module, patch_data: "TaskData | dict", batch_size:
     counts = torch.zeros(calib_len, dtype=torch.float64, device=device)
 
     with eval_mode(model):
-        for batch in data.batches(batch_size):
+        for batch in distributed.local_batches(data, batch_size):
             # Padding is weighted 0 rather than dropped: a boolean selection would
             # make the shapes depend on the data and cost a host sync per batch.
             # (padded slots have position 0; torch.where, not a product, so whatever they hold adds nothing).
@@ -65,6 +66,7 @@ def component_means(model: nn.Module, patch_data: "TaskData | dict", batch_size:
             with _collect(adapter, o_paths, lambda l, z: add(z_sums[l], z), lambda l, y: add(mlp_sums[l], y)):
                 adapter.backbone()(**batch.model_inputs(device), use_cache=False)
 
+    distributed.all_sum_([z_sums, mlp_sums, counts])
     counts = counts.unsqueeze(1)
     heads = torch.stack([
         _head_contributions(adapter, layer, z_sums[layer] / counts) for layer in range(n_layers)

@@ -6,12 +6,13 @@ import time
 import torch
 from torch import nn
 
+from .. import distributed
 from ..circuit.discovery import kl_divergence
 from ..data import TaskData, as_task_data
 from ..forward import eval_mode, frozen_parameters
 from ..progress import progress_bar
 from . import hard_concrete
-from .evaluate import EdgeCircuit, evaluate_circuit, prepare_batches
+from .evaluate import EdgeCircuit, evaluate_circuit
 from .masked_forward import EdgeForward
 
 
@@ -62,7 +63,11 @@ def edge_prune(
     graph = forward.graph
     generator = torch.Generator().manual_seed(seed)
     with eval_mode(model), frozen_parameters(model):
-        batches = prepare_batches(forward, clean, corrupted, batch_size)
+        if len(clean) != len(corrupted):
+            raise ValueError(f"clean ({len(clean)}) and corrupted ({len(corrupted)}) data must pair up one to one")
+        # One step reads one batch; under a process group each rank reads its slice of it.
+        slices = distributed.local_rows(len(clean), batch_size, "edge pruning")
+        batches = [forward.prepare(clean.subset(rows), corrupted.subset(rows)) for rows, _ in slices]
         device = batches[0].clean.logits.device
         edge_alpha = (init_log_alpha + 0.01 * torch.randn(graph.n_edges, generator=generator)).to(device)
         node_alpha = torch.full((graph.n_writers,), float(init_log_alpha), device=device)
@@ -79,12 +84,16 @@ def edge_prune(
             z_edges = hard_concrete.sample(edge_alpha, generator)
             z_nodes = hard_concrete.sample(node_alpha, generator) if node_masks else None
             logits = forward.logits(batch, z_edges, z_nodes)
-            kl = kl_divergence(torch.log_softmax(batch.clean.logits, -1), logits).mean()
+            kl = kl_divergence(torch.log_softmax(batch.clean.logits, -1), logits).sum() / slices[step % len(slices)][1]
             sparsity = 1.0 - hard_concrete.probability_nonzero(edge_alpha).mean()
-            loss = kl + hard_concrete.lagrangian(target, sparsity, lambdas[0], lambdas[1])
+            # Every rank adds its share of the sparsity term, so the gradients' sum holds it once.
+            lagrangian = hard_concrete.lagrangian(target, sparsity, lambdas[0], lambdas[1]) / distributed.world_size()
+            loss = kl + lagrangian
             masks.zero_grad()
             ascent.zero_grad()
             loss.backward()
+            kl = kl.detach()
+            distributed.all_sum_([edge_alpha.grad, node_alpha.grad, lambdas.grad, kl])
             masks.step()
             ascent.step()
             kl, sparsity = kl.item(), sparsity.item()
