@@ -118,7 +118,3 @@ def install(model: nn.Module) -> None:
         _swap(layer, PositionalBlock, kind)
         _swap(adapter.attention(index), PositionalAttention, kind)
         _swap(adapter.mlp(index), PositionalMLP, kind)
-
-
-def is_installed(model: nn.Module) -> bool:
-    return any(isinstance(layer, PositionalBlock) for layer in get_adapter(model).layers())
