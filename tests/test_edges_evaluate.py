@@ -83,5 +83,7 @@ def test_bad_inputs_are_refused_before_any_work():
         eigenfast.edge_prune(model, clean, clean, target_sparsity=1.5, progress=False)
     with pytest.raises(ValueError, match="threshold"):
         eigenfast.acdc(model, clean, clean, threshold=-1, progress=False)
+    with pytest.raises(ValueError, match="threshold"):
+        eigenfast.acdc(model, clean, clean, threshold=float("nan"), progress=False)
     with pytest.raises(ValueError, match="patch_data"):
         extract_nodes(model, eigenfast.eap(model, clean, clean, progress=False, evaluate=False), None)

@@ -55,7 +55,7 @@ def acdc(
     evaluate: bool = True,
 ) -> EdgeCircuit:
     """ACDC over the edge graph with KL threshold τ = ``threshold``; one masked forward per edge."""
-    if threshold < 0:
+    if not threshold >= 0:  # NaN fails this too
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     clean, corrupted = as_task_data(clean_data), as_task_data(corrupted_data)
     start = time.perf_counter()
