@@ -197,6 +197,23 @@ def all_sum_(tensors: "torch.Tensor | Iterable[torch.Tensor | None]") -> None:
     _all_reduce(dist.ReduceOp.SUM, tensors)
 
 
+def broadcast_(tensors: Iterable[torch.Tensor], src: int) -> None:
+    """In place, rank ``src``'s values everywhere (bitwise: the bytes are copied)."""
+    if not is_distributed():
+        return
+    for tensor in tensors:
+        dist.broadcast(tensor, src=src)
+
+
+def all_true(flags: list[bool]) -> list[bool]:
+    """Elementwise: true where the flag is true on every rank (for choices that start collectives)."""
+    if not is_distributed() or not flags:
+        return flags
+    agreed = torch.tensor(flags, dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return [bool(v) for v in agreed.tolist()]
+
+
 def sum_number(value: float) -> float:
     """A Python number summed over ranks (float64 on the CPU)."""
     if not is_distributed():

@@ -4,6 +4,11 @@ Freezing term i of a matrix: ``A' = A − E_i`` and ``b'[t] = b + x̄[t] E_i``.
 All sites that live in one projection module (GPT-2 and NeoX fuse q, k and v)
 are folded into that module together, then it is replaced by a
 :class:`~eigenfast.modules.TokenBiasLinear`.
+
+A model sharded by FSDP2 holds each weight as a DTensor that its FSDP unit all-gathers
+by reference to the module and the Parameter object, so there the module keeps both:
+its class becomes TokenBiasLinear in place and the new weight's local shard is copied
+into the existing Parameter. The position table, a small buffer, is whole on every rank.
 """
 from __future__ import annotations
 
@@ -12,10 +17,12 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .adapters import projection_matrix
+from .distributed import full_tensor
 from .errors import ArgumentError
-from .modules import TokenBiasLinear, bias_table, extend_rows, replace_module, resample_table
+from .modules import TokenBiasLinear, bias_table, extend_rows, replace_module, resample_table, validate_extrapolate
 from .positional import install
 from .scoring import Attribution, Key
 
@@ -52,7 +59,11 @@ def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.T
             by_module[attribution.stats[key].site.path].append(key)
     for path, keys in by_module.items():
         module = model.get_submodule(path)
-        A = projection_matrix(module).detach().double()
+        sharded = isinstance(module.weight, DTensor)
+        if sharded:
+            _check_foldable_in_place(module, path)
+        # Whole on every rank, in the same module order everywhere (full_tensor is a collective).
+        A = full_tensor(projection_matrix(module).detach()).double()
         delta = torch.zeros_like(A)
         for key in keys:
             _add_frozen_terms(delta, attribution, key, frozen[key].to(A.device))
@@ -60,7 +71,14 @@ def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.T
         delta_rows = extend_rows(attribution.mean_input(keys[0]).to(A.device) @ delta, extrapolate)
         # A module pruned before may hold a table of another calibration length: add both, read on the longer.
         length = max(attribution.calib_len, getattr(module, "calib_len", 0))
-        table = bias_table(module, length).double() + resample_table(delta_rows, length)
+        # A sharded nn.Linear has no bias (checked): its plain table is zeros, made here since new_zeros
+        # on its DTensor weight would be a DTensor.
+        plain_zeros = sharded and not isinstance(module, TokenBiasLinear)
+        before = A.new_zeros(length + 1, A.shape[1]) if plain_zeros else bias_table(module, length).double()
+        table = before + resample_table(delta_rows, length)
+        if sharded:
+            _fold_in_place(module, (A - delta).T, table, length, extrapolate)
+            continue
         new = TokenBiasLinear(A.shape[0], A.shape[1], length, extrapolate)
         new = new.to(device=module.weight.device, dtype=module.weight.dtype)
         with torch.no_grad():
@@ -69,6 +87,32 @@ def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.T
         replace_module(model, path, new)
     if by_module:
         install(model)
+
+
+def _check_foldable_in_place(module: nn.Module, path: str) -> None:
+    # Only a weight stored as TokenBiasLinear stores it (nn.Linear's layout, no bias Parameter)
+    # can change class without FSDP2 losing track of a Parameter or meeting a new shape.
+    linear = isinstance(module, (nn.Linear, TokenBiasLinear))
+    if not linear or getattr(module, "bias", None) is not None:
+        raise ArgumentError(
+            f"{path} is sharded by FSDP2 and is {'a projection with a bias' if linear else type(module).__name__}: "
+            "freezing can rewrite a sharded projection in place only when it is an nn.Linear without bias "
+            "(Llama, Mistral, Qwen3-style models); prune this model unsharded, or shard it after pruning"
+        )
+
+
+@torch.no_grad()
+def _fold_in_place(module: nn.Module, weight: torch.Tensor, table: torch.Tensor, length: int, extrapolate: str) -> None:
+    """Make ``module`` a TokenBiasLinear holding ``weight`` without replacing it or its (DTensor) Parameter."""
+    param = module.weight
+    param.copy_(distribute_tensor(weight.to(param.dtype), param.device_mesh, param.placements))
+    if not isinstance(module, TokenBiasLinear):
+        module.__class__ = TokenBiasLinear
+        for name in ("in_features", "out_features"):  # nn.Linear's; TokenBiasLinear reads them off the weight
+            vars(module).pop(name, None)
+        module._parameters.pop("bias", None)  # None here: checked above
+    module.calib_len, module.extrapolate = length, validate_extrapolate(extrapolate)
+    module.register_buffer("table", table.to(param.device, param.dtype))
 
 
 def _add_frozen_terms(delta: torch.Tensor, attribution: Attribution, key: Key, mask: torch.Tensor) -> None:

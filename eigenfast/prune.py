@@ -144,11 +144,10 @@ def prune(
     elif inplace:
         raise ArgumentError("inplace=True needs a fixed p: p='auto' builds one pruned copy per candidate")
     get_adapter(model)  # fail early on an unsupported architecture
-    if distributed.is_sharded(model):
+    if distributed.is_sharded(model) and not inplace:
         raise ArgumentError(
-            "prune rewrites weights, which an FSDP2-sharded model holds only in shards; score the sharded model "
-            "with eigenfast.scoring.attribute, then fold the frozen terms into an unsharded copy with "
-            "eigenfast.freezing.freeze(copy, attribution, select_frozen(attribution.scores, p))"
+            "the model is sharded by FSDP2, which cannot deep-copy it (prune copies the model unless inplace): "
+            "pass inplace=True and a fixed p to prune the sharded model itself"
         )
     data = as_task_data(data)
     if val_data is not None:

@@ -40,8 +40,8 @@ Key = tuple[int, str]
 class SiteStats:
     site: Site
     factors: Factors  # float64, exact: freezing uses these
-    work: Factors  # float32 on the model's device: the kernels use these
-    heads: Site  # ``site`` with its head indices on the model's device (no host copy per batch)
+    work: Factors  # float32 on the site's device (its weight's): the kernels use these
+    heads: Site  # ``site`` with its head indices on the site's device (no host copy per batch)
     pmax: torch.Tensor | None  # (calib_len + 1, heads, r): the last row collects padding
     pmin: torch.Tensor | None
     scores: torch.Tensor  # (heads, r): running max, or running weighted sum for reduce="mean"
@@ -122,14 +122,18 @@ def attribute(
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    stats = {site.key: _new_stats(adapter, site, calib_len, pairs, reduce, device) for site in sites}
+    factors = site_factors(adapter.model, sites)
+    stats = {site.key: _new_stats(adapter, site, f, calib_len, pairs, reduce) for site, f in zip(sites, factors)}
     timings["svd"] = time.perf_counter() - start
     # Row calib_len of every per-position buffer is the trash row padding lands in, so no
     # batch ever selects its real rows with a boolean mask (a host synchronisation).
+    # Per-site statistics live where the site's weight does (layers may sit on different
+    # devices); batches and counts on the device of the model's first parameter.
     counts = torch.zeros(calib_len + 1, dtype=torch.long, device=device)
     input_sums = {
-        site.path: torch.zeros(calib_len + 1, _fan_in(adapter.model.get_submodule(site.path)), device=device)
+        site.path: torch.zeros(calib_len + 1, _fan_in(module), device=module.weight.device)
         for site in sites
+        for module in [adapter.model.get_submodule(site.path)]
     }
     batches = [_DeviceBatch.of(batch, calib_len, device) for batch in distributed.local_batches(data, batch_size, model)]
     total = torch.zeros((), device=device)  # the mean's denominator: the weight of all pairs
@@ -168,7 +172,7 @@ def attribute(
         timings["pass2"] = time.perf_counter() - start
     if reduce == "mean":
         for st in stats.values():
-            st.scores /= total
+            st.scores /= total.to(st.scores.device)
     for st in stats.values():
         st.pmax, st.pmin, st.pmean = (None if t is None else t[:calib_len] for t in (st.pmax, st.pmin, st.pmean))
     input_sums = {path: t[:calib_len] for path, t in input_sums.items()}
@@ -194,10 +198,9 @@ def _fan_in(module: nn.Module) -> int:
 
 
 def _new_stats(
-    adapter: Adapter, site: Site, calib_len: int, pairs: str, reduce: str, device: torch.device
+    adapter: Adapter, site: Site, factors: Factors, calib_len: int, pairs: str, reduce: str
 ) -> SiteStats:
-    module = adapter.model.get_submodule(site.path)
-    factors = site_factors(module, site)
+    device = adapter.model.get_submodule(site.path).weight.device
     heads, rank = factors.s.shape
     need_range = pairs == "all" and reduce == "max"
     shape = (calib_len + 1, heads, rank)
@@ -261,7 +264,8 @@ def _set_mean_projections(
     n = counts.clamp_min(1).float().unsqueeze(1)
     n[-1] = torch.inf
     for st in stats.values():
-        mean = head_inputs(input_sums[st.site.path] / n, st.heads)
+        total = input_sums[st.site.path]
+        mean = head_inputs(total / n.to(total.device), st.heads)
         st.pmean = torch.einsum("thk,hki->thi", mean, st.work.U).contiguous()
 
 
@@ -322,6 +326,9 @@ class _Pass2:
         pos = batch.pos
 
         def on_grad(sites: list[SiteStats], x: torch.Tensor, g: torch.Tensor) -> None:
+            # The batch's row bookkeeping follows the activation to its layer's device (a no-op on one device).
+            at = x.device
+            weight = None if graph.weight is None else graph.weight.to(at)
             rows_x = x.reshape(-1, x.shape[-1])
             rows_g = g.reshape(-1, g.shape[-1])
             partner = x.roll(1, dims=0).reshape(-1, x.shape[-1]) if self.pairs == "shift" else None
@@ -333,12 +340,12 @@ class _Pass2:
                     w.U,
                     w.V,
                     w.s,
-                    pos,
+                    pos.to(at),
                     st.pmax,
                     st.pmin,
                     st.scores,
                     partner=None if partner is None else head_inputs(partner, st.heads),
-                    weight=graph.weight,
+                    weight=weight,
                     reduce=self.reduce,
                     pmean=st.pmean,
                     backend=self.backend,
@@ -379,11 +386,11 @@ def _pass1_batch(
 
     @torch.no_grad()
     def on_input(sites: list[SiteStats], x: torch.Tensor) -> None:
-        rows = x.reshape(-1, x.shape[-1])
-        input_sums[sites[0].site.path].index_add_(0, pos, rows.float())
+        rows, at = x.reshape(-1, x.shape[-1]), pos.to(x.device)
+        input_sums[sites[0].site.path].index_add_(0, at, rows.float())
         if ranges:
             for st in sites:
-                pass1_update(head_inputs(rows, st.heads), st.work.U, pos, st.pmax, st.pmin, backend=backend)
+                pass1_update(head_inputs(rows, st.heads), st.work.U, at, st.pmax, st.pmin, backend=backend)
 
     if keep is not None:
         return keep.forward(batch, on_input)

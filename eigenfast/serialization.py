@@ -83,13 +83,15 @@ def save_model(
     did not write are never touched.
     """
     directory = check_output_directory(directory)
+    # FSDP2 holds a sharded model's weights in shards: gather them whole (a collective on every rank) first.
+    state = _gathered_state(model) if distributed.is_sharded(model) else None
 
     def write() -> None:
         previous = _files_of_previous_save(directory)
         directory.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging.", dir=directory.parent))
         try:
-            _write_save(staging, model, kind, report, tensors, tokenizer)
+            _write_save(staging, model, kind, report, tensors, tokenizer, state)
             _move_into_place(staging, directory, previous)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -99,11 +101,28 @@ def save_model(
     return directory
 
 
+def _gathered_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of an FSDP2-sharded model, on rank 0's host (empty on the other ranks).
+
+    Gathered one tensor at a time, in the same order on every rank, so no rank holds more
+    than one whole tensor beyond what rank 0 keeps.
+    """
+    state = {}
+    for name, value in model.state_dict().items():
+        whole = distributed.full_tensor(value.detach())
+        if distributed.is_main_process():
+            state[name] = whole.cpu().contiguous()
+    return state
+
+
 def _write_save(
     staging: Path, model: nn.Module, kind: str, report: dict[str, Any] | None,
-    tensors: dict[str, torch.Tensor] | None, tokenizer: Any,
+    tensors: dict[str, torch.Tensor] | None, tokenizer: Any, state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    save_state(model, str(staging / WEIGHTS_FILE))
+    if state is None:
+        save_state(model, str(staging / WEIGHTS_FILE))
+    else:  # gathered from shards; shard_model refuses tied weights, so no tensor is shared
+        save_file(state, str(staging / WEIGHTS_FILE))
     if tensors:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / EXTRAS_FILE))
     if tokenizer is not None:

@@ -10,17 +10,24 @@ it keeps cuSOLVER's batched Jacobi SVD, the slowest step of scoring, out of the 
 The cache is keyed on the weight tensor itself (weakly: a dropped or replaced module
 frees its entry) and checked against the tensor's ``_version``, so an in-place edit
 of the weight recomputes, while repeated ``score`` calls or ``p="auto"`` reuse it.
+
+Under a process group the sites to decompose are dealt round-robin over the ranks:
+each rank decomposes its share and every factor is broadcast from the rank that made
+it (in site order on every rank), so all ranks hold the owner's bytes and share the
+cost. The ranks first agree on which sites are cached everywhere, so their caches
+never lead them into different collectives.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .adapters import Site, head_matrices, projection_matrix
-from .distributed import full_tensor
+from . import distributed
 
 
 @dataclass
@@ -44,17 +51,42 @@ class Factors:
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def site_factors(module: nn.Module, site: Site) -> Factors:
-    """The site's float64 factors, shared by scores and freezing; computed once per weight version."""
-    weight = module.weight
-    entries = _CACHE.setdefault(weight, {})
-    hit = entries.get(site.key)
-    if hit is not None and hit[0] == weight._version:
-        return hit[1]
-    version = weight._version
-    factors = Factors(*thin_svd(head_matrices(full_tensor(projection_matrix(module).detach()).double(), site)))
-    entries[site.key] = (version, factors)
-    return factors
+def site_factors(model: nn.Module, sites: Sequence[Site]) -> list[Factors]:
+    """Each site's float64 factors, shared by scores and freezing; computed once per weight version."""
+    modules = [model.get_submodule(site.path) for site in sites]
+    cached = [_cached(module.weight, site) for module, site in zip(modules, sites)]
+    everywhere = distributed.all_true([hit is not None for hit in cached])
+    out: list[Factors] = []
+    owner = 0  # which rank decomposes the next site: round-robin
+    for module, site, hit, shared in zip(modules, sites, cached, everywhere):
+        if shared:
+            out.append(hit)
+            continue
+        weight = module.weight
+        version = weight._version
+        # A sharded weight is gathered on every rank: full_tensor is a collective.
+        heads = head_matrices(distributed.full_tensor(projection_matrix(module).detach()).double(), site)
+        if distributed.rank() == owner:
+            factors = Factors(*thin_svd(heads))
+        else:
+            factors = _empty_factors(heads)
+        distributed.broadcast_([factors.U, factors.s, factors.V], owner)
+        _CACHE.setdefault(weight, {})[site.key] = (version, factors)
+        out.append(factors)
+        owner = (owner + 1) % distributed.world_size()
+    return out
+
+
+def _cached(weight: torch.Tensor, site: Site) -> Factors | None:
+    hit = _CACHE.get(weight, {}).get(site.key)
+    return hit[1] if hit is not None and hit[0] == weight._version else None
+
+
+def _empty_factors(heads: torch.Tensor) -> Factors:
+    """Buffers for the factors of ``heads (H, m, n)`` that another rank decomposes."""
+    h, m, n = heads.shape
+    r = min(m, n)
+    return Factors(*(heads.new_empty(shape) for shape in ((h, m, r), (h, r), (h, r, n))))
 
 
 def thin_svd(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
