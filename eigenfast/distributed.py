@@ -239,12 +239,26 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+_writing = False  # inside on_main's write: a nested on_main just writes (one barrier per outer call)
+
+
 def on_main(write: Callable[[], T]) -> T | None:
-    """Run ``write`` on rank 0 only; every rank waits until it is done (so all see the files it wrote)."""
-    if not is_distributed():
+    """Run ``write`` on rank 0 only; every rank waits until it is done (so all see the files it wrote).
+
+    Every rank must call it (it ends in a barrier), except from inside another
+    ``on_main``'s ``write``, where it simply runs ``write``.
+    """
+    global _writing
+    if not is_distributed() or _writing:
         return write()
     try:
-        return write() if is_main_process() else None
+        if not is_main_process():
+            return None
+        _writing = True
+        try:
+            return write()
+        finally:
+            _writing = False
     finally:
         dist.barrier()
 

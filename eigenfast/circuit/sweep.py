@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .. import figures
+from .. import distributed, figures
 from ..data import TaskData
 from .extract import extract_circuit
 
@@ -51,7 +51,11 @@ class Sweep:
         }
 
     def plot(self, path: str | Path) -> Path:
-        """Two panels: size against α (figure 2) and accuracy against size (figure 3)."""
+        """Two panels: size against α (figure 2) and accuracy against size (figure 3); rank 0 writes it."""
+        distributed.on_main(lambda: self._draw(Path(path)))
+        return Path(path)
+
+    def _draw(self, path: Path) -> Path:
         plt = figures.pyplot()
 
         label = f"{self.ablation} ablation, {'with' if self.include_mlps else 'without'} MLPs"
@@ -71,11 +75,17 @@ class Sweep:
         return figures.save(fig, path, dpi=120)
 
     def save(self, directory: str | Path) -> tuple[Path, Path]:
-        """``sweep.json`` and ``sweep.png`` in ``directory``."""
+        """``sweep.json`` and ``sweep.png`` in ``directory``, written by rank 0 (every rank gets the paths)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "sweep.json").write_text(json.dumps(self.as_dict(), indent=2))
-        return directory / "sweep.json", self.plot(directory / "sweep.png")
+        table, figure = directory / "sweep.json", directory / "sweep.png"
+
+        def write() -> None:
+            directory.mkdir(parents=True, exist_ok=True)
+            table.write_text(json.dumps(self.as_dict(), indent=2))
+            self._draw(figure)
+
+        distributed.on_main(write)
+        return table, figure
 
 
 def sweep(

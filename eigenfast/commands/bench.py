@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .. import figures
+from .. import distributed, figures
 from ..adapters import get_adapter
 from ..circuit import component_means, remove_components
 from ..data import TaskData
@@ -206,8 +206,12 @@ def run(args: argparse.Namespace) -> int:
     table = markdown(rows)
     print(f"shape {args.shape}, {device}, {args.new_tokens} new tokens, medians of {args.repeats}\n{table}")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(f"Device: {device}; shape {args.shape}.\n\n{table}\n")
-        args.out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
-        plot(rows, args.out.with_suffix(".png"))
+        distributed.on_main(lambda: write(args.out, rows, f"Device: {device}; shape {args.shape}.\n\n{table}\n"))
     return 0
+
+
+def write(out: Path, rows: list[Row], summary: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(summary)
+    out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    plot(rows, out.with_suffix(".png"))

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import distributed
 from ..loading import load_model
 from ..data import TASKS, TaskData, load_task
 from ..table import (
-    REDUCES, default_settings, markdown, plot, prune_supports_reduce, run_table,
+    REDUCES, Row, default_settings, markdown, plot, prune_supports_reduce, run_table,
 )
 from ..tasks import induction
 from .arguments import comma_list, component, fraction
@@ -90,9 +91,16 @@ def run(args: argparse.Namespace) -> int:
 
     rows = run_table(args.models, args.tasks, load, heldout, args.seeds, args.candidates, settings,
                      args.batch_size)
-    out = Path(args.out)
+    out, png = Path(args.out), Path(args.out).with_suffix(".png")
+    distributed.on_main(lambda: write(out, png, rows, args, notes))
+    print(f"wrote {out}, {out.with_suffix('.json')} and {png}")
+    return 0
+
+
+def write(out: Path, png: Path, rows: list[Row], args: argparse.Namespace, notes: list[str]) -> None:
+    """The Markdown table, its .json record and the .png plot (rank 0 only under torchrun)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    png = plot(rows, args.candidates, out.with_suffix(".png"))
+    plot(rows, args.candidates, png)
     command = command_line(args)
     record = {"command": command, "seeds": list(args.seeds), "candidates": list(args.candidates),
               "notes": notes, "rows": [r.as_dict() for r in rows]}
@@ -104,5 +112,3 @@ def run(args: argparse.Namespace) -> int:
         "", *(f"Note: {n}" for n in notes), "", markdown(rows, args.candidates), "", f"![accuracy against p]({png.name})",
     ]
     out.write_text("\n".join(body) + "\n", encoding="utf-8")
-    print(f"wrote {out}, {out.with_suffix('.json')} and {png}")
-    return 0

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .. import figures
+from .. import distributed, figures
 from ..circuit.discovery import discover
 from ..data import TaskData
 from .acdc import acdc
@@ -46,9 +46,14 @@ class Comparison:
     def save(self, directory: str | Path) -> tuple[Path, Path]:
         """``edges.json`` and ``edges.png`` in ``directory``."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "edges.json").write_text(json.dumps(self.as_dict(), indent=2))
-        return directory / "edges.json", self.plot(directory / "edges.png")
+
+        def write() -> None:  # rank 0 only, under torchrun
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "edges.json").write_text(json.dumps(self.as_dict(), indent=2))
+            self.plot(directory / "edges.png")
+
+        distributed.on_main(write)
+        return directory / "edges.json", directory / "edges.png"
 
 
 def compare(
