@@ -99,8 +99,24 @@ def local_batches(data: TaskData, batch_size: int, model: nn.Module | None = Non
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """True when some parameter of ``model`` is a DTensor (FSDP2 ``fully_shard``)."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    """True when some module of ``model`` is sharded by FSDP2 (``fully_shard``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 unit of ``model`` back in its sharded state (parameters are DTensors again).
+
+    A unit that is its own root keeps its parameters whole after a forward (FSDP2
+    expects the backward to need them), so code that edits or gathers the sharded
+    parameters calls this first.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def local_examples(data: TaskData, what: str = "the data") -> TaskData:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .adapters import projection_matrix
-from .distributed import full_tensor
+from .distributed import full_tensor, reshard
 from .errors import ArgumentError
 from .modules import TokenBiasLinear, bias_table, extend_rows, replace_module, resample_table, validate_extrapolate
 from .positional import install
@@ -53,6 +53,7 @@ def select_frozen(scores: dict[Key, torch.Tensor], p: float) -> dict[Key, torch.
 
 def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.Tensor], extrapolate: str = "mean") -> None:
     """Fold the frozen terms into ``model`` in place; modules with nothing frozen stay untouched."""
+    reshard(model)  # FSDP2: edit the sharded Parameters, not whole copies left by a forward
     by_module: dict[str, list[Key]] = defaultdict(list)
     for key, mask in frozen.items():
         if bool(mask.any()):

@@ -363,7 +363,8 @@ class _Pass2:
                 stack.enter_context(_input_hooks(adapter, self.stats, on_input))
             logits = last_logits(adapter, batch.data)
             # Summed, not averaged: each example's gradient is its own loss's, whatever the batch.
-            graph.loss = nn.functional.cross_entropy(logits, batch.data.labels, reduction="sum")
+            labels = batch.data.labels.to(logits.device)  # the head may sit on another device than the batch
+            graph.loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
         graph.nbytes = saved.nbytes
         return graph
 

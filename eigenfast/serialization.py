@@ -108,6 +108,7 @@ def _gathered_state(model: nn.Module) -> dict[str, torch.Tensor]:
     than one whole tensor beyond what rank 0 keeps.
     """
     state = {}
+    distributed.reshard(model)  # a forward may have left some units whole; gather from the shards alike
     for name, value in model.state_dict().items():
         whole = distributed.full_tensor(value.detach())
         if distributed.is_main_process():

@@ -53,6 +53,7 @@ _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 def site_factors(model: nn.Module, sites: Sequence[Site]) -> list[Factors]:
     """Each site's float64 factors, shared by scores and freezing; computed once per weight version."""
+    distributed.reshard(model)  # FSDP2: key the cache on the sharded Parameters, which persist
     modules = [model.get_submodule(site.path) for site in sites]
     cached = [_cached(module.weight, site) for module, site in zip(modules, sites)]
     everywhere = distributed.all_true([hit is not None for hit in cached])
@@ -67,7 +68,8 @@ def site_factors(model: nn.Module, sites: Sequence[Site]) -> list[Factors]:
         # A sharded weight is gathered on every rank: full_tensor is a collective.
         heads = head_matrices(distributed.full_tensor(projection_matrix(module).detach()).double(), site)
         if distributed.rank() == owner:
-            factors = Factors(*thin_svd(heads))
+            # Contiguous: a broadcast sends the storage as laid out (LAPACK's V is a transposed view).
+            factors = Factors(*(t.contiguous() for t in thin_svd(heads)))
         else:
             factors = _empty_factors(heads)
         distributed.broadcast_([factors.U, factors.s, factors.V], owner)

@@ -7,28 +7,33 @@ workload (starting processes is the slow part), each rank saves what it found.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 from typing import Iterator
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 from conftest import make_data, make_model
 
 import eigenfast
-from eigenfast import distributed
+from eigenfast import distributed, figures
 from eigenfast.circuit.discovery import discover
 from eigenfast.cli import main
 from eigenfast.data import TaskData
 from eigenfast.edges.edge_prune import edge_prune
-from eigenfast.freezing import freeze, select_frozen
+from eigenfast import svd
+from eigenfast.modules import TokenBiasLinear
 from eigenfast.scoring import attribute
 from eigenfast.serialization import load_extras
+from eigenfast.svd import thin_svd
 
 WORLD = 2
 SUMS = {"rtol": 1e-6, "atol": 1e-7}
@@ -62,19 +67,45 @@ def workload() -> dict[str, torch.Tensor]:
     return out
 
 
-def sharded_workload() -> dict[str, torch.Tensor]:
-    """Scoring, and pruning by the documented recipe, with the model's parameters sharded by FSDP2."""
+def sharded_workload(folder: Path) -> dict[str, torch.Tensor]:
+    """Scoring and pruning (in place) with the model's parameters sharded by FSDP2, then a save."""
     model = distributed.shard_model(make_model("llama"))
     scores = eigenfast.score(model, SHARDED_DATA(), ("k", "v", "o"), "all", batch_size=3, progress_bar=False)
     out = {f"score.all.{layer}.{c}": s for (layer, c), s in scores.items()}
-    # prune() refuses a sharded model with a clear error; score it sharded, freeze an unsharded copy.
-    with pytest.raises(eigenfast.errors.ArgumentError, match="FSDP2-sharded"):
+    with pytest.raises(eigenfast.errors.ArgumentError, match="inplace=True"):  # FSDP2 cannot deep-copy
         eigenfast.prune(model, SHARDED_DATA(), p=0.3, progress_bar=False)
-    attribution = attribute(model, SHARDED_DATA(), ("k", "o"), batch_size=3, progress_bar=False)
-    copy = make_model("llama")
-    freeze(copy, attribution, select_frozen(attribution.scores, 0.3))
-    out.update({f"pruned.{name}": value for name, value in copy.state_dict().items()})
+    result = eigenfast.prune(
+        model, SHARDED_DATA(), p=0.3, components=("k", "o"), batch_size=3, progress_bar=False, inplace=True
+    )
+    out.update({f"frozen.{layer}.{c}": mask for (layer, c), mask in result.frozen.items()})
+    # Folded in place: the projections changed class and kept their sharded (DTensor) Parameters.
+    swapped = [m for m in model.modules() if isinstance(m, TokenBiasLinear)]
+    assert swapped and all(isinstance(m.weight, DTensor) for m in swapped)
+    out["swapped"] = torch.tensor(len(swapped))
+    out["logits"] = _logits(model, SHARDED_DATA())
+    result.save(folder / "sharded_save")
     return out
+
+
+def _logits(model: torch.nn.Module, data: TaskData) -> torch.Tensor:
+    device = model.get_input_embeddings().weight.device
+    with torch.no_grad():
+        return model(input_ids=data.input_ids.to(device), attention_mask=data.attention_mask.to(device)).logits
+
+
+def svd_share() -> torch.Tensor:
+    """``thin_svd`` calls of this rank over two scorings of a fresh model (6 sites; the second hits the cache)."""
+    calls = []
+
+    def counting(A: torch.Tensor):
+        calls.append(A.shape)
+        return thin_svd(A)
+
+    model = make_model("llama", seed=4)
+    with mock.patch.object(svd, "thin_svd", counting):
+        for pairs in ("all", "shift"):
+            eigenfast.score(model, make_data(8, 5), ("k", "v", "o"), pairs, batch_size=4, progress_bar=False)
+    return torch.tensor(len(calls))
 
 
 def SHARDED_DATA() -> TaskData:  # noqa: N802 - a constant, built fresh in each process
@@ -85,8 +116,9 @@ def _rank_main(rank: int, port: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
+        torch.save({"calls": svd_share()}, Path(folder) / f"svd.{rank}.pt")
         torch.save(workload(), Path(folder) / f"plain.{rank}.pt")
-        torch.save(sharded_workload(), Path(folder) / f"sharded.{rank}.pt")
+        torch.save(sharded_workload(Path(folder)), Path(folder) / f"sharded.{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -153,10 +185,26 @@ def test_model_sharded_with_fsdp2_equals_one_process(ranks):
     with _one_thread():
         scores = eigenfast.score(model, SHARDED_DATA(), ("k", "v", "o"), "all", batch_size=3, progress_bar=False)
         pruned = eigenfast.prune(model, SHARDED_DATA(), p=0.3, components=("k", "o"), batch_size=3, progress_bar=False)
-    want = {f"score.all.{layer}.{c}": s for (layer, c), s in scores.items()}
-    want.update({f"pruned.{name}": value for name, value in pruned.model.state_dict().items()})
+        want = {f"score.all.{layer}.{c}": s for (layer, c), s in scores.items()}
+        want.update({f"frozen.{layer}.{c}": mask for (layer, c), mask in pruned.frozen.items()})
+        want["swapped"] = torch.tensor(sum(isinstance(m, TokenBiasLinear) for m in pruned.model.modules()))
+        want["logits"] = _logits(pruned.model, SHARDED_DATA())
+        # A test that can fail: pruning changed what the model computes.
+        assert not torch.allclose(want["logits"], _logits(model, SHARDED_DATA()), **SUMS)
     for got in _load(ranks, "sharded"):
         _assert_equal_runs(got, want)
+    # Rank 0 saved the sharded pruned model whole: it loads unsharded and equals the one-process prune.
+    saved = eigenfast.load(ranks / "sharded_save")
+    assert saved.state_dict().keys() == pruned.model.state_dict().keys()
+    for name, value in pruned.model.state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[name], value, **SUMS, msg=name)
+    assert any(isinstance(m, TokenBiasLinear) for m in saved.modules())
+
+
+def test_svds_are_split_over_ranks(ranks):
+    """6 sites over 2 ranks: 3 decompositions each, none on the second scoring (the broadcast factors are cached).
+    That the factors are the one-process ones, bitwise, is in the scores of test_two_processes_equal_one."""
+    assert [int(torch.load(ranks / f"svd.{r}.pt", weights_only=True)["calls"]) for r in range(WORLD)] == [3, 3]
 
 
 def test_sharding_is_contiguous_and_covers_everything():
@@ -194,3 +242,102 @@ def test_torchrun_cli_prune_writes_once_and_equals_one_process(tmp_path):
         assert main([*command, str(tmp_path / "one")]) == 0
     one, two = load_extras(tmp_path / "one"), load_extras(tmp_path / "two")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def _cli_rank(rank: int, port: int, argv: list[str], folder: str) -> None:
+    """One rank of ``torchrun -m eigenfast.cli ARGV``: the environment torchrun sets, every file write recorded."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    written: list[str] = []
+    write_text, save_figure = Path.write_text, figures.save
+
+    def recording_write_text(path: Path, *args, **kwargs):
+        written.append(path.name)
+        return write_text(path, *args, **kwargs)
+
+    def recording_save(fig, path, *args, **kwargs):
+        written.append(Path(path).name)
+        return save_figure(fig, path, *args, **kwargs)
+
+    with mock.patch.object(Path, "write_text", recording_write_text), mock.patch.object(figures, "save", recording_save):
+        status = main(argv)
+    with open(Path(folder) / f"writes.{rank}.json", "w") as record:
+        json.dump({"status": status, "written": written}, record)
+
+
+def test_torchrun_extract_sweep_writes_once_and_equals_one_process(tmp_path):
+    command = ["extract", "--model", "int_sum_gpt2", "--task", "int_sum", "--n-patch", "8", "--n-val", "8",
+               "--sweep", "1e-4,1", "--mlps", "--out"]
+    mp.spawn(_cli_rank, args=(_free_port(), [*command, str(tmp_path / "two")], str(tmp_path)), nprocs=WORLD, join=True)
+    records = [json.loads((tmp_path / f"writes.{r}.json").read_text()) for r in range(WORLD)]
+    assert [r["status"] for r in records] == [0, 0]
+    assert records[0]["written"] == ["sweep.json", "sweep.png"] and records[1]["written"] == []
+    with _one_thread():
+        assert main([*command, str(tmp_path / "one")]) == 0
+    one, two = (json.loads((tmp_path / run / "sweep.json").read_text()) for run in ("one", "two"))
+    kl = [point.pop("kl") for point in two["points"]]
+    torch.testing.assert_close(kl, [point.pop("kl") for point in one["points"]], **SUMS)
+    assert two == one
+    assert (tmp_path / "two" / "sweep.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- layers on several devices
+
+
+def _assert_statistics_beside_their_weights(model: torch.nn.Module, attribution) -> None:
+    for st in attribution.stats.values():
+        device = model.get_submodule(st.site.path).weight.device
+        tensors = [st.factors.U, st.work.U, st.work.s, st.work.V, st.scores, st.pmax, st.pmin,
+                   st.heads.out_index, st.heads.in_index, attribution.input_sums[st.site.path]]
+        assert {t.device for t in tensors if t is not None} == {device}, st.site.key
+
+
+def test_statistics_live_on_their_site_weights_device():
+    """On this one-device machine the check is structural (every device is the CPU); the CUDA test below
+    places layers on two devices, where a statistic made on the model's first device would fail it."""
+    model = make_model("llama")
+    attribution = attribute(model, make_data(6, 5, padded=True), ("k", "o", "mlp_in"), batch_size=3, progress_bar=False)
+    _assert_statistics_beside_their_weights(model, attribution)
+
+
+def _place_layers(model: torch.nn.Module, devices: list[torch.device]) -> None:
+    """Layer i on ``devices[i % len]`` (embeddings on the first, the final norm and head on the last layer's),
+    each layer moving its inputs to its device, as ``device_map`` dispatch does."""
+
+    def to(value, device):
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        return type(value)(to(v, device) for v in value) if isinstance(value, tuple) else value
+
+    layers = model.model.layers
+    model.model.embed_tokens.to(devices[0])
+    model.model.rotary_emb.to(devices[0])
+    for i, layer in enumerate(layers):
+        device = devices[i % len(devices)]
+        layer.to(device)
+        layer.register_forward_pre_hook(
+            lambda m, args, kwargs, d=device: (to(args, d), {k: to(v, d) for k, v in kwargs.items()}), with_kwargs=True
+        )
+    last = devices[(len(layers) - 1) % len(devices)]
+    model.model.norm.to(last)
+    model.lm_head.to(last)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (with the CPU) or two")
+def test_layers_on_two_devices_score_and_prune_like_one():
+    devices = [torch.device("cuda", i) for i in range(2)] if torch.cuda.device_count() > 1 else [
+        torch.device("cpu"), torch.device("cuda", 0)]
+    data = make_data(9, 6, seed=1, padded=True)
+    one = make_model("llama").to(devices[-1])
+    split = make_model("llama")
+    _place_layers(split, devices)
+    attribution = attribute(split, data, ("k", "o"), batch_size=3, progress_bar=False)
+    _assert_statistics_beside_their_weights(split, attribution)
+    assert len({st.scores.device for st in attribution.stats.values()}) == 2
+    want = eigenfast.score(one, data, ("k", "o"), batch_size=3, progress_bar=False)
+    for key, value in attribution.scores.items():
+        torch.testing.assert_close(value, want[key], rtol=1e-4, atol=1e-5, msg=str(key))
+    pruned = eigenfast.prune(split, data, p=0.3, components=("k", "o"), batch_size=3, progress_bar=False, inplace=True)
+    reference = eigenfast.prune(one, data, p=0.3, components=("k", "o"), batch_size=3, progress_bar=False)
+    torch.testing.assert_close(_logits(pruned.model, data).cpu(), _logits(reference.model, data).cpu(), rtol=1e-4, atol=1e-4)
