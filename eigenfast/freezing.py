@@ -62,7 +62,7 @@ def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.T
         module = model.get_submodule(path)
         sharded = isinstance(module.weight, DTensor)
         if sharded:
-            _check_foldable_in_place(module, path)
+            check_foldable_in_place(model, [path])
         # Whole on every rank, in the same module order everywhere (full_tensor is a collective).
         A = full_tensor(projection_matrix(module).detach()).double()
         delta = torch.zeros_like(A)
@@ -90,16 +90,22 @@ def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.T
         install(model)
 
 
-def _check_foldable_in_place(module: nn.Module, path: str) -> None:
-    # Only a weight stored as TokenBiasLinear stores it (nn.Linear's layout, no bias Parameter)
-    # can change class without FSDP2 losing track of a Parameter or meeting a new shape.
-    linear = isinstance(module, (nn.Linear, TokenBiasLinear))
-    if not linear or getattr(module, "bias", None) is not None:
-        raise ArgumentError(
-            f"{path} is sharded by FSDP2 and is {'a projection with a bias' if linear else type(module).__name__}: "
-            "freezing can rewrite a sharded projection in place only when it is an nn.Linear without bias "
-            "(Llama, Mistral, Qwen3-style models); prune this model unsharded, or shard it after pruning"
-        )
+def check_foldable_in_place(model: nn.Module, paths: list[str]) -> None:
+    """Refuse a sharded projection that freezing could not rewrite in place (FSDP2-sharded models only).
+
+    Only a weight stored as TokenBiasLinear stores it (nn.Linear's layout, no bias Parameter)
+    can change class without FSDP2 losing track of a Parameter or meeting a new shape.
+    """
+    for path in paths:
+        module = model.get_submodule(path)
+        linear = isinstance(module, (nn.Linear, TokenBiasLinear))
+        if not linear or getattr(module, "bias", None) is not None:
+            what = "a projection with a bias" if linear else f"a {type(module).__name__}"
+            raise ArgumentError(
+                f"{path} is sharded by FSDP2 and is {what}: freezing can rewrite a sharded projection in place "
+                "only when it is an nn.Linear without bias (Llama- and Mistral-style models); prune this model "
+                "unsharded, or shard it after pruning"
+            )
 
 
 @torch.no_grad()

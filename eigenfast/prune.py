@@ -15,9 +15,9 @@ from .adapters import get_adapter
 from .data import TaskData, as_task_data, check_fits_model
 from .errors import ArgumentError
 from .forward import Evaluation, evaluate
-from .freezing import freeze, select_frozen, validate_fraction
+from .freezing import check_foldable_in_place, freeze, select_frozen, validate_fraction
 from .modules import EXTRAPOLATE
-from .scoring import Key, attribute
+from .scoring import Key, attribute, select_sites
 from .sizes import ParameterCount, count_parameters
 
 DEFAULT_CANDIDATES = (0.01, 0.05, 0.10, 0.30)
@@ -144,11 +144,13 @@ def prune(
     elif inplace:
         raise ArgumentError("inplace=True needs a fixed p: p='auto' builds one pruned copy per candidate")
     get_adapter(model)  # fail early on an unsupported architecture
-    if distributed.is_sharded(model) and not inplace:
-        raise ArgumentError(
-            "the model is sharded by FSDP2, which cannot deep-copy it (prune copies the model unless inplace): "
-            "pass inplace=True and a fixed p to prune the sharded model itself"
-        )
+    if distributed.is_sharded(model):
+        if not inplace:
+            raise ArgumentError(
+                "the model is sharded by FSDP2, which cannot deep-copy it (prune copies the model unless inplace): "
+                "pass inplace=True and a fixed p to prune the sharded model itself"
+            )
+        check_foldable_in_place(model, [site.path for site in select_sites(get_adapter(model), components, None)])
     data = as_task_data(data)
     if val_data is not None:
         val_data = as_task_data(val_data)

@@ -84,6 +84,9 @@ def sharded_workload(folder: Path) -> dict[str, torch.Tensor]:
     out["swapped"] = torch.tensor(len(swapped))
     out["logits"] = _logits(model, SHARDED_DATA())
     result.save(folder / "sharded_save")
+    biased = distributed.shard_model(make_model("qwen2"))  # q/k/v have biases: refused before any work
+    with pytest.raises(eigenfast.errors.ArgumentError, match="nn.Linear without bias"):
+        eigenfast.prune(biased, SHARDED_DATA(), p=0.3, components=("k",), progress_bar=False, inplace=True)
     return out
 
 
