@@ -296,14 +296,6 @@ def _assert_statistics_beside_their_weights(model: torch.nn.Module, attribution)
         assert {t.device for t in tensors if t is not None} == {device}, st.site.key
 
 
-def test_statistics_live_on_their_site_weights_device():
-    """On this one-device machine the check is structural (every device is the CPU); the CUDA test below
-    places layers on two devices, where a statistic made on the model's first device would fail it."""
-    model = make_model("llama")
-    attribution = attribute(model, make_data(6, 5, padded=True), ("k", "o", "mlp_in"), batch_size=3, progress_bar=False)
-    _assert_statistics_beside_their_weights(model, attribution)
-
-
 def _place_layers(model: torch.nn.Module, devices: list[torch.device]) -> None:
     """Layer i on ``devices[i % len]`` (embeddings on the first, the final norm and head on the last layer's),
     each layer moving its inputs to its device, as ``device_map`` dispatch does."""
