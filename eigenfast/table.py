@@ -39,10 +39,14 @@ class Setting:
 
 
 def default_settings(model_components: Sequence[str]) -> list[Setting]:
-    """k (the paper's best) under every pairing and aggregation, then every other component with the defaults."""
+    """k (the paper's best) under every pairing, then every other component with exact pairs; each aggregation.
+
+    Both aggregations for every component: the mean over pairs is the first-order estimate of what
+    freezing a term (replacing it by its mean) does to the loss, the max is the paper's score.
+    """
     settings = [Setting(("k",), pairs, reduce) for pairs in ("shift", "all") for reduce in REDUCES
                 if "k" in model_components]
-    settings += [Setting((c,)) for c in model_components if c != "k"]
+    settings += [Setting((c,), "all", reduce) for c in model_components if c != "k" for reduce in REDUCES]
     return settings
 
 

@@ -36,7 +36,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", type=_names, default=("int_sum_gpt2", "mix_gpt2"),
+    parser.add_argument("--models", type=_names, default=("int_sum_gpt2", "mix_gpt2", "conflict_gpt2"),
                         help="comma-separated built-in names or model directories")
     parser.add_argument("--tasks", type=_names, default=TABLE_TASKS, help=f"comma-separated, from {TABLE_TASKS}")
     parser.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="seeds of the score/val/test split")
