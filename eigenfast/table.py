@@ -10,7 +10,6 @@ accuracy at the p that validation chose. Test numbers never choose anything.
 """
 from __future__ import annotations
 
-import inspect
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +49,6 @@ def default_settings(model_components: Sequence[str]) -> list[Setting]:
     return settings
 
 
-def prune_supports_reduce() -> bool:
-    """Whether this eigenfast's ``prune`` takes ``reduce=`` (the mean aggregation)."""
-    return "reduce" in inspect.signature(prune).parameters
-
-
 def protocol_splits(data: TaskData, seed: int) -> tuple[TaskData, TaskData, TaskData]:
     """(score, val, test): a seeded split of held-out data into thirds."""
     score, rest = data.split(1 / 3, seed=seed)
@@ -79,10 +73,9 @@ def run_cell(
     candidates: Sequence[float] = DEFAULT_CANDIDATES, batch_size: int = 256,
 ) -> Cell:
     score, val, test = protocol_splits(data, seed)
-    extra = {"reduce": setting.reduce} if setting.reduce != "max" else {}
     result = prune(
-        model, score, p="auto", components=setting.components, pairs=setting.pairs, candidates=candidates,
-        val_data=val, test_data=test, batch_size=batch_size, seed=seed, progress_bar=False, **extra,
+        model, score, p="auto", components=setting.components, pairs=setting.pairs, reduce=setting.reduce,
+        candidates=candidates, val_data=val, test_data=test, batch_size=batch_size, seed=seed, progress_bar=False,
     )
     report = result.report
     return Cell(

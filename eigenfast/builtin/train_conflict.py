@@ -16,7 +16,6 @@ computed (held-out "a + b is" measures that). Deterministic like
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -26,8 +25,8 @@ import torch
 
 from eigenfast.builtin.train import build_model, fit, hyperparameters, make_deterministic, versions
 from eigenfast.builtin.train_mix import (
-    ARCHITECTURE, HELDOUT_FRACTION, MULT_REPEATS, PARTITION_SEED, build_mix_tokenizer, held_out_pairs, seen_pairs,
-    unseen_task,
+    ARCHITECTURE, HELDOUT_FRACTION, MULT_REPEATS, PARTITION_SEED, build_mix_tokenizer, held_out_pairs,
+    run_command_line, seen_pairs, unseen_task,
 )
 from eigenfast.data import TaskData, from_pairs
 
@@ -120,16 +119,7 @@ def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder to write the model, tokenizer and training.json")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {EPOCHS} epochs)")
-    args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        parser.error("--steps must be >= 1")
-    record = train(args.out, seed=args.seed, steps=args.steps)
-    print(f"saved {args.out}: " + ", ".join(f"{k} {v:.1%}" for k, v in record["final"].items())
-          + f", {record['train_seconds']:.0f} s")
+    run_command_line(train, __doc__, EPOCHS, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -159,17 +159,23 @@ def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str,
     return record
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_command_line(train_model: Callable[..., dict[str, Any]], doc: str, epochs: int,
+                     argv: Sequence[str] | None) -> None:
+    """The ``--out/--seed/--steps`` command line shared by the mix-style training scripts."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="folder to write the model, tokenizer and training.json")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {EPOCHS} epochs)")
+    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {epochs} epochs)")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
-    record = train(args.out, seed=args.seed, steps=args.steps)
+    record = train_model(args.out, seed=args.seed, steps=args.steps)
     print(f"saved {args.out}: " + ", ".join(f"{k} {v:.1%}" for k, v in record["final"].items())
           + f", {record['train_seconds']:.0f} s")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_command_line(train, __doc__, EPOCHS, argv)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ from typing import Any
 
 from ..loading import load_model
 from ..data import TASKS, TaskData, load_task
-from ..table import (
-    REDUCES, default_settings, markdown, plot, prune_supports_reduce, run_table,
-)
+from ..table import default_settings, markdown, plot, run_table
 from ..tasks import induction
 from .arguments import comma_list, component, fraction
 
@@ -73,16 +71,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.seeds or not args.candidates:
         print("error: give at least one seed and one candidate p", file=sys.stderr)
         return 2
-    reduces = REDUCES if prune_supports_reduce() else ("max",)
-    notes = []
-    if len(reduces) < len(REDUCES):
-        notes.append('reduce="mean" was unavailable: this eigenfast\'s prune() has no reduce= option, '
-                     'so only the paper\'s max over pairs is reported.')
-        print("note: " + notes[-1])
 
     def settings(components):
-        chosen = default_settings([c for c in components if not args.components or c in args.components])
-        return [s for s in chosen if s.reduce in reduces]
+        return default_settings([c for c in components if not args.components or c in args.components])
 
     def load(name: str) -> tuple:
         loaded = load_model(name)
@@ -95,13 +86,13 @@ def run(args: argparse.Namespace) -> int:
     png = plot(rows, args.candidates, out.with_suffix(".png"))
     command = command_line(args)
     record = {"command": command, "seeds": list(args.seeds), "candidates": list(args.candidates),
-              "notes": notes, "rows": [r.as_dict() for r in rows]}
+              "rows": [r.as_dict() for r in rows]}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     body = [
         f"Written by `{command}`.", "",
         "Test accuracy (%) mean ± standard deviation over split seeds "
         f"{', '.join(map(str, args.seeds))}; p chosen on validation only; gain = chosen minus base (points).",
-        "", *(f"Note: {n}" for n in notes), "", markdown(rows, args.candidates), "", f"![accuracy against p]({png.name})",
+        "", markdown(rows, args.candidates), "", f"![accuracy against p]({png.name})",
     ]
     out.write_text("\n".join(body) + "\n", encoding="utf-8")
     print(f"wrote {out}, {out.with_suffix('.json')} and {png}")
