@@ -22,6 +22,7 @@ from .data import TaskData
 from .prune import DEFAULT_CANDIDATES, prune
 
 REDUCES = ("max", "mean")
+MIN_GAIN = 0.01  # one point of accuracy
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,29 @@ class Row:
     def chosen(self) -> list[float]:
         return [c.test[c.chosen_p] for c in self.cells]
 
+    def gains(self) -> list[float]:
+        """Per seed: test accuracy at the validation-chosen p minus the base model's."""
+        return [c.test[c.chosen_p] - c.base_test for c in self.cells]
+
     def gain(self) -> float:
-        """Mean test gain at the validation-chosen p over the base model."""
-        return statistics.fmean(self.chosen()) - statistics.fmean(self.base())
+        return statistics.fmean(self.gains())
+
+    def works(self) -> bool:
+        """The protocol's bar (docs/EIGENPRUNING_TABLE.md): a mean gain of at least one point and above twice its sd."""
+        gains = self.gains()
+        spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+        return self.gain() >= MIN_GAIN and self.gain() > 2 * spread
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> "Row":
+        """The inverse of :meth:`as_dict`: a written table record can be rendered again without rerunning it."""
+        setting = Setting(tuple(record["components"]), record["pairs"], record["reduce"])
+        cells = [
+            Cell(c["seed"], c["base_val"], c["base_test"], {float(p): v for p, v in c["val"].items()},
+                 {float(p): v for p, v in c["test"].items()}, c["chosen_p"])
+            for c in record["cells"]
+        ]
+        return cls(record["model"], record["task"], setting, record["n_heldout"], cells)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -149,21 +170,21 @@ def run_table(
     return rows
 
 
-def _pm(values: Sequence[float]) -> str:
+def _pm(values: Sequence[float], sign: str = "") -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.1f} ± {100 * spread:.1f}"
+    return f"{100 * statistics.fmean(values):{sign}.1f} ± {100 * spread:.1f}"
 
 
 def markdown(rows: Sequence[Row], candidates: Sequence[float]) -> str:
     """The table: test accuracy (%) mean ± sd over seeds at the base, every p, and the p chosen on val."""
     ps = sorted(candidates)
-    head = ["model", "task", "scoring", "base", *(f"p={p:g}" for p in ps), "p chosen on val", "gain"]
+    head = ["model", "task", "scoring", "base", *(f"p={p:g}" for p in ps), "p chosen on val", "gain", "works"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         chosen = ", ".join(f"{c.chosen_p:g}" for c in row.cells)
         lines.append("| " + " | ".join([
             row.model, row.task, row.setting.label, _pm(row.base()), *(_pm(row.at(p)) for p in ps),
-            f"{_pm(row.chosen())} (p {chosen})", f"{100 * row.gain():+.1f}",
+            f"{_pm(row.chosen())} (p {chosen})", _pm(row.gains(), "+"), "yes" if row.works() else "no",
         ]) + " |")
     return "\n".join(lines)
 

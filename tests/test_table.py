@@ -12,7 +12,8 @@ from eigenfast.builtin import heldout_task, load_builtin
 from eigenfast.cli import main
 from test_builtin import start_training  # tests/ is on sys.path under pytest
 
-from eigenfast.table import Setting, default_settings, protocol_splits
+from eigenfast.commands.table import page
+from eigenfast.table import Row, Setting, default_settings, protocol_splits
 
 
 def test_protocol_splits_are_disjoint_thirds_that_move_with_the_seed():
@@ -43,6 +44,8 @@ def test_table_cell_is_a_direct_prune_and_evaluate(tmp_path):
     # Both aggregations of mlp_in were tabled; this checks the paper's max.
     assert sorted(r["reduce"] for r in record["rows"]) == ["max", "mean"]
     row = next(r for r in record["rows"] if r["reduce"] == "max")
+    assert Row.from_dict(row).as_dict() == row  # the page can be rendered again from the record alone
+    assert out.read_text() == page(record, "table.png")
     cell = row["cells"][0]
 
     model, tokenizer = load_builtin("int_sum_gpt2")

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..loading import load_model
 from ..data import TASKS, TaskData, load_task
-from ..table import default_settings, markdown, plot, run_table
+from ..table import Row, default_settings, markdown, plot, run_table
 from ..tasks import induction
 from .arguments import comma_list, component, fraction
 
@@ -63,6 +63,19 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(p) for p in [*parts, "--out", str(args.out)])
 
 
+def page(record: dict[str, Any], png_name: str) -> str:
+    """The Markdown page of a table record (the .json the command writes)."""
+    rows = [Row.from_dict(r) for r in record["rows"]]
+    body = [
+        f"Written by `{record['command']}`.", "",
+        "Test accuracy (%) mean ± standard deviation over split seeds "
+        f"{', '.join(map(str, record['seeds']))}; p chosen on validation only; gain = chosen minus base "
+        "(points, mean ± sd over seeds); works = a mean gain of at least one point and above twice its sd.",
+        "", markdown(rows, record["candidates"]), "", f"![accuracy against p]({png_name})",
+    ]
+    return "\n".join(body) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
     unknown = [t for t in args.tasks if t not in TABLE_TASKS]
     if unknown or not args.tasks:
@@ -88,12 +101,6 @@ def run(args: argparse.Namespace) -> int:
     record = {"command": command, "seeds": list(args.seeds), "candidates": list(args.candidates),
               "rows": [r.as_dict() for r in rows]}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    body = [
-        f"Written by `{command}`.", "",
-        "Test accuracy (%) mean ± standard deviation over split seeds "
-        f"{', '.join(map(str, args.seeds))}; p chosen on validation only; gain = chosen minus base (points).",
-        "", markdown(rows, args.candidates), "", f"![accuracy against p]({png.name})",
-    ]
-    out.write_text("\n".join(body) + "\n", encoding="utf-8")
+    out.write_text(page(record, png.name), encoding="utf-8")
     print(f"wrote {out}, {out.with_suffix('.json')} and {png}")
     return 0
