@@ -195,6 +195,10 @@ def plot(rows: Sequence[Row], candidates: Sequence[float], path: str | Path) -> 
 
     ps = sorted(candidates)
     panels = list(dict.fromkeys((r.model, r.task) for r in rows))
+    # Up to 14 lines a panel: one colour per component, the line style and marker tell aggregation and pairing.
+    colours = {c: f"C{i}" for i, c in enumerate(dict.fromkeys(r.setting.components for r in rows))}
+    styles = {"max": "-", "mean": "--"}
+    markers = {"all": "o", "shift": "s"}
     cols = min(3, len(panels))
     fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(5 * cols, 3.6 * -(-len(panels) // cols)),
                              squeeze=False)
@@ -202,7 +206,8 @@ def plot(rows: Sequence[Row], candidates: Sequence[float], path: str | Path) -> 
         for row in (r for r in rows if (r.model, r.task) == (model, task)):
             xs = [0.0, *ps]
             means = [statistics.fmean(row.base()), *(statistics.fmean(row.at(p)) for p in ps)]
-            ax.plot(xs, [100 * m for m in means], marker="o", label=row.setting.label)
+            ax.plot(xs, [100 * m for m in means], label=row.setting.label, color=colours[row.setting.components],
+                    linestyle=styles[row.setting.reduce], marker=markers[row.setting.pairs], markersize=4)
         ax.set_title(f"{model} / {task}")
         ax.set_xlabel("p (fraction frozen)")
         ax.set_ylabel("test accuracy (%)")

@@ -89,3 +89,17 @@ def test_demo_reproduces_its_table_cell(capsys):
     assert {c.p: c.test.accuracy for c in report.candidates} == cell.test
     assert f"{100 * cell.base_test:.2f}% -> {100 * cell.test[cell.chosen_p]:.2f}%" in printed
     assert ("no improvement" in printed) == (cell.test[cell.chosen_p] <= cell.base_test)
+
+
+def test_works_needs_a_point_of_gain_above_twice_its_spread():
+    from eigenfast.table import Cell
+
+    def row(gains):
+        cells = [Cell(seed, 0.5, 0.10, {0.1: 0.5}, {0.1: 0.10 + g}, 0.1) for seed, g in enumerate(gains)]
+        return Row("m", "t", Setting(("v",), "all", "mean"), 30, cells)
+
+    assert row([0.03, 0.04, 0.035]).works()
+    assert row([0.03, 0.04, 0.035]).gains() == pytest.approx([0.03, 0.04, 0.035])
+    assert not row([0.005, 0.005, 0.005]).works()  # steady, but under one point
+    assert not row([0.10, -0.02, 0.0]).works()  # a point on average, but within the seeds' spread
+    assert not row([-0.03, -0.04, -0.035]).works()
