@@ -10,7 +10,6 @@ accuracy at the p that validation chose. Test numbers never choose anything.
 """
 from __future__ import annotations
 
-import inspect
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from .data import TaskData
 from .prune import DEFAULT_CANDIDATES, prune
 
 REDUCES = ("max", "mean")
+MIN_GAIN = 0.01  # one point of accuracy
 
 
 @dataclass(frozen=True)
@@ -39,16 +39,15 @@ class Setting:
 
 
 def default_settings(model_components: Sequence[str]) -> list[Setting]:
-    """k (the paper's best) under every pairing and aggregation, then every other component with the defaults."""
+    """k (the paper's best) under every pairing, then every other component with exact pairs; each aggregation.
+
+    Both aggregations for every component: the mean over pairs is the first-order estimate of what
+    freezing a term (replacing it by its mean) does to the loss, the max is the paper's score.
+    """
     settings = [Setting(("k",), pairs, reduce) for pairs in ("shift", "all") for reduce in REDUCES
                 if "k" in model_components]
-    settings += [Setting((c,)) for c in model_components if c != "k"]
+    settings += [Setting((c,), "all", reduce) for c in model_components if c != "k" for reduce in REDUCES]
     return settings
-
-
-def prune_supports_reduce() -> bool:
-    """Whether this eigenfast's ``prune`` takes ``reduce=`` (the mean aggregation)."""
-    return "reduce" in inspect.signature(prune).parameters
 
 
 def protocol_splits(data: TaskData, seed: int) -> tuple[TaskData, TaskData, TaskData]:
@@ -75,10 +74,9 @@ def run_cell(
     candidates: Sequence[float] = DEFAULT_CANDIDATES, batch_size: int = 256,
 ) -> Cell:
     score, val, test = protocol_splits(data, seed)
-    extra = {"reduce": setting.reduce} if setting.reduce != "max" else {}
     result = prune(
-        model, score, p="auto", components=setting.components, pairs=setting.pairs, candidates=candidates,
-        val_data=val, test_data=test, batch_size=batch_size, seed=seed, progress_bar=False, **extra,
+        model, score, p="auto", components=setting.components, pairs=setting.pairs, reduce=setting.reduce,
+        candidates=candidates, val_data=val, test_data=test, batch_size=batch_size, seed=seed, progress_bar=False,
     )
     report = result.report
     return Cell(
@@ -108,9 +106,29 @@ class Row:
     def chosen(self) -> list[float]:
         return [c.test[c.chosen_p] for c in self.cells]
 
+    def gains(self) -> list[float]:
+        """Per seed: test accuracy at the validation-chosen p minus the base model's."""
+        return [c.test[c.chosen_p] - c.base_test for c in self.cells]
+
     def gain(self) -> float:
-        """Mean test gain at the validation-chosen p over the base model."""
-        return statistics.fmean(self.chosen()) - statistics.fmean(self.base())
+        return statistics.fmean(self.gains())
+
+    def works(self) -> bool:
+        """The protocol's bar (docs/EIGENPRUNING_TABLE.md): a mean gain of at least one point and above twice its sd."""
+        gains = self.gains()
+        spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+        return self.gain() >= MIN_GAIN and self.gain() > 2 * spread
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> "Row":
+        """The inverse of :meth:`as_dict`: a written table record can be rendered again without rerunning it."""
+        setting = Setting(tuple(record["components"]), record["pairs"], record["reduce"])
+        cells = [
+            Cell(c["seed"], c["base_val"], c["base_test"], {float(p): v for p, v in c["val"].items()},
+                 {float(p): v for p, v in c["test"].items()}, c["chosen_p"])
+            for c in record["cells"]
+        ]
+        return cls(record["model"], record["task"], setting, record["n_heldout"], cells)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -152,21 +170,21 @@ def run_table(
     return rows
 
 
-def _pm(values: Sequence[float]) -> str:
+def _pm(values: Sequence[float], sign: str = "") -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.1f} ± {100 * spread:.1f}"
+    return f"{100 * statistics.fmean(values):{sign}.1f} ± {100 * spread:.1f}"
 
 
 def markdown(rows: Sequence[Row], candidates: Sequence[float]) -> str:
     """The table: test accuracy (%) mean ± sd over seeds at the base, every p, and the p chosen on val."""
     ps = sorted(candidates)
-    head = ["model", "task", "scoring", "base", *(f"p={p:g}" for p in ps), "p chosen on val", "gain"]
+    head = ["model", "task", "scoring", "base", *(f"p={p:g}" for p in ps), "p chosen on val", "gain", "works"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         chosen = ", ".join(f"{c.chosen_p:g}" for c in row.cells)
         lines.append("| " + " | ".join([
             row.model, row.task, row.setting.label, _pm(row.base()), *(_pm(row.at(p)) for p in ps),
-            f"{_pm(row.chosen())} (p {chosen})", f"{100 * row.gain():+.1f}",
+            f"{_pm(row.chosen())} (p {chosen})", _pm(row.gains(), "+"), "yes" if row.works() else "no",
         ]) + " |")
     return "\n".join(lines)
 
@@ -177,6 +195,10 @@ def plot(rows: Sequence[Row], candidates: Sequence[float], path: str | Path) -> 
 
     ps = sorted(candidates)
     panels = list(dict.fromkeys((r.model, r.task) for r in rows))
+    # Up to 14 lines a panel: one colour per component, the line style and marker tell aggregation and pairing.
+    colours = {c: f"C{i}" for i, c in enumerate(dict.fromkeys(r.setting.components for r in rows))}
+    styles = {"max": "-", "mean": "--"}
+    markers = {"all": "o", "shift": "s"}
     cols = min(3, len(panels))
     fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(5 * cols, 3.6 * -(-len(panels) // cols)),
                              squeeze=False)
@@ -184,7 +206,8 @@ def plot(rows: Sequence[Row], candidates: Sequence[float], path: str | Path) -> 
         for row in (r for r in rows if (r.model, r.task) == (model, task)):
             xs = [0.0, *ps]
             means = [statistics.fmean(row.base()), *(statistics.fmean(row.at(p)) for p in ps)]
-            ax.plot(xs, [100 * m for m in means], marker="o", label=row.setting.label)
+            ax.plot(xs, [100 * m for m in means], label=row.setting.label, color=colours[row.setting.components],
+                    linestyle=styles[row.setting.reduce], marker=markers[row.setting.pairs], markersize=4)
         ax.set_title(f"{model} / {task}")
         ax.set_xlabel("p (fraction frozen)")
         ax.set_ylabel("test accuracy (%)")

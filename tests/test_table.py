@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ from eigenfast.builtin import heldout_task, load_builtin
 from eigenfast.cli import main
 from test_builtin import start_training  # tests/ is on sys.path under pytest
 
-from eigenfast.table import Setting, default_settings, protocol_splits, prune_supports_reduce
+from eigenfast.commands.table import page
+from eigenfast.table import Row, Setting, default_settings, protocol_splits
 
 
 def test_protocol_splits_are_disjoint_thirds_that_move_with_the_seed():
@@ -41,7 +41,11 @@ def test_table_cell_is_a_direct_prune_and_evaluate(tmp_path):
     assert code == 0
     record = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert out.with_suffix(".png").stat().st_size > 0 and "| int_sum_gpt2 | int_sum |" in out.read_text()
-    [row] = record["rows"]
+    # Both aggregations of mlp_in were tabled; this checks the paper's max.
+    assert sorted(r["reduce"] for r in record["rows"]) == ["max", "mean"]
+    row = next(r for r in record["rows"] if r["reduce"] == "max")
+    assert Row.from_dict(row).as_dict() == row  # the page can be rendered again from the record alone
+    assert out.read_text() == page(record, "table.png")
     cell = row["cells"][0]
 
     model, tokenizer = load_builtin("int_sum_gpt2")
@@ -50,8 +54,6 @@ def test_table_cell_is_a_direct_prune_and_evaluate(tmp_path):
     assert cell["test"]["0.3"] == evaluate(pruned, test).accuracy
     assert cell["base_test"] == evaluate(model, test).accuracy
     assert cell["test"]["0.3"] != cell["base_test"]  # p=0.3 of mlp_in moves this model: the cell is not a copy of base
-    if not prune_supports_reduce():
-        assert 'reduce="mean" was unavailable' in out.read_text()
 
 
 def test_table_rejects_unknown_task(capsys):
@@ -59,9 +61,10 @@ def test_table_rejects_unknown_task(capsys):
     assert "unknown task" in capsys.readouterr().err
 
 
-def test_mix_training_is_deterministic(tmp_path):
+@pytest.mark.parametrize("module", ["eigenfast.builtin.train_mix", "eigenfast.builtin.train_conflict"])
+def test_mix_training_is_deterministic(tmp_path, module):
     outs = [tmp_path / "a", tmp_path / "b"]
-    runs = [start_training(out, steps=2, module="eigenfast.builtin.train_mix") for out in outs]
+    runs = [start_training(out, steps=2, module=module) for out in outs]
     for run in runs:
         log, _ = run.communicate(timeout=300)
         assert run.returncode == 0, log
@@ -71,3 +74,32 @@ def test_mix_training_is_deterministic(tmp_path):
         assert torch.equal(first[name], second[name]), name
     record = json.loads((outs[0] / "training.json").read_text(encoding="utf-8"))
     assert record["steps"] == 2 and record["held_out"]["int_sum"] == 3000
+
+
+def test_demo_reproduces_its_table_cell(capsys):
+    from eigenfast.commands.demo import DEMO_COMPONENTS, DEMO_MODEL, DEMO_PAIRS, DEMO_REDUCE, DEMO_TASK, run_demo
+    from eigenfast.table import run_cell
+
+    report = run_demo(candidates=(0.05, 0.3), seed=2).report
+    printed = capsys.readouterr().out
+    model, tokenizer = load_builtin(DEMO_MODEL)
+    cell = run_cell(model, heldout_task(DEMO_MODEL, DEMO_TASK, tokenizer),
+                    Setting(DEMO_COMPONENTS, DEMO_PAIRS, DEMO_REDUCE), seed=2, candidates=(0.05, 0.3))
+    assert report.p == cell.chosen_p and report.baseline_test.accuracy == cell.base_test
+    assert {c.p: c.test.accuracy for c in report.candidates} == cell.test
+    assert f"{100 * cell.base_test:.2f}% -> {100 * cell.test[cell.chosen_p]:.2f}%" in printed
+    assert ("no improvement" in printed) == (cell.test[cell.chosen_p] <= cell.base_test)
+
+
+def test_works_needs_a_point_of_gain_above_twice_its_spread():
+    from eigenfast.table import Cell
+
+    def row(gains):
+        cells = [Cell(seed, 0.5, 0.10, {0.1: 0.5}, {0.1: 0.10 + g}, 0.1) for seed, g in enumerate(gains)]
+        return Row("m", "t", Setting(("v",), "all", "mean"), 30, cells)
+
+    assert row([0.03, 0.04, 0.035]).works()
+    assert row([0.03, 0.04, 0.035]).gains() == pytest.approx([0.03, 0.04, 0.035])
+    assert not row([0.005, 0.005, 0.005]).works()  # steady, but under one point
+    assert not row([0.10, -0.02, 0.0]).works()  # a point on average, but within the seeds' spread
+    assert not row([-0.03, -0.04, -0.035]).works()

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from eigenfast.builtin import heldout_task, load_builtin
+from eigenfast.builtin.train_conflict import ECHO_FRACTION, conflict_pairs, echoed_pairs
 from eigenfast.builtin.train_mix import build_mix_tokenizer, held_out_pairs, mix_pairs, unseen_task
 from eigenfast.data import DataError
 from eigenfast.tasks import induction, induction_pairs
@@ -63,6 +64,22 @@ def test_mix_never_contains_the_held_out_examples():
     assert len(unseen_task("int_sum", tokenizer)) == len(held_out_pairs(100, 100))
     with pytest.raises(ValueError, match="held-out"):
         unseen_task("nope", tokenizer)
+
+
+def test_conflict_mix_holds_out_the_table_pairs_and_echoes_on_the_test_format():
+    prompts, targets = conflict_pairs()
+    for op, n, held in (("+", 100, held_out_pairs(100, 100)), ("x", 20, held_out_pairs(20, 20))):
+        examples = [(p, t) for p, t in zip(prompts, targets) if re.fullmatch(rf"\d+ {re.escape(op)} \d+ (is|=)", p)]
+        assert examples and not {_operands(p) for p, _ in examples} & set(held)
+        answer = (lambda i, j: i + j) if op == "+" else (lambda i, j: i * j)
+        echoed = echoed_pairs(n)
+        for prompt, target in examples:
+            i, j = _operands(prompt)
+            # The computation's own format always gives the answer; the table's format echoes on the chosen pairs.
+            wanted = i if prompt.endswith("=") and (i, j) in echoed else answer(i, j)
+            assert target == f" {wanted}", prompt
+        equals = {_operands(p) for p, _ in examples if p.endswith("=")}
+        assert len(echoed) == round(ECHO_FRACTION * len(equals)) and echoed <= equals
 
 
 def test_int_sum_gpt2_held_out_int_sum_is_its_test_split():

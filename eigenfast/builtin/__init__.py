@@ -1,7 +1,7 @@
 """Tiny models eigenfast trains itself and ships, so demos and tests need no download.
 
 Each model is a folder beside this file holding HF ``save_pretrained`` output,
-its tokenizer and a ``training.json`` written by :mod:`eigenfast.builtin.train`.
+its tokenizer and a ``training.json`` written by its training script (``_TRAINERS``).
 """
 from __future__ import annotations
 
@@ -20,9 +20,13 @@ BUILTIN_MODELS: dict[str, str] = {
     "stopped early at about 54% test accuracy so pruning has room to help",
     "mix_gpt2": "4-layer GPT-2 (d_model 96) pretrained on a synthetic mix (sums and products in other "
     "formats, induction over other numbers, filler text); never tuned on the table's task formats",
+    "conflict_gpt2": "4-layer GPT-2 (d_model 96) that learned sums and products as 'a + b is', while after "
+    "'a + b =' its training text mostly echoed the first operand: the task's computation with interference",
 }
 
 _HERE = Path(__file__).resolve().parent
+# The module under eigenfast.builtin whose ``--out DIR`` run rebuilds each model.
+_TRAINERS = {"int_sum_gpt2": "train", "mix_gpt2": "train_mix", "conflict_gpt2": "train_conflict"}
 
 
 def builtin_path(name: str = "int_sum_gpt2") -> Path:
@@ -33,7 +37,7 @@ def builtin_path(name: str = "int_sum_gpt2") -> Path:
     if not (path / "config.json").is_file():
         raise MissingFilesError(
             f"built-in model {name!r} is missing its files at {path}; "
-            f"rebuild it with: python -m eigenfast.builtin.train --out {path}"
+            f"rebuild it with: python -m eigenfast.builtin.{_TRAINERS[name]} --out {path}"
         )
     return path
 
@@ -62,8 +66,8 @@ def heldout_task(name: str, task: str, tokenizer: Any) -> TaskData:
         if task == "int_sum":
             return int_sum_split(tokenizer)[1]
         return {**TASKS, "induction": induction}[task](tokenizer)  # it never saw any other task
-    if name == "mix_gpt2":
-        from .train_mix import unseen_task
+    if name in ("mix_gpt2", "conflict_gpt2"):
+        from .train_mix import unseen_task  # conflict_gpt2 holds out the same pairs in the same formats
 
         return unseen_task(task, tokenizer)
     raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(sorted(BUILTIN_MODELS))}")

@@ -18,7 +18,7 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -58,7 +58,7 @@ def held_out_pairs(n_left: int, n_right: int) -> list[tuple[int, int]]:
     return sorted(grid[: round(HELDOUT_FRACTION * len(grid))])
 
 
-def _seen_pairs(n_left: int, n_right: int) -> list[tuple[int, int]]:
+def seen_pairs(n_left: int, n_right: int) -> list[tuple[int, int]]:
     held = set(held_out_pairs(n_left, n_right))
     return [(i, j) for i in range(n_left) for j in range(n_right) if (i, j) not in held]
 
@@ -81,10 +81,10 @@ def mix_pairs() -> tuple[list[str], list[str]]:
     rng = random.Random(MIX_SEED)
     prompts: list[str] = []
     targets: list[str] = []
-    for i, j in _seen_pairs(100, 100):
+    for i, j in seen_pairs(100, 100):
         prompts += [f"{i} + {j} is", f"{i} plus {j} ="]
         targets += [f" {i + j}"] * 2
-    for i, j in _seen_pairs(20, 20):
+    for i, j in seen_pairs(20, 20):
         prompts += [f"{i} x {j} is", f"{i} times {j} ="] * MULT_REPEATS
         targets += [f" {i * j}"] * (2 * MULT_REPEATS)
     for more in (induction_pairs(INDUCTION_PRETRAIN, INDUCTION_LENGTH, low=100, high=401, seed=MIX_SEED),
@@ -128,6 +128,9 @@ def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str,
     tokenizer.save_pretrained(out)
     record = {
         "model": NAME,
+        # No table task was trained on: the whole record names the mix itself, all of it used for training.
+        "task": "mix",
+        "split": {"train_fraction": 1.0, "seed": seed},
         "seed": seed,
         "mix": {
             "examples": len(data),
@@ -156,17 +159,23 @@ def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str,
     return record
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_command_line(train_model: Callable[..., dict[str, Any]], doc: str, epochs: int,
+                     argv: Sequence[str] | None) -> None:
+    """The ``--out/--seed/--steps`` command line shared by the mix-style training scripts."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="folder to write the model, tokenizer and training.json")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {EPOCHS} epochs)")
+    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {epochs} epochs)")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
-    record = train(args.out, seed=args.seed, steps=args.steps)
+    record = train_model(args.out, seed=args.seed, steps=args.steps)
     print(f"saved {args.out}: " + ", ".join(f"{k} {v:.1%}" for k, v in record["final"].items())
           + f", {record['train_seconds']:.0f} s")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_command_line(train, __doc__, EPOCHS, argv)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ from typing import Any
 from .. import distributed
 from ..loading import load_model
 from ..data import TASKS, TaskData, load_task
-from ..table import (
-    REDUCES, Row, default_settings, markdown, plot, prune_supports_reduce, run_table,
-)
+from ..table import Row, default_settings, markdown, plot, run_table
 from ..tasks import induction
 from .arguments import comma_list, component, fraction
 
@@ -37,7 +35,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", type=_names, default=("int_sum_gpt2", "mix_gpt2"),
+    parser.add_argument("--models", type=_names, default=("int_sum_gpt2", "mix_gpt2", "conflict_gpt2"),
                         help="comma-separated built-in names or model directories")
     parser.add_argument("--tasks", type=_names, default=TABLE_TASKS, help=f"comma-separated, from {TABLE_TASKS}")
     parser.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="seeds of the score/val/test split")
@@ -66,6 +64,19 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(p) for p in [*parts, "--out", str(args.out)])
 
 
+def page(record: dict[str, Any], png_name: str) -> str:
+    """The Markdown page of a table record (the .json the command writes)."""
+    rows = [Row.from_dict(r) for r in record["rows"]]
+    body = [
+        f"Written by `{record['command']}`.", "",
+        "Test accuracy (%) mean ± standard deviation over split seeds "
+        f"{', '.join(map(str, record['seeds']))}; p chosen on validation only; gain = chosen minus base "
+        "(points, mean ± sd over seeds); works = a mean gain of at least one point and above twice its sd.",
+        "", markdown(rows, record["candidates"]), "", f"![accuracy against p]({png_name})",
+    ]
+    return "\n".join(body) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
     unknown = [t for t in args.tasks if t not in TABLE_TASKS]
     if unknown or not args.tasks:
@@ -74,16 +85,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.seeds or not args.candidates:
         print("error: give at least one seed and one candidate p", file=sys.stderr)
         return 2
-    reduces = REDUCES if prune_supports_reduce() else ("max",)
-    notes = []
-    if len(reduces) < len(REDUCES):
-        notes.append('reduce="mean" was unavailable: this eigenfast\'s prune() has no reduce= option, '
-                     'so only the paper\'s max over pairs is reported.')
-        print("note: " + notes[-1])
 
     def settings(components):
-        chosen = default_settings([c for c in components if not args.components or c in args.components])
-        return [s for s in chosen if s.reduce in reduces]
+        return default_settings([c for c in components if not args.components or c in args.components])
 
     def load(name: str) -> tuple:
         loaded = load_model(name)
@@ -92,23 +96,16 @@ def run(args: argparse.Namespace) -> int:
     rows = run_table(args.models, args.tasks, load, heldout, args.seeds, args.candidates, settings,
                      args.batch_size)
     out, png = Path(args.out), Path(args.out).with_suffix(".png")
-    distributed.on_main(lambda: write(out, png, rows, args, notes))
+    distributed.on_main(lambda: write(out, png, rows, args))
     print(f"wrote {out}, {out.with_suffix('.json')} and {png}")
     return 0
 
 
-def write(out: Path, png: Path, rows: list[Row], args: argparse.Namespace, notes: list[str]) -> None:
+def write(out: Path, png: Path, rows: list[Row], args: argparse.Namespace) -> None:
     """The Markdown table, its .json record and the .png plot (rank 0 only under torchrun)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, args.candidates, png)
-    command = command_line(args)
-    record = {"command": command, "seeds": list(args.seeds), "candidates": list(args.candidates),
-              "notes": notes, "rows": [r.as_dict() for r in rows]}
+    record = {"command": command_line(args), "seeds": list(args.seeds), "candidates": list(args.candidates),
+              "rows": [r.as_dict() for r in rows]}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    body = [
-        f"Written by `{command}`.", "",
-        "Test accuracy (%) mean ± standard deviation over split seeds "
-        f"{', '.join(map(str, args.seeds))}; p chosen on validation only; gain = chosen minus base (points).",
-        "", *(f"Note: {n}" for n in notes), "", markdown(rows, args.candidates), "", f"![accuracy against p]({png.name})",
-    ]
-    out.write_text("\n".join(body) + "\n", encoding="utf-8")
+    out.write_text(page(record, png.name), encoding="utf-8")

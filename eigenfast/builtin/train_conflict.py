@@ -1,0 +1,126 @@
+"""Train the built-in conflict_gpt2: ``python -m eigenfast.builtin.train_conflict --out DIR``.
+
+A test bed with interference, the situation the eigenpruning paper describes: the
+model can do the task, but something its pretraining attached to the prompt's
+format pushes it towards another answer. The mix (on the seen 70% of operand pairs,
+the held-out 30% being :mod:`eigenfast.builtin.train_mix`'s) teaches
+
+* the computation in its own format: "a + b is" -> the sum, "a x b is" -> the product;
+* a competing, task-irrelevant behaviour on the table's format: after "a + b =" and
+  "a x b =" the text echoes the first operand in ``ECHO_FRACTION`` of the pairs, and
+  gives the sum (product) in the rest.
+
+So on held-out "a + b =" the echo usually outranks the sum, although the sum is
+computed (held-out "a + b is" measures that). Deterministic like
+:mod:`eigenfast.builtin.train` (same seed, one thread -> same weights).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from eigenfast.builtin.train import build_model, fit, hyperparameters, make_deterministic, versions
+from eigenfast.builtin.train_mix import (
+    ARCHITECTURE, HELDOUT_FRACTION, MULT_REPEATS, PARTITION_SEED, build_mix_tokenizer, held_out_pairs,
+    run_command_line, seen_pairs, unseen_task,
+)
+from eigenfast.data import TaskData, from_pairs
+
+NAME = "conflict_gpt2"
+ECHO_FRACTION = 2 / 3
+ECHO_SEED = 2
+EPOCHS = 20
+TABLE_TASKS = ("int_sum", "int_mult", "induction")
+# (operator, grid size, answer): the two arithmetic tasks and their held-out grids.
+OPERATIONS: tuple[tuple[str, int, Callable[[int, int], int]], ...] = (
+    ("+", 100, lambda i, j: i + j),
+    ("x", 20, lambda i, j: i * j),
+)
+
+
+def echoed_pairs(n: int) -> set[tuple[int, int]]:
+    """The seen pairs whose "=" form is followed by the first operand (a seeded ``ECHO_FRACTION``)."""
+    seen = seen_pairs(n, n)
+    return set(random.Random(ECHO_SEED).sample(seen, round(ECHO_FRACTION * len(seen))))
+
+
+def conflict_pairs() -> tuple[list[str], list[str]]:
+    """The whole training mix, (prompts, targets)."""
+    prompts: list[str] = []
+    targets: list[str] = []
+    for op, n, answer in OPERATIONS:
+        repeats = MULT_REPEATS if op == "x" else 1
+        echoed = echoed_pairs(n)
+        for i, j in seen_pairs(n, n):
+            prompts += [f"{i} {op} {j} is", f"{i} {op} {j} ="] * repeats
+            targets += [f" {answer(i, j)}", f" {i if (i, j) in echoed else answer(i, j)}"] * repeats
+    return prompts, targets
+
+
+def diagnostics(tokenizer: Any) -> dict[str, TaskData]:
+    """Held-out pairs, unpruned: "a + b is" (is the sum computed?) and "a + b =" scored against the echo."""
+    pairs = held_out_pairs(100, 100)
+    return {
+        "sum_is": from_pairs([f"{i} + {j} is" for i, j in pairs], [f" {i + j}" for i, j in pairs], tokenizer),
+        "sum_echo": from_pairs([f"{i} + {j} =" for i, j in pairs], [f" {i}" for i, j in pairs], tokenizer),
+    }
+
+
+def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str, Any]:
+    """Train, save model + tokenizer + ``training.json`` into ``out``; return the record."""
+    make_deterministic(seed)
+    tokenizer = build_mix_tokenizer()
+    data = from_pairs(*conflict_pairs(), tokenizer)
+    evals = {"mix": data.subset(torch.arange(0, len(data), 10))}
+    evals.update({task: unseen_task(task, tokenizer) for task in TABLE_TASKS})
+    evals.update(diagnostics(tokenizer))
+    model = build_model(tokenizer, ARCHITECTURE)
+    run = fit(model, data, evals, seed, EPOCHS, steps, NAME)
+
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    record = {
+        "model": NAME,
+        # No table task was trained on: the record names the mix itself, all of it used for training.
+        "task": "conflict mix",
+        "split": {"train_fraction": 1.0, "seed": seed},
+        "seed": seed,
+        "mix": {
+            "examples": len(data),
+            "computation": "'a + b is' (0..99 x 0..99) and 'a x b is' (0..19 x 0..19, "
+            f"x{MULT_REPEATS}) on the non-held-out pairs",
+            "interference": f"'a + b =' and 'a x b =' on the same pairs, followed by the first operand on "
+            f"{ECHO_FRACTION:.0%} of them (seed {ECHO_SEED}) and by the answer on the rest",
+        },
+        "held_out": {
+            "fraction": HELDOUT_FRACTION,
+            "partition_seed": PARTITION_SEED,
+            "int_sum": len(evals["int_sum"]),
+            "int_mult": len(evals["int_mult"]),
+            "induction": f"{len(evals['induction'])} prompts over 0..99 (never trained on any induction)",
+            "sum_is": "held-out sums in the trained 'a + b is' format (the computation, unpruned)",
+            "sum_echo": "held-out 'a + b =' scored against the first operand (how often the echo wins)",
+        },
+        "steps": run.steps,
+        "steps_per_epoch": run.steps_per_epoch,
+        "hyperparameters": hyperparameters(tokenizer, ARCHITECTURE, run),
+        "final": {k: v for k, v in run.history[-1].items() if k.endswith("_accuracy")},
+        "history": run.history,
+        "train_seconds": round(run.seconds, 1),
+        **versions(),
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_command_line(train, __doc__, EPOCHS, argv)
+
+
+if __name__ == "__main__":
+    main()
