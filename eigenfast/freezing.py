@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapters import projection_matrix
 from .errors import ArgumentError
-from .modules import TokenBiasLinear, bias_table, extend_rows, replace_module, resample_table
+from .modules import TokenBiasLinear, bias_table, extend_rows, replace_module, resample_table, stores_linear_layout
 from .positional import install
 from .scoring import Attribution, Key
 
@@ -61,10 +61,9 @@ def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.T
         # A module pruned before may hold a table of another calibration length: add both, read on the longer.
         length = max(attribution.calib_len, getattr(module, "calib_len", 0))
         table = bias_table(module, length).double() + resample_table(delta_rows, length)
-        new = TokenBiasLinear(A.shape[0], A.shape[1], length, extrapolate)
+        new = TokenBiasLinear(A.shape[0], A.shape[1], length, extrapolate, linear_layout=stores_linear_layout(module))
         new = new.to(device=module.weight.device, dtype=module.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_((A - delta).T)
+        new.set_matrix(A - delta)
         new.set_table(table)
         replace_module(model, path, new)
     if by_module:
