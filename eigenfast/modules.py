@@ -177,8 +177,10 @@ class TokenBiasLinear(PositionTable):
         if self.extrapolate == "error":
             check_positions(positions, self.calib_len)
         weight = self.weight if self.linear_layout else self.weight.T  # the op takes (d_out, d_in), any strides
+        if positions.shape != x.shape[:-1]:  # eigenfast's layers expand once per layer; an expand costs microseconds
+            positions = positions.expand(x.shape[:-1])
         # clamp_pos: the op clamps into the table, whose last row serves every later position.
-        return token_bias_linear(x, weight, self.table.to(x.dtype), positions.expand(x.shape[:-1]), clamp_pos=True)
+        return token_bias_linear(x, weight, self.table, positions, clamp_pos=True)
 
     def spec(self) -> dict[str, Any]:
         return {"d_in": self.in_features, "d_out": self.out_features, **self.spec_fields(),
