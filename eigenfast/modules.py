@@ -155,7 +155,9 @@ class TokenBiasLinear(PositionTable):
 
     kind = "token_bias_linear"
 
-    def __init__(self, d_in: int, d_out: int, calib_len: int, extrapolate: str = "mean", linear_layout: bool = True) -> None:
+    def __init__(
+        self, d_in: int, d_out: int, calib_len: int, extrapolate: str = "mean", linear_layout: bool = True
+    ) -> None:
         super().__init__(calib_len, d_out, extrapolate)
         self.linear_layout = linear_layout
         self.weight = nn.Parameter(torch.zeros((d_out, d_in) if linear_layout else (d_in, d_out)))
