@@ -22,7 +22,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from .adapters import projection_matrix
 from .distributed import full_tensor, reshard
 from .errors import ArgumentError
-from .modules import TokenBiasLinear, bias_table, extend_rows, replace_module, resample_table, validate_extrapolate
+from .modules import (
+    TokenBiasLinear, bias_table, extend_rows, replace_module, resample_table, stores_linear_layout, validate_extrapolate,
+)
 from .positional import install
 from .scoring import Attribution, Key
 
@@ -78,12 +80,11 @@ def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.T
         before = A.new_zeros(length + 1, A.shape[1]) if plain_zeros else bias_table(module, length).double()
         table = before + resample_table(delta_rows, length)
         if sharded:
-            _fold_in_place(module, (A - delta).T, table, length, extrapolate)
+            _fold_in_place(module, A - delta, table, length, extrapolate)
             continue
-        new = TokenBiasLinear(A.shape[0], A.shape[1], length, extrapolate)
+        new = TokenBiasLinear(A.shape[0], A.shape[1], length, extrapolate, linear_layout=stores_linear_layout(module))
         new = new.to(device=module.weight.device, dtype=module.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_((A - delta).T)
+        new.set_matrix(A - delta)
         new.set_table(table)
         replace_module(model, path, new)
     if by_module:
@@ -109,12 +110,15 @@ def check_foldable_in_place(model: nn.Module, paths: list[str]) -> None:
 
 
 @torch.no_grad()
-def _fold_in_place(module: nn.Module, weight: torch.Tensor, table: torch.Tensor, length: int, extrapolate: str) -> None:
-    """Make ``module`` a TokenBiasLinear holding ``weight`` without replacing it or its (DTensor) Parameter."""
-    param = module.weight
+def _fold_in_place(module: nn.Module, A: torch.Tensor, table: torch.Tensor, length: int, extrapolate: str) -> None:
+    """Make ``module`` a TokenBiasLinear with matrix ``A`` (d_in, d_out) without replacing it or its (DTensor)
+    Parameter, which keeps its layout."""
+    param, linear_layout = module.weight, stores_linear_layout(module)
+    weight = A.T if linear_layout else A
     param.copy_(distribute_tensor(weight.to(param.dtype), param.device_mesh, param.placements))
     if not isinstance(module, TokenBiasLinear):
         module.__class__ = TokenBiasLinear
+        module.linear_layout = linear_layout
         for name in ("in_features", "out_features"):  # nn.Linear's; TokenBiasLinear reads them off the weight
             vars(module).pop(name, None)
         module._parameters.pop("bias", None)  # None here: checked above

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .adapters import projection_matrix
 from .errors import ArgumentError, PositionIndexError
@@ -67,6 +68,11 @@ def bias_table(module: nn.Module, length: int) -> torch.Tensor:
     d_out = projection_matrix(module).shape[1]
     bias = module.bias.detach() if module.bias is not None else module.weight.new_zeros(d_out)
     return bias.expand(length + 1, d_out)
+
+
+def stores_linear_layout(module: nn.Module) -> bool:
+    """Whether a projection stores ``A^T`` (d_out, d_in) as ``nn.Linear`` does, rather than ``A`` as ``Conv1D`` does."""
+    return getattr(module, "linear_layout", not isinstance(module, Conv1D))
 
 
 class PositionTable(PositionalModule):
@@ -138,35 +144,55 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
 
 @register_kind
 class TokenBiasLinear(PositionTable):
-    """``y = x A'^T + table[pos]``: a projection whose bias depends on the token position."""
+    """``y = x A' + table[pos]``: a projection whose bias depends on the token position.
+
+    The weight keeps the layout of the projection it replaced: ``A'^T`` (d_out, d_in) as
+    ``nn.Linear`` stores it (``linear_layout``), or ``A'`` (d_in, d_out) as GPT-2's
+    ``Conv1D`` does. The op reads either without a copy, and keeping the base's layout
+    keeps the base's GEMM: on the CPU a batch-1 GEMV over the other layout is measurably
+    slower (docs/SERVING.md).
+    """
 
     kind = "token_bias_linear"
-    linear_layout = True  # weight is (d_out, d_in), as nn.Linear stores it
 
-    def __init__(self, d_in: int, d_out: int, calib_len: int, extrapolate: str = "mean") -> None:
+    def __init__(
+        self, d_in: int, d_out: int, calib_len: int, extrapolate: str = "mean", linear_layout: bool = True
+    ) -> None:
         super().__init__(calib_len, d_out, extrapolate)
-        self.weight = nn.Parameter(torch.zeros(d_out, d_in))
+        self.linear_layout = linear_layout
+        self.weight = nn.Parameter(torch.zeros((d_out, d_in) if linear_layout else (d_in, d_out)))
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return self.weight.shape[1 if self.linear_layout else 0]
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self.weight.shape[0 if self.linear_layout else 1]
+
+    def set_matrix(self, A: torch.Tensor) -> None:
+        """Fill the weight from the math-orientation matrix ``A`` (d_in, d_out)."""
+        with torch.no_grad():
+            self.weight.copy_(A.T if self.linear_layout else A)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.extrapolate == "error":
             check_positions(positions, self.calib_len)
+        weight = self.weight if self.linear_layout else self.weight.T  # the op takes (d_out, d_in), any strides
+        if positions.shape != x.shape[:-1]:  # eigenfast's layers expand once per layer; an expand costs microseconds
+            positions = positions.expand(x.shape[:-1])
         # clamp_pos: the op clamps into the table, whose last row serves every later position.
-        return token_bias_linear(x, self.weight, self.table.to(x.dtype), positions.expand(x.shape[:-1]), clamp_pos=True)
+        return token_bias_linear(x, weight, self.table, positions, clamp_pos=True)
 
     def spec(self) -> dict[str, Any]:
-        return {"d_in": self.in_features, "d_out": self.out_features, **self.spec_fields()}
+        return {"d_in": self.in_features, "d_out": self.out_features, **self.spec_fields(),
+                "linear_layout": self.linear_layout}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "TokenBiasLinear":
-        return cls(spec["d_in"], spec["d_out"], spec["calib_len"], spec["extrapolate"])
+        # Saves from before the layout was kept have no "linear_layout": they stored nn.Linear's.
+        return cls(spec["d_in"], spec["d_out"], spec["calib_len"], spec["extrapolate"], spec.get("linear_layout", True))
 
     def extra_repr(self) -> str:
-        return f"d_in={self.in_features}, d_out={self.out_features}, calib_len={self.calib_len}, extrapolate={self.extrapolate}"
+        return (f"d_in={self.in_features}, d_out={self.out_features}, calib_len={self.calib_len}, "
+                f"extrapolate={self.extrapolate}, linear_layout={self.linear_layout}")

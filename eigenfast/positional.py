@@ -34,6 +34,12 @@ class PositionalBlock(nn.Module):
     """Mixin for a HF decoder layer: the same computation, with positions handed down."""
 
     eigenfast_adapter: type[Adapter]
+    # Attribute names inside the layer, read once per class by _subclass (a per-call lookup
+    # of the adapter's paths costs microseconds on every layer of every decode step).
+    eigenfast_attn: str
+    eigenfast_mlp: str
+    eigenfast_attn_norm: str
+    eigenfast_mlp_norm: str | None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter = self.eigenfast_adapter
@@ -43,24 +49,26 @@ class PositionalBlock(nn.Module):
                 "a model changed by eigenfast needs the decoder layers' position_ids; call the whole model "
                 "(transformers passes them), or pass position_ids when running a layer directly"
             )
-        positions = call.position_ids
-        attention = self.get_submodule(adapter.attn_path)
-        mlp = self.get_submodule(adapter.mlp_path)
-        x = self.get_submodule(adapter.attn_norm_path)(hidden_states)
+        # Every projection of the layer reads rows of this leading shape: expand once here, not per projection.
+        positions = call.position_ids.expand(hidden_states.shape[:-1])
+        attention = getattr(self, self.eigenfast_attn)
+        mlp = getattr(self, self.eigenfast_mlp)
+        x = getattr(self, self.eigenfast_attn_norm)(hidden_states)
         attn_out, _ = attention(
             x, positions, call.attention_mask, call.cache, call.position_embeddings, **call.kwargs
         )
         if adapter.parallel_layer(self):
-            mlp_in = x if adapter.mlp_norm_path is None else self.get_submodule(adapter.mlp_norm_path)(hidden_states)
+            mlp_in = x if self.eigenfast_mlp_norm is None else getattr(self, self.eigenfast_mlp_norm)(hidden_states)
             return hidden_states + attn_out + mlp(mlp_in, positions)
         hidden_states = hidden_states + attn_out
-        return hidden_states + mlp(self.get_submodule(adapter.mlp_norm_path)(hidden_states), positions)
+        return hidden_states + mlp(getattr(self, self.eigenfast_mlp_norm)(hidden_states), positions)
 
 
 class PositionalAttention(nn.Module):
     """Mixin for a HF attention module: Q/K/V and O projections get the positions."""
 
     eigenfast_adapter: type[Adapter]
+    eigenfast_output: str  # the output projection's attribute name (set by _subclass)
 
     def forward(
         self,
@@ -82,27 +90,44 @@ class PositionalAttention(nn.Module):
             **adapter.attention_options(self), **kwargs,
         )
         out = out.reshape(*hidden_states.shape[:-1], -1)
-        return project(self.get_submodule(adapter.output_projection()), out, positions), weights
+        return project(getattr(self, self.eigenfast_output), out, positions), weights
 
 
 class PositionalMLP(nn.Module):
     """Mixin for a HF MLP: ``out(act(gate(x)) * in(x))`` or ``out(act(in(x)))``, positions handed down."""
 
     eigenfast_adapter: type[Adapter]
+    eigenfast_parts: tuple[str, str | None, str]  # (in, gate or None, out) attribute names (set by _subclass)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        adapter = self.eigenfast_adapter
-        up, gate, down = (None if name is None else self.get_submodule(name) for name in adapter.mlp_parts())
-        act = getattr(self, adapter.mlp_activation)
-        h = project(up, x, positions)
-        h = act(project(gate, x, positions)) * h if gate is not None else act(h)
-        return project(down, h, positions)
+        up, gate, down = self.eigenfast_parts
+        act = getattr(self, self.eigenfast_adapter.mlp_activation)
+        h = project(getattr(self, up), x, positions)
+        h = act(project(getattr(self, gate), x, positions)) * h if gate is not None else act(h)
+        return project(getattr(self, down), h, positions)
+
+
+def _attribute(name: str | None) -> str | None:
+    if name is not None and "." in name:
+        raise ValueError(f"an adapter's paths inside a layer must be attribute names, got {name!r}")
+    return name
+
+
+def _names(mixin: type[nn.Module], adapter: type[Adapter]) -> dict[str, Any]:
+    """The attribute names the mixin's forward reads, from the adapter's paths."""
+    if mixin is PositionalBlock:
+        return {"eigenfast_attn": _attribute(adapter.attn_path), "eigenfast_mlp": _attribute(adapter.mlp_path),
+                "eigenfast_attn_norm": _attribute(adapter.attn_norm_path),
+                "eigenfast_mlp_norm": _attribute(adapter.mlp_norm_path)}
+    if mixin is PositionalAttention:
+        return {"eigenfast_output": _attribute(adapter.output_projection())}
+    return {"eigenfast_parts": tuple(_attribute(name) for name in adapter.mlp_parts())}
 
 
 @lru_cache(maxsize=None)
 def _subclass(mixin: type[nn.Module], base: type[nn.Module], adapter: type[Adapter]) -> type[nn.Module]:
     # One class per (mixin, HF class): named so that repr() and tracebacks say what it is.
-    return type(f"Positional{base.__name__}", (mixin, base), {"eigenfast_adapter": adapter})
+    return type(f"Positional{base.__name__}", (mixin, base), {"eigenfast_adapter": adapter, **_names(mixin, adapter)})
 
 
 def _swap(module: nn.Module, mixin: type[nn.Module], adapter: type[Adapter]) -> None:

@@ -186,3 +186,35 @@ def test_decode_adds_no_op_and_no_host_sync_over_the_base(family, kind):
     for sync in ("item", "_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal"):
         assert ops[sync] <= base_ops[sync], (sync, ops[sync], base_ops[sync])
     assert sum(ops.values()) <= sum(base_ops.values()), (ops - base_ops, base_ops - ops)
+
+
+def test_a_pruned_projection_keeps_its_base_weight_layout(family):
+    """GPT-2's Conv1D stores A, nn.Linear A^T: a pruned projection stores its weight as the module it
+    replaced did, so it runs the base's GEMM (a GEMV over the other layout is slower on the CPU), and
+    computes x A' + table[pos] either way."""
+    from eigenfast.adapters import projection_matrix
+    from eigenfast.modules import TokenBiasLinear
+
+    base = make_model(family)
+    model = changed(family, "pruned")
+    pruned = {name: m for name, m in model.named_modules() if isinstance(m, TokenBiasLinear)}
+    assert pruned
+    for name, module in pruned.items():
+        before = base.get_submodule(name)
+        assert module.weight.shape == before.weight.shape and module.weight.is_contiguous(), name
+        assert module.linear_layout == isinstance(before, torch.nn.Linear), name
+        x = torch.randn(2, 5, module.in_features)
+        positions = torch.tensor([[0, 1, 2, 40, 41]])  # past the calibration length: the extrapolation row
+        expected = x @ projection_matrix(module) + module.table[positions.clamp(max=module.calib_len)]
+        with torch.no_grad():
+            torch.testing.assert_close(module(x, positions), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_saved_token_bias_linear_without_a_layout_has_nn_linear_layout():
+    """Saves written before the layout was kept name none: they stored nn.Linear's (d_out, d_in)."""
+    from eigenfast.modules import TokenBiasLinear
+
+    old = TokenBiasLinear.from_spec({"d_in": 3, "d_out": 5, "calib_len": 4, "extrapolate": "mean"})
+    assert old.linear_layout and old.weight.shape == (5, 3)
+    conv = TokenBiasLinear.from_spec(TokenBiasLinear(3, 5, 4, linear_layout=False).spec())
+    assert not conv.linear_layout and conv.weight.shape == (3, 5) and (conv.in_features, conv.out_features) == (3, 5)

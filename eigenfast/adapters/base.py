@@ -59,9 +59,9 @@ def projection_matrix(module: nn.Module) -> torch.Tensor:
     """The math-orientation matrix ``A`` (d_in, d_out) of a projection module (a view, no copy).
 
     eigenfast's own projections (a position-indexed bias instead of a plain one) store
-    their weight as ``nn.Linear`` does and say so with ``linear_layout``.
+    their weight as ``nn.Linear`` or as ``Conv1D`` does and say which with ``linear_layout``.
     """
-    if isinstance(module, Conv1D):
+    if isinstance(module, Conv1D) or getattr(module, "linear_layout", None) is False:
         return module.weight
     if isinstance(module, nn.Linear) or getattr(module, "linear_layout", False):
         return module.weight.T
