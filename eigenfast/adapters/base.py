@@ -58,10 +58,10 @@ class LayerCall:
 def projection_matrix(module: nn.Module) -> torch.Tensor:
     """The math-orientation matrix ``A`` (d_in, d_out) of a projection module (a view, no copy).
 
-    eigenfast's own projections (a position-indexed bias instead of a plain one) store
-    their weight as ``nn.Linear`` does and say so with ``linear_layout``.
+    eigenfast's own projections (a position-indexed bias instead of a plain one) say
+    which of the two layouts they store with ``linear_layout`` or ``conv1d_layout``.
     """
-    if isinstance(module, Conv1D):
+    if isinstance(module, Conv1D) or getattr(module, "conv1d_layout", False):
         return module.weight
     if isinstance(module, nn.Linear) or getattr(module, "linear_layout", False):
         return module.weight.T

@@ -15,6 +15,12 @@ heads are duplicated: the group size becomes ``g = gcd`` of the kept counts and 
 KV head is copied ``count / g`` times. That costs the copies' K/V weights and cache,
 but keeps the stock HF attention (eager, SDPA, flash, KV cache) untouched; an
 index-select instead of ``repeat_kv`` would mean replacing HF's attention functions.
+
+A cut projection keeps its source's memory layout: GPT-2's ``Conv1D`` stores ``A``
+(d_in, d_out), ``nn.Linear`` stores ``A^T``. At batch 1 a decode step is a
+matrix-vector product per projection, and on the CPU torch's BLAS streams the
+(d_in, d_out) layout 1.3-1.6x faster than the transposed one (docs/SERVING.md), so a
+GPT-2 projection that became an ``nn.Linear`` would read its fewer bytes more slowly.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..adapters import Adapter, get_adapter, projection_matrix
 from ..modules import (
@@ -33,12 +40,14 @@ from ..modules import (
     PositionTable,
     TokenBiasLinear,
     bias_table,
+    check_positions,
     extend_rows,
     register_kind,
     resample_table,
     replace_module,
     set_attributes,
 )
+from ..ops import token_bias_linear
 from ..positional import install
 from ..projection import PositionalModule
 from .ablation import ABLATIONS
@@ -56,6 +65,50 @@ class PlainLinear(nn.Linear):
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "PlainLinear":
         return cls(spec["d_in"], spec["d_out"], bias=spec["bias"])
+
+
+@register_kind
+class PlainConv1D(Conv1D):
+    """A GPT-2 projection cut down to the kept heads, still in Conv1D's (d_in, d_out) layout."""
+
+    kind = "conv1d"
+
+    def spec(self) -> dict[str, Any]:
+        return {"d_in": self.nx, "d_out": self.nf}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "PlainConv1D":
+        return cls(spec["d_out"], spec["d_in"])
+
+
+@register_kind
+class TokenBiasConv1D(TokenBiasLinear):
+    """A :class:`TokenBiasLinear` cut from a GPT-2 ``Conv1D``: the same op, its matrix kept (d_in, d_out).
+
+    The op takes the (d_out, d_in) view ``weight.t()`` and multiplies by its transpose,
+    which is this contiguous matrix, so the GEMM reads the Conv1D layout.
+    """
+
+    kind = "token_bias_conv1d"
+    linear_layout = False
+    conv1d_layout = True  # weight is (d_in, d_out), as Conv1D stores it
+
+    def __init__(self, d_in: int, d_out: int, calib_len: int, extrapolate: str = "mean") -> None:
+        super().__init__(d_in, d_out, calib_len, extrapolate)
+        self.weight = nn.Parameter(torch.zeros(d_in, d_out))
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.extrapolate == "error":
+            check_positions(positions, self.calib_len)
+        return token_bias_linear(x, self.weight.t(), self.table.to(x.dtype), positions.expand(x.shape[:-1]), clamp_pos=True)
 
 
 @register_kind
@@ -287,12 +340,12 @@ def _cut(
     columns: torch.Tensor | None = None,
     table: torch.Tensor | None = None,
     extrapolate: str = "mean",
-) -> nn.Linear | TokenBiasLinear:
-    """The projection restricted to input ``rows`` / output ``columns`` (math orientation).
+) -> nn.Module:
+    """The projection restricted to input ``rows`` / output ``columns`` (math orientation), in the source's layout.
 
     With an extended bias ``table`` (calib_len + 1, d_out), or when the module already has
-    a position table, it becomes a TokenBiasLinear reading it at true positions; otherwise
-    a PlainLinear keeping the original bias.
+    a position table, it becomes a token-bias projection reading it at true positions;
+    otherwise a plain one keeping the original bias.
     """
     A = projection_matrix(module).detach()
     A = A if rows is None else A[rows]
@@ -300,16 +353,21 @@ def _cut(
     if table is None and isinstance(module, PositionTable):
         table, extrapolate = module.table.detach(), module.extrapolate
         table = table if columns is None else table[:, columns]
+    conv1d = isinstance(module, Conv1D) or getattr(module, "conv1d_layout", False)
     if table is None:
-        new = PlainLinear(A.shape[0], A.shape[1], bias=module.bias is not None, dtype=A.dtype, device=A.device)
+        if conv1d:
+            new = PlainConv1D(A.shape[1], A.shape[0]).to(dtype=A.dtype, device=A.device)
+        else:
+            new = PlainLinear(A.shape[0], A.shape[1], bias=module.bias is not None, dtype=A.dtype, device=A.device)
         if module.bias is not None:
             with torch.no_grad():
                 new.bias.copy_(module.bias if columns is None else module.bias[columns])
     else:
-        new = TokenBiasLinear(A.shape[0], A.shape[1], table.shape[0] - 1, extrapolate).to(dtype=A.dtype, device=A.device)
+        kind = TokenBiasConv1D if conv1d else TokenBiasLinear
+        new = kind(A.shape[0], A.shape[1], table.shape[0] - 1, extrapolate).to(dtype=A.dtype, device=A.device)
         new.set_table(table)
     with torch.no_grad():
-        new.weight.copy_(A.T)
+        new.weight.copy_(A if conv1d else A.T)
     return new
 
 
