@@ -143,27 +143,25 @@ def measure(
     current = None
     # The three models share one forward code object, and dynamo's recompile limit counts per code object:
     # each model's prefill and decode step at each shape is an entry of its own.
-    recompiles = torch._dynamo.config.patch(recompile_limit=64)
-    recompiles.__enter__()
-    for mode, batch, prompt in progress(cells, len(cells), "serving benchmark"):
-        if mode != current:
-            forwards, current = _forwards(models, mode, device), mode
-        samples: dict[str, list[tuple[float, float | None]]] = {k: [] for k in KINDS}
-        for run in range(repeats + 1):  # the first run warms up (and compiles)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for mode, batch, prompt in progress(cells, len(cells), "serving benchmark"):
+            if mode != current:
+                forwards, current = _forwards(models, mode, device), mode
+            samples: dict[str, list[tuple[float, float | None]]] = {k: [] for k in KINDS}
+            for run in range(repeats + 1):  # the first run warms up (and compiles)
+                for kind in KINDS:
+                    if mode == "onnx":
+                        sample = (_time_onnx(forwards[kind], batch, prompt, vocab, clock), None)
+                    else:
+                        prompt_ids = torch.randint(0, vocab, (batch, prompt), device=device)
+                        out = decode(forwards[kind], models[kind].config, prompt_ids, new_tokens, clock=clock)
+                        sample = (out.prefill_s, out.tokens_per_s())
+                    if run:
+                        samples[kind].append(sample)
             for kind in KINDS:
-                if mode == "onnx":
-                    sample = (_time_onnx(forwards[kind], batch, prompt, vocab, clock), None)
-                else:
-                    prompt_ids = torch.randint(0, vocab, (batch, prompt), device=device)
-                    out = decode(forwards[kind], models[kind].config, prompt_ids, new_tokens, clock=clock)
-                    sample = (out.prefill_s, out.tokens_per_s())
-                if run:
-                    samples[kind].append(sample)
-        for kind in KINDS:
-            ttft = statistics.median(s[0] for s in samples[kind])
-            tps = None if mode == "onnx" else statistics.median(s[1] for s in samples[kind])
-            rows.append(Row(kind, mode, batch, prompt, ttft * 1e3, tps))
-    recompiles.__exit__(None, None, None)
+                ttft = statistics.median(s[0] for s in samples[kind])
+                tps = None if mode == "onnx" else statistics.median(s[1] for s in samples[kind])
+                rows.append(Row(kind, mode, batch, prompt, ttft * 1e3, tps))
     _add_ratios(rows, models, new_tokens)
     return rows
 
