@@ -11,7 +11,7 @@ a KV-cache export eigenfast does not make). The speed-ups are judged against the
 computed for each cell: decode against the cut in bytes one step reads (the weights and the
 static KV cache of prompt + new tokens positions), prefill against the cut in FLOPs of a
 forward over the prompt (attention included); "efficiency" is measured cut / ideal cut (the
-target is >= 0.8). On a CPU shared with other jobs, ``--clock cpu`` times with the process's
+target is >= 0.8). On a CPU shared with other jobs, --clock cpu times with the process's
 CPU time, which such load barely moves.
 """
 from __future__ import annotations
