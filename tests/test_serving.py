@@ -252,3 +252,16 @@ def test_bench_judges_decode_by_the_bytes_a_step_reads(tmp_path):
     assert rows["extracted"]["byte_cut"] == pytest.approx(1 - step["extracted"] / step["base"])
     assert rows["eigenpruned"]["byte_cut"] == 0  # eigenpruning keeps every matrix's size
     assert "cpu clock" in out.with_suffix(".md").read_text()
+
+
+def test_onnx_runtime_runs_an_extracted_gpt2_in_conv1d_layout(tmp_path):
+    """Extraction keeps GPT-2's Conv1D layout (the token-bias op gets a transposed view): ONNX still agrees."""
+    import onnxruntime as ort
+
+    model = changed("gpt2", "extracted")
+    path = to_onnx(model, tmp_path / "model.onnx", max_length=16)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    ids, positions = inputs(4, 9)
+    (out,) = session.run(None, {names[0]: ids.numpy(), names[1]: positions.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), eager_logits(model, ids, positions), rtol=0, atol=1e-4)
