@@ -3,9 +3,9 @@
 ``decode`` is the loop a serving stack runs around a (possibly compiled) model: one
 prefill over the prompt, then one token per step, positions and cache positions
 passed explicitly, a ``StaticCache`` so every step has the same shapes (what CUDA
-graphs need). ``weight_bytes`` and ``forward_flops`` give the ideal speed-ups the
-measured ones are judged against: decode reads every weight once per step
-(bandwidth-bound), prefill is FLOP-bound.
+graphs need). ``decode_step_bytes`` and ``forward_flops`` give the ideal speed-ups the
+measured ones are judged against: a decode step reads every weight and the whole KV
+cache once (bandwidth-bound), prefill is FLOP-bound.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 from transformers import StaticCache
 
-from .adapters import projection_matrix
+from .adapters import get_adapter, projection_matrix
 
 
 @register_flop_formula(torch.ops.eigenfast.token_bias_linear)
@@ -28,6 +28,12 @@ def _token_bias_linear_flops(x_shape, weight_shape, *args, **kwargs) -> int:
     for size in x_shape[:-1]:
         rows *= size
     return 2 * rows * weight_shape[0] * weight_shape[1]
+
+
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """torch counts the CUDA attention kernels only; the CPU one does the same work."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 @dataclass
@@ -50,22 +56,27 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def decode(
     forward: Callable, config, prompt: torch.Tensor, new_tokens: int, keep_logits: bool = False,
-    after_first_step: Callable[[], None] | None = None,
+    after_first_step: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter,
 ) -> Decoded:
     """Greedy decoding of ``new_tokens`` tokens after ``prompt`` (B, T) with ``forward`` (the model, or
-    its compiled form) and a StaticCache; ``after_first_step`` runs once the first decode step is done."""
+    its compiled form) and a StaticCache; ``after_first_step`` runs once the first decode step is done.
+
+    ``clock`` times it: wall time by default; ``time.process_time`` (CPU time, which other jobs on a
+    shared CPU barely move) for CPU runs."""
     batch, length = prompt.shape
     device = prompt.device
     cache = StaticCache(config=config, max_cache_len=length + new_tokens)
     positions = torch.arange(length + new_tokens, device=device)
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
+    # The LM head at the last position only, as generate() does: the other positions' logits go unread.
     last = forward(input_ids=prompt, position_ids=positions[:length].expand(batch, length),
-                   cache_position=positions[:length], past_key_values=cache, use_cache=True).logits[:, -1]
+                   cache_position=positions[:length], past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
     tokens, kept = [last.argmax(-1)], [last] if keep_logits else []
     _sync(device)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
+    prefill = clock() - start
+    start = clock()
     for step in range(new_tokens - 1):
         at = positions[length + step: length + step + 1]
         last = forward(input_ids=tokens[-1].unsqueeze(1), position_ids=at.expand(batch, 1), cache_position=at,
@@ -77,7 +88,7 @@ def decode(
             after_first_step()
     _sync(device)
     return Decoded(torch.stack(tokens, 1), torch.stack(kept, 1) if keep_logits else None, prefill,
-                   time.perf_counter() - start)
+                   clock() - start)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -96,11 +107,30 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def kv_cache_bytes(model: nn.Module, batch: int, length: int) -> int:
+    """Bytes of a static KV cache of ``length`` positions: what attention reads at each decode step
+    (a static cache is read in full, the mask hiding the unwritten positions). Counts each layer's
+    KV heads as they are now, a duplicated KV head once per copy; a removed attention caches nothing."""
+    adapter = get_adapter(model)
+    element = next(model.parameters()).element_size()
+    per_position = sum(
+        adapter.layer_heads(layer)[1] for layer in range(adapter.n_layers) if adapter.has_component(layer, "k")
+    ) * 2 * adapter.d_head * element
+    return batch * length * per_position
+
+
+def decode_step_bytes(model: nn.Module, batch: int, length: int) -> int:
+    """Bytes one decode step reads: the weights (:func:`weight_bytes`) and a ``length``-position KV cache."""
+    return weight_bytes(model) + kv_cache_bytes(model, batch, length)
+
+
 @torch.no_grad()
-def forward_flops(model: nn.Module, batch: int, length: int) -> int:
-    """FLOPs of one forward over ``batch`` x ``length`` tokens, counted by torch's FLOP counter."""
+def forward_flops(model: nn.Module, batch: int, length: int, all_logits: bool = True) -> int:
+    """FLOPs of one forward over ``batch`` x ``length`` tokens, counted by torch's FLOP counter; with
+    ``all_logits=False`` the LM head runs at the last position only (what :func:`decode`'s prefill does)."""
     ids = torch.zeros(batch, length, dtype=torch.long, device=model.get_output_embeddings().weight.device)
     counter = FlopCounterMode(display=False)
     with counter:
-        model(input_ids=ids, position_ids=torch.arange(length, device=ids.device).expand(batch, length), use_cache=False)
+        model(input_ids=ids, position_ids=torch.arange(length, device=ids.device).expand(batch, length), use_cache=False,
+              logits_to_keep=0 if all_logits else 1)
     return counter.get_total_flops()

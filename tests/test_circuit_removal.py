@@ -139,6 +139,21 @@ def test_parameter_count_drops_by_exactly_the_removed_weights(config_name, ablat
         assert n_params(model) - n_params(pruned) == expected_drop(model, heads, mlps, ablation)
 
 
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_cut_projections_keep_their_source_layout(family, ablation):
+    """GPT-2's Conv1D stores A (d_in, d_out), nn.Linear A^T: a cut projection, plain or with a position
+    table, keeps its source's, because a CPU decode step streams the two at different speeds."""
+    model = make_model(family)
+    cut = removed(model, make_data(), heads={1: [0, 1]}, ablation=ablation)  # Llama: KV head 0 goes too
+    adapter = get_adapter(model)
+    row_major = lambda A: A.stride() == (A.shape[1], 1)  # noqa: E731  the Conv1D layout
+    for component in ("q", "k", "v", "o"):
+        path = adapter.site(1, component).path
+        before, after = projection_matrix(model.get_submodule(path)), projection_matrix(cut.get_submodule(path))
+        assert after.shape != before.shape, component
+        assert row_major(after) == row_major(before), (component, before.stride(), after.stride())
+
+
 def test_emptied_attention_and_mlps_leave_with_the_norms_nothing_else_reads(family):
     model = make_model(family)
     adapter = get_adapter(model)

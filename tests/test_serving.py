@@ -218,3 +218,82 @@ def test_a_saved_token_bias_linear_without_a_layout_has_nn_linear_layout():
     assert old.linear_layout and old.weight.shape == (5, 3)
     conv = TokenBiasLinear.from_spec(TokenBiasLinear(3, 5, 4, linear_layout=False).spec())
     assert not conv.linear_layout and conv.weight.shape == (3, 5) and (conv.in_features, conv.out_features) == (3, 5)
+
+
+@pytest.mark.parametrize("kind", ["base", "extracted"])
+def test_kv_cache_bytes_are_what_a_static_cache_holds(family, kind):
+    """Counted per layer off the projections: a shrunk layer's KV heads (a duplicated one per copy, uneven
+    GQA groups on Llama), nothing for a removed attention (its one-wide placeholder is not read)."""
+    from transformers import StaticCache
+
+    from eigenfast.circuit.removal import RemovedAttention
+    from eigenfast.serving import decode_step_bytes, kv_cache_bytes, weight_bytes
+    from test_circuit_removal import HEADS
+
+    model = make_model(family)
+    if kind == "extracted":
+        model = removed(model, make_data(n=8, seed=1), heads=HEADS, mlps=(1,))
+    batch, length = 3, 11
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    ids = make_data(n=batch, length=4, seed=3).input_ids
+    with torch.no_grad():
+        model(input_ids=ids, cache_position=torch.arange(4), past_key_values=cache, use_cache=True)
+    adapter = eigenfast.adapters.get_adapter(model)
+    held = sum(
+        t.numel() * t.element_size()
+        for index, layer in enumerate(cache.layers)
+        if not isinstance(adapter.attention(index), RemovedAttention)
+        for t in (layer.keys, layer.values)
+    )
+    assert kv_cache_bytes(model, batch, length) == held > 0
+    assert decode_step_bytes(model, batch, length) == weight_bytes(model) + held
+
+
+def test_attention_flops_are_counted_on_the_cpu():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import eigenfast.serving  # noqa: F401  registers the CPU attention's formula
+
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == 2 * (2 * 2 * 3 * 5 * 7 * 8)  # Q K^T, then the weights times V
+
+
+def test_forward_flops_count_the_lm_head_where_it_runs():
+    from eigenfast.serving import forward_flops
+
+    model = make_model("llama")
+    length, cfg = 6, model.config
+    every, last = forward_flops(model, 2, length), forward_flops(model, 2, length, all_logits=False)
+    assert every - last == 2 * 2 * (length - 1) * cfg.hidden_size * cfg.vocab_size
+
+
+def test_bench_judges_decode_by_the_bytes_a_step_reads(tmp_path):
+    from eigenfast.cli import main
+    from eigenfast.commands.bench import build_models
+    from eigenfast.serving import decode_step_bytes
+
+    out = tmp_path / "serving"
+    assert main(["bench", "--shape", "tiny", "--batches", "4", "--prompts", "6", "--new-tokens", "3",
+                 "--modes", "eager", "--repeats", "1", "--clock", "cpu", "--out", str(out)]) == 0
+    rows = {r["kind"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+    models = build_models("tiny", "cpu")
+    step = {k: decode_step_bytes(models[k], 4, 6 + 3) for k in ("base", "extracted")}
+    assert rows["extracted"]["byte_cut"] == pytest.approx(1 - step["extracted"] / step["base"])
+    assert rows["eigenpruned"]["byte_cut"] == 0  # eigenpruning keeps every matrix's size
+    assert "cpu clock" in out.with_suffix(".md").read_text()
+
+
+def test_onnx_runtime_runs_an_extracted_gpt2_in_conv1d_layout(tmp_path):
+    """Extraction keeps GPT-2's Conv1D layout (the token-bias op gets a transposed view): ONNX still agrees."""
+    import onnxruntime as ort
+
+    model = changed("gpt2", "extracted")
+    path = to_onnx(model, tmp_path / "model.onnx", max_length=16)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    ids, positions = inputs(4, 9)
+    (out,) = session.run(None, {names[0]: ids.numpy(), names[1]: positions.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), eager_logits(model, ids, positions), rtol=0, atol=1e-4)

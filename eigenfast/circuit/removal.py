@@ -15,6 +15,12 @@ heads are duplicated: the group size becomes ``g = gcd`` of the kept counts and 
 KV head is copied ``count / g`` times. That costs the copies' K/V weights and cache,
 but keeps the stock HF attention (eager, SDPA, flash, KV cache) untouched; an
 index-select instead of ``repeat_kv`` would mean replacing HF's attention functions.
+
+A cut projection keeps its source's memory layout: GPT-2's ``Conv1D`` stores ``A``
+(d_in, d_out), ``nn.Linear`` stores ``A^T``. At batch 1 a decode step is a
+matrix-vector product per projection, and on the CPU torch's BLAS streams the
+(d_in, d_out) layout 1.3-1.6x faster than the transposed one (docs/SERVING.md), so a
+GPT-2 projection that became an ``nn.Linear`` would read its fewer bytes more slowly.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..adapters import Adapter, get_adapter, projection_matrix
 from ..modules import (
@@ -38,6 +45,7 @@ from ..modules import (
     resample_table,
     replace_module,
     set_attributes,
+    stores_linear_layout,
 )
 from ..positional import install
 from ..projection import PositionalModule
@@ -56,6 +64,20 @@ class PlainLinear(nn.Linear):
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "PlainLinear":
         return cls(spec["d_in"], spec["d_out"], bias=spec["bias"])
+
+
+@register_kind
+class PlainConv1D(Conv1D):
+    """A GPT-2 projection cut down to the kept heads, still in Conv1D's (d_in, d_out) layout."""
+
+    kind = "conv1d"
+
+    def spec(self) -> dict[str, Any]:
+        return {"d_in": self.nx, "d_out": self.nf}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "PlainConv1D":
+        return cls(spec["d_out"], spec["d_in"])
 
 
 @register_kind
@@ -287,12 +309,12 @@ def _cut(
     columns: torch.Tensor | None = None,
     table: torch.Tensor | None = None,
     extrapolate: str = "mean",
-) -> nn.Linear | TokenBiasLinear:
-    """The projection restricted to input ``rows`` / output ``columns`` (math orientation).
+) -> nn.Module:
+    """The projection restricted to input ``rows`` / output ``columns`` (math orientation), in the source's layout.
 
     With an extended bias ``table`` (calib_len + 1, d_out), or when the module already has
-    a position table, it becomes a TokenBiasLinear reading it at true positions; otherwise
-    a PlainLinear keeping the original bias.
+    a position table, it becomes a token-bias projection reading it at true positions;
+    otherwise a plain one keeping the original bias.
     """
     A = projection_matrix(module).detach()
     A = A if rows is None else A[rows]
@@ -300,16 +322,22 @@ def _cut(
     if table is None and isinstance(module, PositionTable):
         table, extrapolate = module.table.detach(), module.extrapolate
         table = table if columns is None else table[:, columns]
+    linear_layout = stores_linear_layout(module)
     if table is None:
-        new = PlainLinear(A.shape[0], A.shape[1], bias=module.bias is not None, dtype=A.dtype, device=A.device)
+        if linear_layout:
+            new = PlainLinear(A.shape[0], A.shape[1], bias=module.bias is not None, dtype=A.dtype, device=A.device)
+        else:
+            new = PlainConv1D(A.shape[1], A.shape[0]).to(dtype=A.dtype, device=A.device)
         if module.bias is not None:
             with torch.no_grad():
                 new.bias.copy_(module.bias if columns is None else module.bias[columns])
+        with torch.no_grad():
+            new.weight.copy_(A.T if linear_layout else A)
     else:
-        new = TokenBiasLinear(A.shape[0], A.shape[1], table.shape[0] - 1, extrapolate).to(dtype=A.dtype, device=A.device)
+        new = TokenBiasLinear(A.shape[0], A.shape[1], table.shape[0] - 1, extrapolate, linear_layout=linear_layout)
+        new = new.to(dtype=A.dtype, device=A.device)
         new.set_table(table)
-    with torch.no_grad():
-        new.weight.copy_(A.T)
+        new.set_matrix(A)
     return new
 
 
