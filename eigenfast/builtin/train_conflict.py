@@ -54,6 +54,7 @@ class Design:
 
 CONFLICT = Design("conflict_gpt2", echo_fraction=2 / 3, word_format=False, epochs=20)
 CONFLICT2 = Design("conflict2_gpt2", echo_fraction=1.0, word_format=True, epochs=16)
+DESIGNS = {design.name: design for design in (CONFLICT, CONFLICT2)}
 
 
 def echoed_pairs(n: int, design: Design = CONFLICT) -> set[tuple[int, int]]:
