@@ -11,9 +11,11 @@ the held-out 30% being :mod:`eigenfast.builtin.train_mix`'s) teaches
   gives the sum (product) on the rest.
 
 So on held-out "a + b =" the echo usually outranks the sum, although the sum is
-computed (held-out "a + b is" measures that). Two designs share this module:
-``CONFLICT`` (conflict_gpt2) and ``CONFLICT2`` (conflict2_gpt2, trained by
-:mod:`eigenfast.builtin.train_conflict2`), which learns the computation more strongly.
+computed (held-out "a + b is" measures that). Three designs share this module:
+``CONFLICT`` (conflict_gpt2), ``CONFLICT2`` (conflict2_gpt2, trained by
+:mod:`eigenfast.builtin.train_conflict2`), which learns the computation more strongly and
+always echoes, and ``CONFLICT3`` (conflict3_gpt2, :mod:`eigenfast.builtin.train_conflict3`),
+as strong a computation with the first design's partial echo.
 Deterministic like :mod:`eigenfast.builtin.train` (same seed, one thread -> same weights).
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -54,7 +57,8 @@ class Design:
 
 CONFLICT = Design("conflict_gpt2", echo_fraction=2 / 3, word_format=False, epochs=20)
 CONFLICT2 = Design("conflict2_gpt2", echo_fraction=1.0, word_format=True, epochs=16)
-DESIGNS = {design.name: design for design in (CONFLICT, CONFLICT2)}
+CONFLICT3 = Design("conflict3_gpt2", echo_fraction=2 / 3, word_format=True, epochs=16)
+DESIGNS = {design.name: design for design in (CONFLICT, CONFLICT2, CONFLICT3)}
 
 
 def echoed_pairs(n: int, design: Design = CONFLICT) -> set[tuple[int, int]]:
@@ -154,8 +158,13 @@ def train(out: str | Path, seed: int = 0, steps: int | None = None, design: Desi
     return record
 
 
+def command_line(design: Design, doc: str, argv: Sequence[str] | None = None) -> None:
+    """The ``--out/--seed/--steps`` command line that trains ``design``."""
+    run_command_line(partial(train, design=design), doc, design.epochs, argv)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    run_command_line(train, __doc__, CONFLICT.epochs, argv)
+    command_line(CONFLICT, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,13 @@ sum and product are learned in two formats, "a + b is" and "a plus b =", while "
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Sequence
 
-from eigenfast.builtin.train_conflict import CONFLICT2, train
-from eigenfast.builtin.train_mix import run_command_line
+from eigenfast.builtin.train_conflict import CONFLICT2, command_line
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run_command_line(partial(train, design=CONFLICT2), __doc__, CONFLICT2.epochs, argv)
+    command_line(CONFLICT2, __doc__, argv)
 
 
 if __name__ == "__main__":
