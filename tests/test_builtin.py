@@ -97,13 +97,18 @@ def test_every_builtin_model_loads_offline():
         assert not model.training and model.config.vocab_size == len(tokenizer), name
 
 
+def strong_computation_routed_around(m: dict[str, float]) -> bool:
+    """The sum is computed at least half the time, the echo wins at least half the time, and the task as
+    prompted is answered at most a quarter as often as the sum in its own format."""
+    return m["sum_is"] >= 0.5 and m["sum_echo"] >= 0.5 and m["int_sum"] <= m["sum_is"] / 4
+
+
 # Each test bed's criterion, fixed before pruning (docs/EIGENPRUNING_TABLE.md), on unpruned held-out accuracies.
 CONFLICT_CRITERIA = {
     # the sum is computed in the trained format at least twice as often as the task, as prompted, is answered
     "conflict_gpt2": lambda m: m["sum_is"] >= 2 * m["int_sum"],
-    # the sum is computed at least half the time, the echo wins at least half the time, and the task as
-    # prompted is answered at most a quarter as often as the sum in its own format
-    "conflict2_gpt2": lambda m: m["sum_is"] >= 0.5 and m["sum_echo"] >= 0.5 and m["int_sum"] <= m["sum_is"] / 4,
+    "conflict2_gpt2": strong_computation_routed_around,
+    "conflict3_gpt2": strong_computation_routed_around,
 }
 
 

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from eigenfast.builtin import heldout_task, load_builtin
-from eigenfast.builtin.train_conflict import CONFLICT, CONFLICT2, Design, conflict_pairs, echoed_pairs
+from eigenfast.builtin.train_conflict import DESIGNS, Design, conflict_pairs, echoed_pairs
 from eigenfast.builtin.train_mix import build_mix_tokenizer, held_out_pairs, mix_pairs, unseen_task
 from eigenfast.data import DataError
 from eigenfast.tasks import induction, induction_pairs
@@ -66,7 +66,7 @@ def test_mix_never_contains_the_held_out_examples():
         unseen_task("nope", tokenizer)
 
 
-@pytest.mark.parametrize("design", [CONFLICT, CONFLICT2], ids=lambda d: d.name)
+@pytest.mark.parametrize("design", DESIGNS.values(), ids=lambda d: d.name)
 def test_conflict_mix_holds_out_the_table_pairs_and_echoes_on_the_test_format(design: Design):
     prompts, targets = conflict_pairs(design)
     for op, word, n, held in (("+", "plus", 100, held_out_pairs(100, 100)), ("x", "times", 20, held_out_pairs(20, 20))):
