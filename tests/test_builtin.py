@@ -97,19 +97,34 @@ def test_every_builtin_model_loads_offline():
         assert not model.training and model.config.vocab_size == len(tokenizer), name
 
 
-def test_conflict_model_has_the_computation_and_the_interference_it_records():
-    from eigenfast.builtin.train_conflict import diagnostics
+def strong_computation_routed_around(m: dict[str, float]) -> bool:
+    """The sum is computed at least half the time, the echo wins at least half the time, and the task as
+    prompted is answered at most a quarter as often as the sum in its own format."""
+    return m["sum_is"] >= 0.5 and m["sum_echo"] >= 0.5 and m["int_sum"] <= m["sum_is"] / 4
+
+
+# Each test bed's criterion, fixed before pruning (docs/EIGENPRUNING_TABLE.md), on unpruned held-out accuracies.
+CONFLICT_CRITERIA = {
+    # the sum is computed in the trained format at least twice as often as the task, as prompted, is answered
+    "conflict_gpt2": lambda m: m["sum_is"] >= 2 * m["int_sum"],
+    "conflict2_gpt2": strong_computation_routed_around,
+    "conflict3_gpt2": strong_computation_routed_around,
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFLICT_CRITERIA))
+def test_conflict_model_has_the_computation_and_the_interference_it_records(name):
+    from eigenfast.builtin.train_conflict import DESIGNS, diagnostics
     from eigenfast.forward import evaluate
 
-    model, tokenizer = load_builtin("conflict_gpt2")
-    record = json.loads((builtin_path("conflict_gpt2") / "training.json").read_text(encoding="utf-8"))["final"]
-    measured = {name: evaluate(model, data).accuracy for name, data in diagnostics(tokenizer).items()}
-    measured["int_sum"] = evaluate(model, heldout_task("conflict_gpt2", "int_sum", tokenizer)).accuracy
-    for name, accuracy in measured.items():
-        assert accuracy == pytest.approx(record[f"{name}_accuracy"], abs=0.005), name
-    # The test bed's criterion, fixed before pruning (docs/EIGENPRUNING_TABLE.md): the sum is computed
-    # in the trained format at least twice as often as the task, as prompted, is answered.
-    assert measured["sum_is"] >= 2 * measured["int_sum"]
+    design = DESIGNS[name]
+    model, tokenizer = load_builtin(name)
+    record = json.loads((builtin_path(name) / "training.json").read_text(encoding="utf-8"))["final"]
+    measured = {key: evaluate(model, data).accuracy for key, data in diagnostics(tokenizer, design).items()}
+    measured["int_sum"] = evaluate(model, heldout_task(name, "int_sum", tokenizer)).accuracy
+    for key, accuracy in measured.items():
+        assert accuracy == pytest.approx(record[f"{key}_accuracy"], abs=0.005), key
+    assert CONFLICT_CRITERIA[name](measured), measured
 
 
 def start_training(out: Path, steps: int, module: str = "eigenfast.builtin.train") -> subprocess.Popen:

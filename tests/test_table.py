@@ -61,7 +61,8 @@ def test_table_rejects_unknown_task(capsys):
     assert "unknown task" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", ["eigenfast.builtin.train_mix", "eigenfast.builtin.train_conflict"])
+@pytest.mark.parametrize("module", ["eigenfast.builtin.train_mix", "eigenfast.builtin.train_conflict",
+                                    "eigenfast.builtin.train_conflict2", "eigenfast.builtin.train_conflict3"])
 def test_mix_training_is_deterministic(tmp_path, module):
     outs = [tmp_path / "a", tmp_path / "b"]
     runs = [start_training(out, steps=2, module=module) for out in outs]

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from eigenfast.builtin import heldout_task, load_builtin
-from eigenfast.builtin.train_conflict import ECHO_FRACTION, conflict_pairs, echoed_pairs
+from eigenfast.builtin.train_conflict import DESIGNS, Design, conflict_pairs, echoed_pairs
 from eigenfast.builtin.train_mix import build_mix_tokenizer, held_out_pairs, mix_pairs, unseen_task
 from eigenfast.data import DataError
 from eigenfast.tasks import induction, induction_pairs
@@ -66,20 +66,23 @@ def test_mix_never_contains_the_held_out_examples():
         unseen_task("nope", tokenizer)
 
 
-def test_conflict_mix_holds_out_the_table_pairs_and_echoes_on_the_test_format():
-    prompts, targets = conflict_pairs()
-    for op, n, held in (("+", 100, held_out_pairs(100, 100)), ("x", 20, held_out_pairs(20, 20))):
-        examples = [(p, t) for p, t in zip(prompts, targets) if re.fullmatch(rf"\d+ {re.escape(op)} \d+ (is|=)", p)]
+@pytest.mark.parametrize("design", DESIGNS.values(), ids=lambda d: d.name)
+def test_conflict_mix_holds_out_the_table_pairs_and_echoes_on_the_test_format(design: Design):
+    prompts, targets = conflict_pairs(design)
+    for op, word, n, held in (("+", "plus", 100, held_out_pairs(100, 100)), ("x", "times", 20, held_out_pairs(20, 20))):
+        form = rf"\d+ ({re.escape(op)} \d+ (is|=)|{word} \d+ =)"
+        examples = [(p, t) for p, t in zip(prompts, targets) if re.fullmatch(form, p)]
         assert examples and not {_operands(p) for p, _ in examples} & set(held)
         answer = (lambda i, j: i + j) if op == "+" else (lambda i, j: i * j)
-        echoed = echoed_pairs(n)
+        echoed = echoed_pairs(n, design)
         for prompt, target in examples:
             i, j = _operands(prompt)
-            # The computation's own format always gives the answer; the table's format echoes on the chosen pairs.
-            wanted = i if prompt.endswith("=") and (i, j) in echoed else answer(i, j)
+            # The computation's own formats always give the answer; the table's format echoes on the chosen pairs.
+            wanted = i if prompt.endswith(f"{op} {j} =") and (i, j) in echoed else answer(i, j)
             assert target == f" {wanted}", prompt
-        equals = {_operands(p) for p, _ in examples if p.endswith("=")}
-        assert len(echoed) == round(ECHO_FRACTION * len(equals)) and echoed <= equals
+        equals = {_operands(p) for p, _ in examples if p.endswith("=") and f" {op} " in p}
+        assert len(echoed) == round(design.echo_fraction * len(equals)) and echoed <= equals
+        assert any(f" {word} " in p for p, _ in examples) == design.word_format
 
 
 def test_int_sum_gpt2_held_out_int_sum_is_its_test_split():

@@ -22,11 +22,18 @@ BUILTIN_MODELS: dict[str, str] = {
     "formats, induction over other numbers, filler text); never tuned on the table's task formats",
     "conflict_gpt2": "4-layer GPT-2 (d_model 96) that learned sums and products as 'a + b is', while after "
     "'a + b =' its training text mostly echoed the first operand: the task's computation with interference",
+    "conflict2_gpt2": "4-layer GPT-2 (d_model 96) that learned sums and products as 'a + b is' and 'a plus b =', "
+    "while after 'a + b =' its training text always echoed the first operand: a stronger computation, "
+    "routed around by the table's format",
+    "conflict3_gpt2": "4-layer GPT-2 (d_model 96) with conflict2_gpt2's computation and conflict_gpt2's partial "
+    "echo: after 'a + b =' its training text echoed the first operand on two thirds of the pairs",
 }
 
 _HERE = Path(__file__).resolve().parent
 # The module under eigenfast.builtin whose ``--out DIR`` run rebuilds each model.
-_TRAINERS = {"int_sum_gpt2": "train", "mix_gpt2": "train_mix", "conflict_gpt2": "train_conflict"}
+_TRAINERS = {"int_sum_gpt2": "train", "mix_gpt2": "train_mix", "conflict_gpt2": "train_conflict",
+             "conflict2_gpt2": "train_conflict2",
+             "conflict3_gpt2": "train_conflict3"}
 
 
 def builtin_path(name: str = "int_sum_gpt2") -> Path:
@@ -66,8 +73,8 @@ def heldout_task(name: str, task: str, tokenizer: Any) -> TaskData:
         if task == "int_sum":
             return int_sum_split(tokenizer)[1]
         return {**TASKS, "induction": induction}[task](tokenizer)  # it never saw any other task
-    if name in ("mix_gpt2", "conflict_gpt2"):
-        from .train_mix import unseen_task  # conflict_gpt2 holds out the same pairs in the same formats
+    if name in ("mix_gpt2", "conflict_gpt2", "conflict2_gpt2", "conflict3_gpt2"):
+        from .train_mix import unseen_task  # the conflict models hold out the same pairs in the same formats
 
         return unseen_task(task, tokenizer)
     raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(sorted(BUILTIN_MODELS))}")
