@@ -64,8 +64,17 @@ class PositionalBlock(nn.Module):
         return hidden_states + mlp(getattr(self, self.eigenfast_mlp_norm)(hidden_states), positions)
 
 
+KV_SLOTS = "eigenfast_kv_slots"  # attribute (saved with the model): the KV slot each query slot reads
+KV_INDEX = "eigenfast_kv_index"  # the same as a non-persistent buffer on the attention's device, or None
+
+
 class PositionalAttention(nn.Module):
-    """Mixin for a HF attention module: Q/K/V and O projections get the positions."""
+    """Mixin for a HF attention module: Q/K/V and O projections get the positions.
+
+    After extraction with uneven GQA groups (eigenfast/circuit/removal.py) the layer keeps
+    each KV head once; K/V are gathered out to the query heads after the cache update, so
+    the cache holds each KV head once and the attention function repeats nothing.
+    """
 
     eigenfast_adapter: type[Adapter]
     eigenfast_output: str  # the output projection's attribute name (set by _subclass)
@@ -84,6 +93,9 @@ class PositionalAttention(nn.Module):
         q, k = adapter.rotate(self, q, k, position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+        kv_index = self.eigenfast_kv_index
+        if kv_index is not None:  # uneven GQA groups: the cache holds each KV head once, each query head reads its own
+            k, v = k.index_select(1, kv_index), v.index_select(1, kv_index)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, adapter.eager_attention())
         out, weights = attend(
             self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling,
@@ -135,11 +147,22 @@ def _swap(module: nn.Module, mixin: type[nn.Module], adapter: type[Adapter]) -> 
         module.__class__ = _subclass(mixin, type(module), adapter)
 
 
+def _kv_index(attention: nn.Module) -> torch.Tensor | None:
+    slots = getattr(attention, KV_SLOTS, None)
+    if slots is None:
+        return None
+    return torch.tensor(slots, dtype=torch.long, device=next(attention.parameters()).device)
+
+
 def install(model: nn.Module) -> None:
     """Give every decoder layer of ``model`` (and its attention and MLP) the positional forward."""
     adapter = get_adapter(model)
     kind = type(adapter)
     for index, layer in enumerate(adapter.layers()):
         _swap(layer, PositionalBlock, kind)
-        _swap(adapter.attention(index), PositionalAttention, kind)
+        attention = adapter.attention(index)
+        _swap(attention, PositionalAttention, kind)
+        if isinstance(attention, PositionalAttention):
+            # Derived from the saved attribute, so not in the state dict; a buffer so that .to(device) moves it.
+            attention.register_buffer(KV_INDEX, _kv_index(attention), persistent=False)
         _swap(adapter.mlp(index), PositionalMLP, kind)
