@@ -130,3 +130,15 @@ def test_attributes_refuse_what_json_cannot_hold_and_names_the_module_lacks():
         set_attributes(attention, {KV_SLOTS: [torch.tensor(0)]})
     with pytest.raises(AttributeError, match="no attribute 'heads_kept'"):
         set_attributes(attention, {"heads_kept": 3})
+
+
+def test_export_with_dynamic_batch_and_length_equals_eager():
+    from eigenfast.export import export
+
+    model = cut("llama")
+    program = export(model, max_length=16)
+    for n, length in ((1, 3), (5, 7)):
+        data = make_data(n=n, length=length, seed=n, padded=True)
+        with torch.no_grad():
+            expected = model(input_ids=data.input_ids, position_ids=data.position_ids, use_cache=False).logits
+        torch.testing.assert_close(program.module()(data.input_ids, data.position_ids), expected, rtol=0, atol=1e-5)
