@@ -1,5 +1,5 @@
 """Extraction under GQA with uneven kept groups: each kept KV head is held once (weights and KV cache),
-and K/V are gathered out to the query heads after the cache update; every equivalence still holds."""
+and Q is padded to even groups around the attention function; every equivalence still holds."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PhiCon
 import eigenfast
 from eigenfast.adapters import get_adapter, projection_matrix
 from eigenfast.modules import set_attributes
-from eigenfast.positional import KV_INDEX, KV_SLOTS
+from eigenfast.positional import KV_SLOTS, Q_PAD, Q_UNPAD
 from eigenfast.serialization import save_model
 from eigenfast.serving import decode, kv_cache_bytes
 
@@ -23,9 +23,9 @@ CONFIGS = {
     "phi": lambda: PhiConfig(**IDS, **SIZES, intermediate_size=64, partial_rotary_factor=0.5),
 }
 # Query heads 0-3 read KV head 0, heads 4-7 KV head 1. Layer 0 keeps 4 and 2 (uneven), layer 1 keeps
-# 3 and 1 (uneven), layer 2 keeps 2 and 2 (even: transformers' repeat, no gather), layer 3 keeps 2 of
+# 1 and 3 (uneven, the padding comes first), layer 2 keeps 2 and 2 (even: transformers' repeat, no gather), layer 3 keeps 2 of
 # KV head 1 only. Copying KV heads to even groups would hold 3 + 4 + 2 + 1 KV slots, more than the base's 8.
-KEPT = {0: [0, 1, 2, 3, 4, 5], 1: [1, 2, 3, 7], 2: [0, 3, 5, 6], 3: [4, 6]}
+KEPT = {0: [0, 1, 2, 3, 4, 5], 1: [3, 4, 5, 7], 2: [0, 3, 5, 6], 3: [4, 6]}
 HEADS = {layer: [h for h in range(8) if h not in kept] for layer, kept in KEPT.items()}
 
 
@@ -73,13 +73,14 @@ def test_each_kept_kv_head_is_held_once_in_the_weights_and_both_caches(name):
     assert kv_cache_bytes(model, 3, 9) < kv_cache_bytes(make(name), 3, 9)
 
 
-def test_only_uneven_layers_gather():
+def test_only_uneven_layers_pad_their_query_heads():
     model = cut("llama")
     adapter = get_adapter(model)
-    gathers = {layer: getattr(adapter.attention(layer), KV_INDEX) for layer in KEPT}
-    assert gathers[0].tolist() == [0, 0, 0, 0, 1, 1] and gathers[1].tolist() == [0, 0, 0, 1]
-    assert gathers[2] is None and gathers[3] is None
-    assert [adapter.attention(layer).num_key_value_groups for layer in KEPT] == [1, 1, 2, 2]
+    index = {layer: [getattr(adapter.attention(layer), name) for name in (Q_PAD, Q_UNPAD)] for layer in KEPT}
+    assert [i.tolist() for i in index[0]] == [[0, 1, 2, 3, 4, 5, 4, 4], [0, 1, 2, 3, 4, 5]]
+    assert [i.tolist() for i in index[1]] == [[0, 0, 0, 1, 2, 3], [0, 3, 4, 5]]
+    assert index[2] == index[3] == [None, None]
+    assert [adapter.attention(layer).num_key_value_groups for layer in KEPT] == [4, 3, 2, 2]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -111,15 +112,16 @@ def test_compiled_static_cache_decode_has_no_graph_break_nor_recompilation():
     torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
 
 
-def test_save_and_load_restore_the_gather(tmp_path):
+def test_save_and_load_restore_the_padding(tmp_path):
     model = cut("llama")
     save_model(model, tmp_path / "circuit", kind="circuit")
     loaded = eigenfast.load(tmp_path / "circuit")
     adapter, original = get_adapter(loaded), get_adapter(model)
     for layer in KEPT:
-        a, b = getattr(adapter.attention(layer), KV_INDEX), getattr(original.attention(layer), KV_INDEX)
-        assert (a is None and b is None) or torch.equal(a, b)
-    assert KV_INDEX not in loaded.state_dict()  # derived from the saved attribute, not stored twice
+        for name in (Q_PAD, Q_UNPAD):
+            a, b = getattr(adapter.attention(layer), name), getattr(original.attention(layer), name)
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert not any("eigenfast_q" in key for key in loaded.state_dict())  # derived from the saved attribute
     data = make_data(padded=True)
     assert torch.equal(logits(loaded, data), logits(model, data))
 

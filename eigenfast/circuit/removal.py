@@ -12,10 +12,11 @@ GQA: a KV head leaves with the last query head that reads it, and each kept KV h
 kept once, in its weights and in the KV cache. HF attention repeats each KV head
 ``num_key_value_groups`` times, so when every kept KV head serves the same number of
 kept query heads that repeat still works. When the kept groups are uneven (say 2 and
-1), the attention gets a per-layer map from query slot to KV slot
-(``eigenfast_kv_slots``, saved with the model's attributes) and gathers K/V along it
-after the cache update (eigenfast/positional.py); the attention function then runs
-with ``num_key_value_groups = 1``. The gather takes the place of ``repeat_kv``'s copy.
+1), the attention records which KV slot each query slot reads (``eigenfast_kv_slots``,
+saved with the model's attributes) and its forward pads Q to the largest group with
+copies of query heads, dropping their outputs afterwards (eigenfast/positional.py).
+The alternative, gathering K/V out to one head per query head, copies the whole cache
+at every decode step, which transformers' SDPA avoids for even groups.
 
 A cut projection keeps its source's memory layout: GPT-2's ``Conv1D`` stores ``A``
 (d_in, d_out), ``nn.Linear`` stores ``A^T``. At batch 1 a decode step is a
@@ -302,8 +303,9 @@ def _shrink_attention(
     replace_module(model, o.path, _cut(model.get_submodule(o.path), rows=rows, table=bias_rows, extrapolate=extrapolate))
     if layout.group is not None:
         set_attributes(adapter.attention(layer), adapter.head_count_attributes(len(layout.q_heads), len(layout.kv_heads)))
-    else:  # K/V are gathered out to one head per query head before the attention function sees them
-        attributes = adapter.head_count_attributes(len(layout.q_heads), len(layout.q_heads))
+    else:  # the forward pads Q out to the largest group for every KV head (eigenfast/positional.py)
+        widest = max(layout.kv_slots.count(slot) for slot in range(len(layout.kv_heads)))
+        attributes = adapter.head_count_attributes(widest * len(layout.kv_heads), len(layout.kv_heads))
         set_attributes(adapter.attention(layer), {**attributes, KV_SLOTS: list(layout.kv_slots)})
 
 
