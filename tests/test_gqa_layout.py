@@ -23,8 +23,9 @@ CONFIGS = {
     "phi": lambda: PhiConfig(**IDS, **SIZES, intermediate_size=64, partial_rotary_factor=0.5),
 }
 # Query heads 0-3 read KV head 0, heads 4-7 KV head 1. Layer 0 keeps 4 and 2 (uneven), layer 1 keeps
-# 1 and 3 (uneven, the padding comes first), layer 2 keeps 2 and 2 (even: transformers' repeat, no gather), layer 3 keeps 2 of
-# KV head 1 only. Copying KV heads to even groups would hold 3 + 4 + 2 + 1 KV slots, more than the base's 8.
+# 1 and 3 (uneven: KV head 0's padding sits between kept heads), layer 2 keeps 2 and 2 (even: no
+# padding), layer 3 keeps 2 of KV head 1 only. Copying KV heads to even groups would hold
+# 3 + 4 + 2 + 1 KV slots, more than the base's 8.
 KEPT = {0: [0, 1, 2, 3, 4, 5], 1: [3, 4, 5, 7], 2: [0, 3, 5, 6], 3: [4, 6]}
 HEADS = {layer: [h for h in range(8) if h not in kept] for layer, kept in KEPT.items()}
 
@@ -144,3 +145,21 @@ def test_export_with_dynamic_batch_and_length_equals_eager():
         with torch.no_grad():
             expected = model(input_ids=data.input_ids, position_ids=data.position_ids, use_cache=False).logits
         torch.testing.assert_close(program.module()(data.input_ids, data.position_ids), expected, rtol=0, atol=1e-5)
+
+
+def test_sdpa_decode_packing_the_padded_heads_equals_eager_decode():
+    """At a one-token step transformers' SDPA packs the query heads of each KV head into rows; the padded
+    layout must come out of that path as it does out of eager's repeat."""
+    data = make_data(n=8, seed=1, padded=True)
+    prompt = make_data(n=2, length=5, seed=5).input_ids
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    scores = {}
+    for attn in ("eager", "sdpa"):
+        model = removed(make("llama", attn), data, heads=HEADS)
+        out = model.generate(
+            prompt * mask, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
+            output_scores=True, return_dict_in_generate=True,
+        )
+        scores[attn] = torch.stack(out.scores, dim=1)
+    torch.testing.assert_close(scores["sdpa"], scores["eager"], rtol=0, atol=1e-5)

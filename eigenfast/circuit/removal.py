@@ -301,12 +301,13 @@ def _shrink_attention(
         replace_module(model, path, _cut(model.get_submodule(path), columns=torch.cat(columns)))
     rows = torch.cat([o.in_index[h] for h in layout.q_heads])
     replace_module(model, o.path, _cut(model.get_submodule(o.path), rows=rows, table=bias_rows, extrapolate=extrapolate))
+    attention = adapter.attention(layer)
     if layout.group is not None:
-        set_attributes(adapter.attention(layer), adapter.head_count_attributes(len(layout.q_heads), len(layout.kv_heads)))
+        set_attributes(attention, adapter.head_count_attributes(len(layout.q_heads), len(layout.kv_heads)))
     else:  # the forward pads Q out to the largest group for every KV head (eigenfast/positional.py)
         widest = max(layout.kv_slots.count(slot) for slot in range(len(layout.kv_heads)))
         attributes = adapter.head_count_attributes(widest * len(layout.kv_heads), len(layout.kv_heads))
-        set_attributes(adapter.attention(layer), {**attributes, KV_SLOTS: list(layout.kv_slots)})
+        set_attributes(attention, {**attributes, KV_SLOTS: list(layout.kv_slots)})
 
 
 def _cut(
