@@ -125,14 +125,21 @@ def register_kind(cls: type[nn.Module]) -> type[nn.Module]:
 ATTRIBUTES = "eigenfast_attributes"  # where a module remembers the plain attributes eigenfast changed
 
 
+def _plain(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
+
+
 def set_attributes(module: nn.Module, values: dict[str, Any]) -> None:
     """Change plain (JSON-able) attributes of a HF module, such as a shrunk attention's head counts,
-    and remember them so that a saved model gets them back."""
+    and remember them so that a saved model gets them back. Names starting with ``eigenfast_`` are
+    eigenfast's own and need not exist yet; the others must be the module's."""
     for name, value in values.items():
-        if not hasattr(module, name):
+        if not name.startswith("eigenfast_") and not hasattr(module, name):
             raise AttributeError(f"{type(module).__name__} has no attribute {name!r}")
-        if not isinstance(value, (bool, int, float, str)):
-            raise TypeError(f"attribute {name!r} must be a bool, int, float or str, got {type(value).__name__}")
+        if not (_plain(value) or isinstance(value, list) and all(map(_plain, value))):
+            raise TypeError(
+                f"attribute {name!r} must be a bool, int, float or str, or a list of them, got {type(value).__name__}"
+            )
         setattr(module, name, value)
     setattr(module, ATTRIBUTES, {**getattr(module, ATTRIBUTES, {}), **values})
 

@@ -64,8 +64,23 @@ class PositionalBlock(nn.Module):
         return hidden_states + mlp(getattr(self, self.eigenfast_mlp_norm)(hidden_states), positions)
 
 
+KV_SLOTS = "eigenfast_kv_slots"  # attribute (saved with the model): the KV slot each query slot reads
+# Non-persistent buffers derived from it (None for even groups), on the attention's device:
+Q_PAD = "eigenfast_q_pad"  # padded query slot -> the query slot it copies
+Q_UNPAD = "eigenfast_q_unpad"  # query slot -> its padded slot
+
+
 class PositionalAttention(nn.Module):
-    """Mixin for a HF attention module: Q/K/V and O projections get the positions."""
+    """Mixin for a HF attention module: Q/K/V and O projections get the positions.
+
+    After extraction with uneven GQA groups (eigenfast/circuit/removal.py) the layer keeps
+    each KV head once (weights and cache) and has ``num_key_value_groups`` set to the
+    largest kept group. Before the attention function, Q is padded to that many heads
+    per KV head with copies of a query head of the same group; after it, the copies'
+    outputs are dropped. The attention function then sees even groups: transformers'
+    own GQA handling (``repeat_kv``, or SDPA packing the heads of a one-token query)
+    reads the cache as it is, and padding costs index-selects on Q and on the output.
+    """
 
     eigenfast_adapter: type[Adapter]
     eigenfast_output: str  # the output projection's attribute name (set by _subclass)
@@ -84,11 +99,16 @@ class PositionalAttention(nn.Module):
         q, k = adapter.rotate(self, q, k, position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+        pad = self.eigenfast_q_pad
+        if pad is not None:  # uneven GQA groups: evened out with copies of query heads, whose outputs are dropped
+            q = q.index_select(1, pad)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, adapter.eager_attention())
         out, weights = attend(
             self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling,
             **adapter.attention_options(self), **kwargs,
         )
+        if pad is not None:
+            out = out.index_select(2, self.eigenfast_q_unpad)  # out is (B, T, heads, d_head)
         out = out.reshape(*hidden_states.shape[:-1], -1)
         return project(getattr(self, self.eigenfast_output), out, positions), weights
 
@@ -135,11 +155,32 @@ def _swap(module: nn.Module, mixin: type[nn.Module], adapter: type[Adapter]) -> 
         module.__class__ = _subclass(mixin, type(module), adapter)
 
 
+def _padding(attention: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(:data:`Q_PAD`, :data:`Q_UNPAD`) from the attention's :data:`KV_SLOTS`, or (None, None) for even groups."""
+    slots = getattr(attention, KV_SLOTS, None)
+    if slots is None:
+        return None, None
+    groups = [[slot for slot, kv in enumerate(slots) if kv == group] for group in range(max(slots) + 1)]
+    width = max(map(len, groups))
+    pad: list[int] = []
+    unpad: list[int] = []
+    for members in groups:  # query slots are sorted by KV slot, so unpad comes out in query-slot order
+        unpad += range(len(pad), len(pad) + len(members))
+        pad += members + members[:1] * (width - len(members))
+    device = next(attention.parameters()).device
+    return tuple(torch.tensor(index, dtype=torch.long, device=device) for index in (pad, unpad))
+
+
 def install(model: nn.Module) -> None:
     """Give every decoder layer of ``model`` (and its attention and MLP) the positional forward."""
     adapter = get_adapter(model)
     kind = type(adapter)
     for index, layer in enumerate(adapter.layers()):
         _swap(layer, PositionalBlock, kind)
-        _swap(adapter.attention(index), PositionalAttention, kind)
+        attention = adapter.attention(index)
+        _swap(attention, PositionalAttention, kind)
+        if isinstance(attention, PositionalAttention):
+            # Derived from the saved attribute, so not in the state dict; a buffer so that .to(device) moves it.
+            for name, heads in zip((Q_PAD, Q_UNPAD), _padding(attention)):
+                attention.register_buffer(name, heads, persistent=False)
         _swap(adapter.mlp(index), PositionalMLP, kind)

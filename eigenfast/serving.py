@@ -110,7 +110,7 @@ def weight_bytes(model: nn.Module) -> int:
 def kv_cache_bytes(model: nn.Module, batch: int, length: int) -> int:
     """Bytes of a static KV cache of ``length`` positions: what attention reads at each decode step
     (a static cache is read in full, the mask hiding the unwritten positions). Counts each layer's
-    KV heads as they are now, a duplicated KV head once per copy; a removed attention caches nothing."""
+    KV heads as they are now; a removed attention caches nothing."""
     adapter = get_adapter(model)
     element = next(model.parameters()).element_size()
     per_position = sum(

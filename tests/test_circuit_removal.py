@@ -17,7 +17,7 @@ from eigenfast.modules import PositionIndexError
 from conftest import make_data, make_model
 
 # Layer 0 loses every head; layer 1 keeps heads 0, 2 and 3. With 2 KV heads (llama, qwen2)
-# that keeps 1 and 2 query heads of the two groups: uneven, so KV head 1 is duplicated.
+# that keeps 1 and 2 query heads of the two groups: uneven, so K/V are gathered per query head.
 HEADS = {0: [0, 1, 2, 3], 1: [1]}
 
 
@@ -62,27 +62,29 @@ def test_extracted_model_equals_the_hook_ablated_model(config_name, ablation, ml
 
 
 @pytest.mark.parametrize(
-    "kept, q_heads, kv_heads",
+    "kept, kv_heads, kv_slots, group",
     [
-        ([0, 1, 2, 3, 4, 5, 6, 7], range(8), [0, 1]),  # nothing removed: groups of 4
-        ([0, 1, 4, 5], [0, 1, 4, 5], [0, 1]),  # even: 2 and 2, no copies
-        ([0, 1, 2, 3, 4, 5], range(6), [0, 0, 1]),  # 4 and 2: groups of 2, KV head 0 copied
-        ([0, 3, 5, 6], [0, 3, 5, 6], [0, 1]),  # 2 and 2 spread out: still one KV head per group
-        ([1, 2, 3, 7], [1, 2, 3, 7], [0, 0, 0, 1]),  # 3 and 1: one KV slot per query head
-        ([6], [6], [1]),  # one group left: KV head 0 leaves
+        ([0, 1, 2, 3, 4, 5, 6, 7], [0, 1], [0, 0, 0, 0, 1, 1, 1, 1], 4),  # nothing removed: groups of 4
+        ([0, 1, 4, 5], [0, 1], [0, 0, 1, 1], 2),  # even: 2 and 2
+        ([0, 1, 2, 3, 4, 5], [0, 1], [0, 0, 0, 0, 1, 1], None),  # 4 and 2: uneven, each KV head kept once
+        ([0, 3, 5, 6], [0, 1], [0, 0, 1, 1], 2),  # 2 and 2 spread out: still one KV head per group
+        ([1, 2, 3, 7], [0, 1], [0, 0, 0, 1], None),  # 3 and 1
+        ([6], [1], [0], 1),  # one group left: KV head 0 leaves
     ],
 )
-def test_gqa_layout_gives_every_kept_query_head_its_kv_head(kept, q_heads, kv_heads):
+def test_gqa_layout_keeps_each_kv_head_once_and_maps_every_query_head_to_it(kept, kv_heads, kv_slots, group):
     model = AutoModelForCausalLM.from_config(
         LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=8,
                     num_key_value_heads=2, intermediate_size=48)
     )
     adapter = get_adapter(model)
     layout = head_layout(adapter, kept)
-    assert layout.q_heads == tuple(q_heads)
+    assert layout.q_heads == tuple(kept)
     assert layout.kv_heads == tuple(kv_heads)
+    assert layout.kv_slots == tuple(kv_slots)
+    assert layout.group == group
     for slot, head in enumerate(layout.q_heads):
-        assert layout.kv_heads[slot // layout.group] == adapter.kv_head(head)
+        assert layout.kv_heads[layout.kv_slots[slot]] == adapter.kv_head(head)
 
 
 @pytest.mark.parametrize("kept", [[0, 1, 2, 3, 4, 5], [1, 2, 3, 7], [0, 3, 5, 6]])
@@ -118,7 +120,7 @@ def expected_drop(model, heads, mlps, ablation) -> int:
             module = model.get_submodule(adapter.site(layer, component).path)
             column = projection_matrix(module).shape[0] + (module.bias is not None)  # weights + bias of one output
             n_total = adapter.n_heads if component == "q" else adapter.n_kv_heads
-            drop += (n_total - n_kept) * adapter.d_head * column  # negative for duplicated KV heads
+            drop += (n_total - n_kept) * adapter.d_head * column
         drop += len(gone) * adapter.d_head * adapter.d_model
         o_bias = model.get_submodule(adapter.site(layer, "o").path).bias
         if ablation == "mean" and o_bias is not None:

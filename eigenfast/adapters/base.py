@@ -213,8 +213,8 @@ class Adapter:
         return True
 
     def layer_heads(self, layer: int) -> tuple[int, int]:
-        """(query heads, KV heads) the layer's attention has now: the config's, or fewer after extraction
-        (a duplicated KV head counts once per copy), read off the projections' widths."""
+        """(query heads, KV heads) the layer's attention has now: the config's, or fewer after extraction,
+        read off the projections' widths."""
         width = lambda c: projection_matrix(self.model.get_submodule(self._path(layer, c))).shape[1]  # noqa: E731
         if self.projections["q"] == self.projections["k"]:  # one fused [q|k|v] projection
             heads = width("q") // (3 * self.d_head)

@@ -8,13 +8,15 @@ ablation the original bias is all that is left. A layer with no head left, or a
 pruned MLP, becomes a stand-in that returns the mean (or constant) output and never
 reads its input, so the norm feeding it goes as well unless another reader shares it.
 
-GQA: a KV head leaves with the last query head that reads it. HF attention repeats
-each KV head ``num_key_value_groups`` times, so every KV head must serve the same
-number of kept query heads. When the kept groups are uneven (say 2 and 1), the KV
-heads are duplicated: the group size becomes ``g = gcd`` of the kept counts and each
-KV head is copied ``count / g`` times. That costs the copies' K/V weights and cache,
-but keeps the stock HF attention (eager, SDPA, flash, KV cache) untouched; an
-index-select instead of ``repeat_kv`` would mean replacing HF's attention functions.
+GQA: a KV head leaves with the last query head that reads it, and each kept KV head is
+kept once, in its weights and in the KV cache. HF attention repeats each KV head
+``num_key_value_groups`` times, so when every kept KV head serves the same number of
+kept query heads that repeat still works. When the kept groups are uneven (say 2 and
+1), the attention records which KV slot each query slot reads (``eigenfast_kv_slots``,
+saved with the model's attributes) and its forward pads Q to the largest group with
+copies of query heads, dropping their outputs afterwards (eigenfast/positional.py).
+The alternative, gathering K/V out to one head per query head, copies the whole cache
+at every decode step, which transformers' SDPA avoids for even groups.
 
 A cut projection keeps its source's memory layout: GPT-2's ``Conv1D`` stores ``A``
 (d_in, d_out), ``nn.Linear`` stores ``A^T``. At batch 1 a decode step is a
@@ -24,7 +26,6 @@ GPT-2 projection that became an ``nn.Linear`` would read its fewer bytes more sl
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -47,7 +48,7 @@ from ..modules import (
     set_attributes,
     stores_linear_layout,
 )
-from ..positional import install
+from ..positional import KV_SLOTS, install
 from ..projection import PositionalModule
 from .ablation import ABLATIONS
 from .means import ComponentMeans
@@ -166,25 +167,25 @@ class RemovedNorm(nn.Identity):
 
 @dataclass(frozen=True)
 class HeadLayout:
-    """The heads a shrunk attention keeps, in slot order: query heads, and the KV head each KV slot copies."""
+    """The heads a shrunk attention keeps, in slot order: query heads, each kept KV head once, and the
+    KV slot each query slot reads."""
 
     q_heads: tuple[int, ...]
-    kv_heads: tuple[int, ...]  # repeats where a KV head is duplicated
+    kv_heads: tuple[int, ...]
+    kv_slots: tuple[int, ...]
 
     @property
-    def group(self) -> int:
-        return len(self.q_heads) // len(self.kv_heads)
+    def group(self) -> int | None:
+        """Query heads per KV head when every kept KV head serves as many; None for uneven groups."""
+        group = len(self.q_heads) // len(self.kv_heads)
+        return group if self.kv_slots == tuple(slot // group for slot in range(len(self.q_heads))) else None
 
 
 def head_layout(adapter: Adapter, kept: Sequence[int]) -> HeadLayout:
-    """Kept query heads in index order, and KV slots so that slot ``i // group`` serves query slot ``i``."""
+    """Kept query heads in index order, the KV heads they read in index order, and which one each reads."""
     q_heads = tuple(sorted(kept))
-    counts: dict[int, int] = {}
-    for head in q_heads:
-        counts[adapter.kv_head(head)] = counts.get(adapter.kv_head(head), 0) + 1
-    group = math.gcd(*counts.values())
-    kv_heads = tuple(kv for kv, count in counts.items() for _ in range(count // group))
-    return HeadLayout(q_heads, kv_heads)
+    kv_heads = tuple(sorted({adapter.kv_head(head) for head in q_heads}))
+    return HeadLayout(q_heads, kv_heads, tuple(kv_heads.index(adapter.kv_head(head)) for head in q_heads))
 
 
 def remove_components(
@@ -295,12 +296,18 @@ def _shrink_attention(
         blocks.setdefault(site.path, []).extend(site.out_index[h] for h in kept)
     for path, columns in blocks.items():
         # Fused projections (GPT-2 [Q|K|V], NeoX per-head [q|k|v]) keep their layout: head blocks stay in
-        # their original column order; the stable sort leaves a duplicated KV head's copies side by side.
+        # their original column order.
         columns = sorted(columns, key=lambda block: int(block[0]))
         replace_module(model, path, _cut(model.get_submodule(path), columns=torch.cat(columns)))
     rows = torch.cat([o.in_index[h] for h in layout.q_heads])
     replace_module(model, o.path, _cut(model.get_submodule(o.path), rows=rows, table=bias_rows, extrapolate=extrapolate))
-    set_attributes(adapter.attention(layer), adapter.head_count_attributes(len(layout.q_heads), len(layout.kv_heads)))
+    attention = adapter.attention(layer)
+    if layout.group is not None:
+        set_attributes(attention, adapter.head_count_attributes(len(layout.q_heads), len(layout.kv_heads)))
+    else:  # the forward pads Q out to the largest group for every KV head (eigenfast/positional.py)
+        widest = max(layout.kv_slots.count(slot) for slot in range(len(layout.kv_heads)))
+        attributes = adapter.head_count_attributes(widest * len(layout.kv_heads), len(layout.kv_heads))
+        set_attributes(attention, {**attributes, KV_SLOTS: list(layout.kv_slots)})
 
 
 def _cut(
