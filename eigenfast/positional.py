@@ -27,6 +27,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .adapters import Adapter, get_adapter
+from .errors import SavedModelError
 from .projection import PositionalModule, project
 
 
@@ -155,11 +156,15 @@ def _swap(module: nn.Module, mixin: type[nn.Module], adapter: type[Adapter]) -> 
         module.__class__ = _subclass(mixin, type(module), adapter)
 
 
-def _padding(attention: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(:data:`Q_PAD`, :data:`Q_UNPAD`) from the attention's :data:`KV_SLOTS`, or (None, None) for even groups."""
+def _padding(attention: nn.Module, heads: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(:data:`Q_PAD`, :data:`Q_UNPAD`) from the attention's :data:`KV_SLOTS`, or (None, None) for even groups.
+
+    ``heads`` is the layer's (query heads, KV heads) as its projections hold them.
+    """
     slots = getattr(attention, KV_SLOTS, None)
     if slots is None:
         return None, None
+    _check_slots(slots, heads)
     groups = [[slot for slot, kv in enumerate(slots) if kv == group] for group in range(max(slots) + 1)]
     width = max(map(len, groups))
     pad: list[int] = []
@@ -169,6 +174,21 @@ def _padding(attention: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | 
         pad += members + members[:1] * (width - len(members))
     device = next(attention.parameters()).device
     return tuple(torch.tensor(index, dtype=torch.long, device=device) for index in (pad, unpad))
+
+
+def _check_slots(slots: Any, heads: tuple[int, int]) -> None:
+    """A saved slot list must give each query head a KV head, in order, and use every KV head (else the save is damaged)."""
+    n_q, n_kv = heads
+    valid = (
+        isinstance(slots, list) and len(slots) == n_q and all(type(kv) is int for kv in slots)
+        and slots == sorted(slots) and set(slots) == set(range(n_kv))
+    )
+    if not valid:
+        raise SavedModelError(
+            f"{KV_SLOTS} = {slots!r} does not fit an attention with {n_q} query heads and {n_kv} KV heads: it must "
+            f"list, in ascending order, the KV head (0..{n_kv - 1}, each used) that each query head reads. The saved "
+            "model's eigenfast.json is damaged or was edited; save the model again from its source."
+        )
 
 
 def install(model: nn.Module) -> None:
@@ -181,6 +201,6 @@ def install(model: nn.Module) -> None:
         _swap(attention, PositionalAttention, kind)
         if isinstance(attention, PositionalAttention):
             # Derived from the saved attribute, so not in the state dict; a buffer so that .to(device) moves it.
-            for name, heads in zip((Q_PAD, Q_UNPAD), _padding(attention)):
+            for name, heads in zip((Q_PAD, Q_UNPAD), _padding(attention, adapter.layer_heads(index))):
                 attention.register_buffer(name, heads, persistent=False)
         _swap(adapter.mlp(index), PositionalMLP, kind)

@@ -163,3 +163,21 @@ def test_sdpa_decode_packing_the_padded_heads_equals_eager_decode():
         )
         scores[attn] = torch.stack(out.scores, dim=1)
     torch.testing.assert_close(scores["sdpa"], scores["eager"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [[0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 2], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], "0,1"])
+def test_a_damaged_slot_list_in_a_save_is_refused_with_a_clear_error(tmp_path, slots):
+    """Layer 0 keeps 6 query heads over 2 KV heads: a list of another length, a KV head it lacks, an order the
+    weights were not cut in, an unused KV head, or not a list at all is a damaged save, not an IndexError later."""
+    import json
+
+    from eigenfast.errors import SavedModelError
+
+    directory = tmp_path / "circuit"
+    save_model(cut("llama"), directory, kind="circuit")
+    spec_file = directory / "eigenfast.json"
+    spec = json.loads(spec_file.read_text())
+    spec["attributes"]["model.layers.0.self_attn"][KV_SLOTS] = slots
+    spec_file.write_text(json.dumps(spec))
+    with pytest.raises(SavedModelError, match=f"{KV_SLOTS}.*6 query heads and 2 KV heads"):
+        eigenfast.load(directory)
