@@ -19,7 +19,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-
 from transformers import DynamicCache
 
 from .adapters import get_adapter
@@ -60,7 +59,7 @@ class DecodeStep(nn.Module):
         self.layers = cached_layers(model)
         if not self.layers:
             raise UnsupportedModelError("the model keeps no attention layer, so there is no KV cache to export: "
-                             "export its forward with to_onnx instead")
+                                        "export its forward with to_onnx instead")
         self.n_layers = get_adapter(model).n_layers
 
     def forward(
@@ -119,8 +118,8 @@ def export_decoder(
     model: nn.Module, max_batch: int = 1024, max_length: int | None = None
 ) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram]:
     """``torch.export`` of :class:`DecodeStep` twice: the prefill (no past) and the decode step (a past),
-    batch, new-token length and past length dynamic. Two programs, because a zero-length past would
-    have the exporter specialise the cache's emptiness checks."""
+    batch, new-token length and past length dynamic. Two programs: transformers branches on whether the cache is
+    empty (``DynamicLayer.get_seq_length``), and an exported graph keeps one branch."""
     step = DecodeStep(model.eval())
     limit = _limit(model, max_length)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
