@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
@@ -89,6 +90,33 @@ def decode(
     _sync(device)
     return Decoded(torch.stack(tokens, 1), torch.stack(kept, 1) if keep_logits else None, prefill,
                    clock() - start)
+
+
+@torch.no_grad()
+def onnx_decode(
+    prefill, step, prompt: torch.Tensor, new_tokens: int, keep_logits: bool = False,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Decoded:
+    """:func:`decode` in ONNX Runtime: ``prefill`` and ``step`` are ``InferenceSession``s of
+    :func:`eigenfast.export.decoder_to_onnx`'s two files; the KV cache goes out of one call and into
+    the next as arrays, growing a position per step."""
+    batch, length = prompt.shape
+    names = [i.name for i in step.get_inputs()]
+    positions = torch.arange(length + new_tokens).expand(batch, -1).contiguous().numpy()
+    start = clock()
+    last, *cache = prefill.run(None, {names[0]: prompt.cpu().numpy(), names[1]: positions[:, :length]})
+    tokens, kept = [last.argmax(-1)], [last] if keep_logits else []
+    prefill_s = clock() - start
+    start = clock()
+    for step_index in range(new_tokens - 1):
+        at = length + step_index
+        feed = {names[0]: tokens[-1][:, None], names[1]: positions[:, at: at + 1], **dict(zip(names[2:], cache))}
+        last, *cache = step.run(None, feed)
+        tokens.append(last.argmax(-1))
+        if keep_logits:
+            kept.append(last)
+    as_tensor = lambda arrays: torch.from_numpy(numpy.stack(arrays, 1))  # noqa: E731
+    return Decoded(as_tensor(tokens), as_tensor(kept) if keep_logits else None, prefill_s, clock() - start)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -297,3 +297,67 @@ def test_onnx_runtime_runs_an_extracted_gpt2_in_conv1d_layout(tmp_path):
     ids, positions = inputs(4, 9)
     (out,) = session.run(None, {names[0]: ids.numpy(), names[1]: positions.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), eager_logits(model, ids, positions), rtol=0, atol=1e-4)
+
+
+def _onnx_decoder_sessions(model, folder):
+    import onnxruntime as ort  # a test dependency: a missing install must fail here, not skip
+
+    from eigenfast.export import decoder_to_onnx
+
+    return [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+            for p in decoder_to_onnx(model, folder, max_length=16)]
+
+
+def _assert_onnx_decode_equals_eager(model, sessions) -> None:
+    from eigenfast.serving import onnx_decode
+
+    for n, length in ((2, 5), (1, 1), (3, 7)):  # a one-token prompt: the prefill's smallest length
+        prompt = make_data(n=n, length=length, seed=n).input_ids
+        eager = decode(model, model.config, prompt, 6, keep_logits=True)
+        got = onnx_decode(*sessions, prompt, 6, keep_logits=True)
+        assert torch.equal(got.tokens, eager.tokens), (n, length)
+        torch.testing.assert_close(got.logits, eager.logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ("base",) + KINDS)
+def test_onnx_runtime_decodes_with_a_kv_cache_as_eager_does(family, kind, tmp_path):
+    """Greedy tokens and every step's logits of ONNX Runtime's prefill + decode step (past in, present out)
+    against the eager static-cache decode; the extracted models keep fewer KV heads in one layer and no
+    attention in the other (which then has no cache input)."""
+    from eigenfast.export import cached_layers
+
+    model = make_model(family) if kind == "base" else changed(family, kind)
+    sessions = _onnx_decoder_sessions(model, tmp_path)
+    past = [i for i in sessions[1].get_inputs() if i.name.startswith("past_")]
+    assert len(past) == 2 * len(cached_layers(model)) == (2 if kind == "extracted" else 4)
+    _assert_onnx_decode_equals_eager(model, sessions)
+
+
+@pytest.mark.parametrize("family", ["neox", "phi"])
+def test_onnx_runtime_decodes_pruned_and_extracted_neox_and_phi(family, tmp_path):
+    model = both(family)
+    _assert_onnx_decode_equals_eager(model, _onnx_decoder_sessions(model, tmp_path))
+
+
+def test_a_model_without_attention_has_no_decoder_to_export():
+    from eigenfast.errors import UnsupportedModelError
+    from eigenfast.export import DecodeStep
+
+    model = removed(make_model("gpt2"), make_data(n=8, seed=1), heads={0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, mlps=())
+    with pytest.raises(UnsupportedModelError, match="no attention layer"):
+        DecodeStep(model)
+
+
+def test_bench_onnx_mode_decodes_with_the_kv_cache(tmp_path):
+    from eigenfast.cli import main
+
+    out = tmp_path / "serving"
+    assert main(["bench", "--shape", "tiny", "--batches", "2", "--prompts", "4", "--new-tokens", "3",
+                 "--modes", "onnx", "--repeats", "1", "--clock", "cpu", "--out", str(out)]) == 0
+    rows = {r["kind"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+    assert {r["mode"] for r in rows.values()} == {"onnx"}
+    for r in rows.values():
+        assert r["ttft_ms"] > 0 and r["tokens_per_s"] > 0 and r["decode_speedup"] > 0
+    assert rows["base"]["decode_speedup"] == 1.0
+    assert rows["extracted"]["byte_cut"] > 0
