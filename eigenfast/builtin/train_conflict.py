@@ -29,10 +29,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from eigenfast.builtin.train import build_model, fit, hyperparameters, make_deterministic, versions
+from eigenfast.builtin.train import build_model, fit, make_deterministic
 from eigenfast.builtin.train_mix import (
     ARCHITECTURE, HELDOUT_FRACTION, MULT_REPEATS, PARTITION_SEED, build_mix_tokenizer, held_out_pairs,
-    run_command_line, seen_pairs, unseen_task,
+    run_command_line, run_record, seen_pairs, unseen_task,
 )
 from eigenfast.data import TaskData, from_pairs
 
@@ -146,13 +146,7 @@ def train(out: str | Path, seed: int = 0, steps: int | None = None, design: Desi
             "induction": f"{len(evals['induction'])} prompts over 0..99 (never trained on any induction)",
             **held_out,
         },
-        "steps": run.steps,
-        "steps_per_epoch": run.steps_per_epoch,
-        "hyperparameters": hyperparameters(tokenizer, ARCHITECTURE, run),
-        "final": {k: v for k, v in run.history[-1].items() if k.endswith("_accuracy")},
-        "history": run.history,
-        "train_seconds": round(run.seconds, 1),
-        **versions(),
+        **run_record(run, tokenizer),
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record

@@ -147,6 +147,15 @@ def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str,
             "int_mult": len(evals["int_mult"]),
             "induction": f"{len(evals['induction'])} prompts over 0..99 (eigenfast.tasks.induction)",
         },
+        **run_record(run, tokenizer),
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
+
+
+def run_record(run: Any, tokenizer: Any) -> dict[str, Any]:
+    """The training.json fields every mix-style model records about its run (after its own data fields)."""
+    return {
         "steps": run.steps,
         "steps_per_epoch": run.steps_per_epoch,
         "hyperparameters": hyperparameters(tokenizer, ARCHITECTURE, run),
@@ -155,8 +164,6 @@ def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str,
         "train_seconds": round(run.seconds, 1),
         **versions(),
     }
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    return record
 
 
 def run_command_line(train_model: Callable[..., dict[str, Any]], doc: str, epochs: int,
