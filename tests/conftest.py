@@ -79,3 +79,18 @@ def family(request) -> str:
 @pytest.fixture(params=ALL_CONFIGS)
 def config_name(request) -> str:
     return request.param
+
+
+def assert_static_cache_equals_dynamic(model: torch.nn.Module) -> None:
+    """Greedy generate() with a static KV cache scores every step as with the dynamic one (left padding included)."""
+    prompt = make_data(n=2, length=5, seed=5).input_ids
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    scores = {}
+    for cache in ("dynamic", "static"):
+        out = model.generate(
+            prompt * mask, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None,
+            output_scores=True, return_dict_in_generate=True, cache_implementation=cache,
+        )
+        scores[cache] = torch.stack(out.scores, dim=1)
+    torch.testing.assert_close(scores["static"], scores["dynamic"], rtol=0, atol=1e-5)

@@ -13,7 +13,7 @@ from eigenfast.positional import KV_SLOTS, Q_PAD, Q_UNPAD
 from eigenfast.serialization import save_model
 from eigenfast.serving import decode, kv_cache_bytes
 
-from conftest import IDS, make_data
+from conftest import IDS, assert_static_cache_equals_dynamic, make_data
 from test_circuit_removal import extracted, logits, removed
 
 SIZES = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
@@ -86,18 +86,7 @@ def test_only_uneven_layers_pad_their_query_heads():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_static_cache_generate_equals_dynamic_cache(name):
-    model = cut(name)
-    prompt = make_data(n=2, length=5, seed=5).input_ids
-    mask = torch.ones_like(prompt)
-    mask[1, :2] = 0
-    scores = {}
-    for cache in ("dynamic", "static"):
-        out = model.generate(
-            prompt * mask, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None,
-            output_scores=True, return_dict_in_generate=True, cache_implementation=cache,
-        )
-        scores[cache] = torch.stack(out.scores, dim=1)
-    torch.testing.assert_close(scores["static"], scores["dynamic"], rtol=0, atol=1e-5)
+    assert_static_cache_equals_dynamic(cut(name))
 
 
 def test_compiled_static_cache_decode_has_no_graph_break_nor_recompilation():

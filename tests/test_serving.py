@@ -16,7 +16,7 @@ import eigenfast
 from eigenfast.export import LogitsOnly, aoti_package, export, to_onnx
 from eigenfast.serving import decode
 
-from conftest import make_data, make_model
+from conftest import assert_static_cache_equals_dynamic, make_data, make_model
 from test_circuit_removal import removed
 
 KINDS = ("pruned", "extracted")
@@ -58,18 +58,7 @@ def test_forward_runs_no_python_hooks(family, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_static_cache_generate_equals_dynamic_cache(family, kind):
-    model = changed(family, kind)
-    prompt = make_data(n=2, length=5, seed=5).input_ids
-    mask = torch.ones_like(prompt)
-    mask[1, :2] = 0
-    scores = {}
-    for cache in ("dynamic", "static"):
-        out = model.generate(
-            prompt * mask, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None,
-            output_scores=True, return_dict_in_generate=True, cache_implementation=cache,
-        )
-        scores[cache] = torch.stack(out.scores, dim=1)
-    torch.testing.assert_close(scores["static"], scores["dynamic"], rtol=0, atol=1e-5)
+    assert_static_cache_equals_dynamic(changed(family, kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)
