@@ -156,14 +156,11 @@ def _swap(module: nn.Module, mixin: type[nn.Module], adapter: type[Adapter]) -> 
         module.__class__ = _subclass(mixin, type(module), adapter)
 
 
-def _padding(attention: nn.Module, heads: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(:data:`Q_PAD`, :data:`Q_UNPAD`) from the attention's :data:`KV_SLOTS`, or (None, None) for even groups.
+def _padding(slots: Any, heads: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:data:`Q_PAD`, :data:`Q_UNPAD`) from an attention's saved :data:`KV_SLOTS`.
 
     ``heads`` is the layer's (query heads, KV heads) as its projections hold them.
     """
-    slots = getattr(attention, KV_SLOTS, None)
-    if slots is None:
-        return None, None
     _check_slots(slots, heads)
     groups = [[slot for slot, kv in enumerate(slots) if kv == group] for group in range(max(slots) + 1)]
     width = max(map(len, groups))
@@ -172,8 +169,7 @@ def _padding(attention: nn.Module, heads: tuple[int, int]) -> tuple[torch.Tensor
     for members in groups:  # query slots are sorted by KV slot, so unpad comes out in query-slot order
         unpad += range(len(pad), len(pad) + len(members))
         pad += members + members[:1] * (width - len(members))
-    device = next(attention.parameters()).device
-    return tuple(torch.tensor(index, dtype=torch.long, device=device) for index in (pad, unpad))
+    return torch.tensor(pad, device=device), torch.tensor(unpad, device=device)
 
 
 def _check_slots(slots: Any, heads: tuple[int, int]) -> None:
@@ -200,7 +196,10 @@ def install(model: nn.Module) -> None:
         attention = adapter.attention(index)
         _swap(attention, PositionalAttention, kind)
         if isinstance(attention, PositionalAttention):
+            slots = getattr(attention, KV_SLOTS, None)  # None: even groups, nothing to pad
+            padding = (None, None) if slots is None else _padding(
+                slots, adapter.layer_heads(index), next(attention.parameters()).device)
             # Derived from the saved attribute, so not in the state dict; a buffer so that .to(device) moves it.
-            for name, heads in zip((Q_PAD, Q_UNPAD), _padding(attention, adapter.layer_heads(index))):
-                attention.register_buffer(name, heads, persistent=False)
+            for name, index_tensor in zip((Q_PAD, Q_UNPAD), padding):
+                attention.register_buffer(name, index_tensor, persistent=False)
         _swap(adapter.mlp(index), PositionalMLP, kind)
