@@ -94,8 +94,8 @@ def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.T
 def check_foldable_in_place(model: nn.Module, paths: list[str]) -> None:
     """Refuse a sharded projection that freezing could not rewrite in place (FSDP2-sharded models only).
 
-    Only a weight stored as TokenBiasLinear stores it (nn.Linear's layout, no bias Parameter)
-    can change class without FSDP2 losing track of a Parameter or meeting a new shape.
+    Only an nn.Linear (or a TokenBiasLinear) without a bias Parameter can change class in place
+    without FSDP2 losing track of a Parameter or meeting a new shape.
     """
     for path in paths:
         module = model.get_submodule(path)

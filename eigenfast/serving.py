@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdp
 from transformers import StaticCache
 
 from .adapters import get_adapter, projection_matrix
+from .export import cached_layers
 
 
 @register_flop_formula(torch.ops.eigenfast.token_bias_linear)
@@ -141,9 +142,7 @@ def kv_cache_bytes(model: nn.Module, batch: int, length: int) -> int:
     KV heads as they are now; a removed attention caches nothing."""
     adapter = get_adapter(model)
     element = next(model.parameters()).element_size()
-    per_position = sum(
-        adapter.layer_heads(layer)[1] for layer in range(adapter.n_layers) if adapter.has_component(layer, "k")
-    ) * 2 * adapter.d_head * element
+    per_position = sum(adapter.layer_heads(layer)[1] for layer in cached_layers(model)) * 2 * adapter.d_head * element
     return batch * length * per_position
 
 
