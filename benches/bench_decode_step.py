@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
+from eigenfast.adapters.calls import cache_keyword
 from eigenfast.commands.arguments import comma_list, positive_int
 from eigenfast.commands.bench import SHAPES, build_models
 
@@ -32,7 +33,7 @@ def step_inputs(model: nn.Module, batch: int, prompt: int, decode: bool) -> tupl
     start, length = (prompt, 1) if decode else (0, prompt)
     at = torch.arange(start, start + length)
     ids = torch.randint(0, vocab, (batch, length))
-    return dict(input_ids=ids, position_ids=at.expand(batch, length), cache_position=at, past_key_values=cache,
+    return dict(input_ids=ids, position_ids=at.expand(batch, length), **{cache_keyword(model): cache},
                 use_cache=True), cache
 
 
@@ -51,7 +52,7 @@ def median_step_s(forwards: dict[str, Callable], models: dict[str, nn.Module], b
         kwargs, cache = step_inputs(model, batch, prompt, decode)
         if decode:  # fill the cache with a prompt first
             prefill, _ = step_inputs(model, batch, prompt, decode=False)
-            forwards[name](**{**prefill, "past_key_values": cache})
+            forwards[name](**{**prefill, cache_keyword(model): cache})
         calls[name] = (kwargs, cache)
     start = prompt if decode else 0
     times: dict[str, list[float]] = {name: [] for name in models}

@@ -13,7 +13,7 @@ from .circuit import CircuitResult, extract_circuit
 from .data import TaskData, as_task_data, from_jsonl, from_pairs, int_mult, int_sum, load_task
 from .errors import (
     ArgumentError, DataError, EigenfastError, MissingFilesError, ModelLoadError, OutputExistsError,
-    PositionIndexError, SavedModelError, UnsupportedModelError,
+    PositionIndexError, SavedModelError, TransformersVersionError, UnsupportedModelError,
 )
 from .edges import acdc, eap, edge_prune
 from .forward import evaluate
@@ -38,6 +38,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "SavedModelError",
     "TaskData",
+    "TransformersVersionError",
     "UnsupportedModelError",
     "acdc",
     "as_task_data",

@@ -40,3 +40,8 @@ class OutputExistsError(EigenfastError, FileExistsError):
 
 class MissingFilesError(EigenfastError, FileNotFoundError):
     """Files eigenfast ships or needs (a built-in model's weights, a data file) are not where they should be."""
+
+
+class TransformersVersionError(EigenfastError, TypeError):
+    """The installed transformers calls a decoder layer, attention function, rotary embedding, cache or model
+    with parameters eigenfast's adapters cannot map (a release outside the supported range)."""

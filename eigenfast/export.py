@@ -22,6 +22,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .adapters import get_adapter
+from .adapters.calls import cache_keyword
 from .errors import UnsupportedModelError
 from .forward import model_device
 
@@ -61,6 +62,7 @@ class DecodeStep(nn.Module):
             raise UnsupportedModelError("the model keeps no attention layer, so there is no KV cache to export: "
                                         "export its forward with to_onnx instead")
         self.n_layers = get_adapter(model).n_layers
+        self.cache_keyword = cache_keyword(model)
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, past: tuple[torch.Tensor, ...] = ()
@@ -72,8 +74,8 @@ class DecodeStep(nn.Module):
             placeholder = past[0].new_zeros(past[0].shape[0], 1, past[0].shape[2], 1)
             kept = dict(zip(self.layers, zip(past[0::2], past[1::2])))
             cache = DynamicCache([kept.get(layer, (placeholder, placeholder)) for layer in range(self.n_layers)])
-        logits = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
-                            logits_to_keep=1).logits[:, -1]
+        logits = self.model(input_ids=input_ids, position_ids=position_ids, **{self.cache_keyword: cache},
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
         return (logits, *(t for layer in self.layers for t in (cache.layers[layer].keys, cache.layers[layer].values)))
 
 

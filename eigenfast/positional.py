@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .adapters import Adapter, get_adapter
+from .adapters.calls import LayerParameters, attention_function, layer_parameters
 from .errors import SavedModelError
 from .projection import PositionalModule, project
 
@@ -41,10 +41,11 @@ class PositionalBlock(nn.Module):
     eigenfast_mlp: str
     eigenfast_attn_norm: str
     eigenfast_mlp_norm: str | None
+    eigenfast_layer: LayerParameters  # the HF layer class's parameter names, read off its forward
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter = self.eigenfast_adapter
-        call = adapter.layer_call(args, kwargs)
+        call = adapter.layer_call(self.eigenfast_layer, args, kwargs)
         if call.position_ids is None:
             raise ValueError(
                 "a model changed by eigenfast needs the decoder layers' position_ids; call the whole model "
@@ -103,8 +104,7 @@ class PositionalAttention(nn.Module):
         pad = self.eigenfast_q_pad
         if pad is not None:  # uneven GQA groups: evened out with copies of query heads, whose outputs are dropped
             q = q.index_select(1, pad)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, adapter.eager_attention())
-        out, weights = attend(
+        out, weights = attention_function(self, adapter.eager_attention())(
             self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling,
             **adapter.attention_options(self), **kwargs,
         )
@@ -134,12 +134,13 @@ def _attribute(name: str | None) -> str | None:
     return name
 
 
-def _names(mixin: type[nn.Module], adapter: type[Adapter]) -> dict[str, Any]:
-    """The attribute names the mixin's forward reads, from the adapter's paths."""
+def _names(mixin: type[nn.Module], base: type[nn.Module], adapter: type[Adapter]) -> dict[str, Any]:
+    """The attribute names the mixin's forward reads, from the adapter's paths (and for a layer, how it is called)."""
     if mixin is PositionalBlock:
         return {"eigenfast_attn": _attribute(adapter.attn_path), "eigenfast_mlp": _attribute(adapter.mlp_path),
                 "eigenfast_attn_norm": _attribute(adapter.attn_norm_path),
-                "eigenfast_mlp_norm": _attribute(adapter.mlp_norm_path)}
+                "eigenfast_mlp_norm": _attribute(adapter.mlp_norm_path),
+                "eigenfast_layer": layer_parameters(base, adapter.layer_arguments)}
     if mixin is PositionalAttention:
         return {"eigenfast_output": _attribute(adapter.output_projection())}
     return {"eigenfast_parts": tuple(_attribute(name) for name in adapter.mlp_parts())}
@@ -148,7 +149,7 @@ def _names(mixin: type[nn.Module], adapter: type[Adapter]) -> dict[str, Any]:
 @lru_cache(maxsize=None)
 def _subclass(mixin: type[nn.Module], base: type[nn.Module], adapter: type[Adapter]) -> type[nn.Module]:
     # One class per (mixin, HF class): named so that repr() and tracebacks say what it is.
-    return type(f"Positional{base.__name__}", (mixin, base), {"eigenfast_adapter": adapter, **_names(mixin, adapter)})
+    return type(f"Positional{base.__name__}", (mixin, base), {"eigenfast_adapter": adapter, **_names(mixin, base, adapter)})
 
 
 def _swap(module: nn.Module, mixin: type[nn.Module], adapter: type[Adapter]) -> None:

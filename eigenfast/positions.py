@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters.calls import cache_keyword
 from .data import positions_from_mask
 
 
@@ -26,7 +27,7 @@ class PositionTracker:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
-            position_ids = _infer_positions(args, kwargs)
+            position_ids = _infer_positions(args, kwargs, cache_keyword(module))
             # Hand the same positions to the model itself, so learned/rotary
             # position embeddings agree with the bias tables under left padding.
             kwargs["position_ids"] = position_ids
@@ -42,7 +43,7 @@ class PositionTracker:
         return self.positions
 
 
-def _infer_positions(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+def _infer_positions(args: tuple, kwargs: dict[str, Any], cache_name: str) -> torch.Tensor:
     tokens = kwargs.get("input_ids", args[0] if args else None)
     if tokens is None:
         tokens = kwargs["inputs_embeds"]
@@ -50,6 +51,6 @@ def _infer_positions(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         return positions_from_mask(mask)[:, -length:]
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get(cache_name)
     start = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
     return (torch.arange(length, device=tokens.device) + start).unsqueeze(0)

@@ -1,8 +1,7 @@
 """Serving measurements: greedy decoding with a static KV cache, timed as serving stacks run it.
 
 ``decode`` is the loop a serving stack runs around a (possibly compiled) model: one
-prefill over the prompt, then one token per step, positions and cache positions
-passed explicitly, a ``StaticCache`` so every step has the same shapes (what CUDA
+prefill over the prompt, then one token per step, positions passed explicitly, a ``StaticCache`` so every step has the same shapes (what CUDA
 graphs need). ``decode_step_bytes`` and ``forward_flops`` give the ideal speed-ups the
 measured ones are judged against: a decode step reads every weight and the whole KV
 cache once (bandwidth-bound), prefill is FLOP-bound.
@@ -20,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdp
 from transformers import StaticCache
 
 from .adapters import get_adapter, projection_matrix
+from .adapters.calls import cache_keyword
 from .export import cached_layers
 
 
@@ -67,13 +67,12 @@ def decode(
     shared CPU barely move) for CPU runs."""
     batch, length = prompt.shape
     device = prompt.device
-    cache = StaticCache(config=config, max_cache_len=length + new_tokens)
+    cache = {cache_keyword(forward): StaticCache(config=config, max_cache_len=length + new_tokens)}
     positions = torch.arange(length + new_tokens, device=device)
     _sync(device)
     start = clock()
     # The LM head at the last position only, as generate() does: the other positions' logits go unread.
-    last = forward(input_ids=prompt, position_ids=positions[:length].expand(batch, length),
-                   cache_position=positions[:length], past_key_values=cache, use_cache=True,
+    last = forward(input_ids=prompt, position_ids=positions[:length].expand(batch, length), **cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]
     tokens, kept = [last.argmax(-1)], [last] if keep_logits else []
     _sync(device)
@@ -81,8 +80,8 @@ def decode(
     start = clock()
     for step in range(new_tokens - 1):
         at = positions[length + step: length + step + 1]
-        last = forward(input_ids=tokens[-1].unsqueeze(1), position_ids=at.expand(batch, 1), cache_position=at,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+        last = forward(input_ids=tokens[-1].unsqueeze(1), position_ids=at.expand(batch, 1), **cache,
+                       use_cache=True).logits[:, -1]
         tokens.append(last.argmax(-1))
         if keep_logits:
             kept.append(last)

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PhiCon
 
 import eigenfast
 from eigenfast.adapters import get_adapter, projection_matrix
+from eigenfast.adapters.calls import cache_keyword
 from eigenfast.modules import set_attributes
 from eigenfast.positional import KV_SLOTS, Q_PAD, Q_UNPAD
 from eigenfast.serialization import save_model
@@ -66,7 +67,7 @@ def test_each_kept_kv_head_is_held_once_in_the_weights_and_both_caches(name):
     ids = make_data(n=3, length=4, seed=3).input_ids
     for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=9)):
         with torch.no_grad():
-            model(input_ids=ids, cache_position=torch.arange(4), past_key_values=cache, use_cache=True)
+            model(input_ids=ids, **{cache_keyword(model): cache}, use_cache=True)
         for layer in KEPT:
             assert cache.layers[layer].keys.shape[1] == cache.layers[layer].values.shape[1] == distinct_kv_heads(layer)
     held = sum(distinct_kv_heads(layer) for layer in KEPT) * 2 * adapter.d_head * 4  # float32

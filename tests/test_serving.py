@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import eigenfast
+from eigenfast.adapters.calls import cache_keyword
 from eigenfast.export import LogitsOnly, aoti_package, export, to_onnx
 from eigenfast.serving import decode
 
@@ -226,7 +227,7 @@ def test_kv_cache_bytes_are_what_a_static_cache_holds(family, kind):
     cache = StaticCache(config=model.config, max_cache_len=length)
     ids = make_data(n=batch, length=4, seed=3).input_ids
     with torch.no_grad():
-        model(input_ids=ids, cache_position=torch.arange(4), past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **{cache_keyword(model): cache}, use_cache=True)
     adapter = eigenfast.adapters.get_adapter(model)
     held = sum(
         t.numel() * t.element_size()

@@ -23,11 +23,14 @@ SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter for a HF causal LM, or an error naming the supported architectures."""
+    """The adapter for a HF causal LM, or an error naming the supported architectures (or the
+    transformers call the adapter cannot make: :meth:`Adapter.check_calls`)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
-            return adapter(model)
+    for kind in ADAPTERS:
+        if model_type in kind.model_types:
+            adapter = kind(model)
+            adapter.check_calls()
+            return adapter
     raise UnsupportedModelError(
         f"unsupported model type {model_type!r} ({type(model).__name__}); eigenfast supports "
         f"{', '.join(SUPPORTED_MODEL_TYPES)} causal LMs (GPT-2, GPT-NeoX/Pythia, Llama/Mistral/Qwen2, Phi)"

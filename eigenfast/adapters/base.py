@@ -14,9 +14,13 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from transformers import DynamicCache, StaticCache
 from transformers.pytorch_utils import Conv1D
 
-from ..projection import project
+from ..projection import PositionalModule, project
+from .calls import (
+    LayerParameters, attention_function, check_attention_function, check_cache_update, check_rotary, layer_parameters,
+)
 
 COMPONENTS = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
 HEAD_OUTPUT_COMPONENTS = ("q", "k", "v")  # each head owns some output columns
@@ -113,12 +117,31 @@ class Adapter:
     final_norm_path: str = ""  # relative to the backbone: the norm between the last layer and the LM head
     parallel: bool = False
     projections: dict[str, str] = {}
-    cache_argument: str = "past_key_values"  # the keyword a backbone hands its decoder layers the KV cache under
+    layer_arguments: tuple[str, ...] = ()  # a decoder layer's parameters the family's layer_call deals with itself
     mlp_activation: str = "act"  # the MLP's activation attribute
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
+
+    def check_calls(self) -> None:
+        """Raise :class:`TransformersVersionError` unless the installed transformers' decoder layers, attention
+        functions, rotary embedding and caches take the calls eigenfast makes (eigenfast/adapters/calls.py:
+        each signature is read once), so that a release that renamed one fails here, before any work."""
+        for cache_class in (DynamicCache, StaticCache):  # what generate() and eigenfast's serving decode with
+            check_cache_update(cache_class)
+        rotary = self.rotary_embedding()
+        if rotary is not None:
+            check_rotary(rotary)
+        for index, layer in enumerate(self.layers()):
+            if not hasattr(layer, "eigenfast_layer"):  # a layer eigenfast already swapped was read when it was
+                layer_parameters(type(layer), self.layer_arguments)
+            attention = self.attention(index)
+            if isinstance(attention, PositionalModule):  # eigenfast's stand-in for a removed attention
+                continue
+            keywords = tuple(sorted(("dropout", "scaling", *self.attention_options(attention))))
+            for function in {self.eager_attention(), attention_function(attention, self.eager_attention())}:
+                check_attention_function(function, keywords)
 
     # --- sizes -----------------------------------------------------------
     @property
@@ -241,14 +264,17 @@ class Adapter:
     # --- the positional forward (eigenfast/positional.py) ----------------
     # Class methods: they describe how one module of the family computes, whatever model it is in.
     @classmethod
-    def layer_call(cls, args: tuple, kwargs: dict[str, Any]) -> LayerCall:
-        """Name the arguments a decoder layer was called with (keywords here; GPT-2 passes some by position)."""
-        rest = dict(kwargs)
+    def layer_call(cls, parameters: LayerParameters, args: tuple, kwargs: dict[str, Any]) -> LayerCall:
+        """Name the arguments a decoder layer was called with, by its class's parameter names (``parameters``,
+        read off the installed transformers: eigenfast/adapters/calls.py)."""
+        if len(args) > len(parameters.positional):
+            raise TypeError(f"a decoder layer takes {len(parameters.positional) + 1} arguments by position, got {len(args) + 1}")
+        rest = {**dict(zip(parameters.positional, args)), **kwargs}
         return LayerCall(
-            attention_mask=rest.pop("attention_mask", None),
-            cache=rest.pop(cls.cache_argument, None),
-            position_ids=rest.get("position_ids"),  # also handed on: flash attention reads it
-            position_embeddings=rest.pop("position_embeddings", None),
+            attention_mask=rest.pop(parameters.attention_mask, None),
+            cache=rest.pop(parameters.cache, None),
+            position_ids=rest.get(parameters.position_ids),  # also handed on: flash attention reads it
+            position_embeddings=rest.pop(parameters.position_embeddings, None),
             kwargs=rest,
         )
 
@@ -285,11 +311,20 @@ class Adapter:
         return q, k, v
 
     @classmethod
+    def rotary_embedding(cls) -> Callable | None:
+        """transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` of the family; None: learned absolute positions."""
+        return None
+
+    @classmethod
     def rotate(
         cls, attention: nn.Module, q: torch.Tensor, k: torch.Tensor, position_embeddings: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The family's rotary embedding of Q and K; none by default (learned absolute positions)."""
-        return q, k
+        """Q and K with the family's rotary embedding applied (a partial one says how much in cos/sin)."""
+        rotary = cls.rotary_embedding()
+        if rotary is None:
+            return q, k
+        cos, sin = position_embeddings
+        return rotary(q, k, cos, sin)
 
     @classmethod
     def eager_attention(cls) -> Callable:

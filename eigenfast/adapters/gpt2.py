@@ -9,6 +9,7 @@ from transformers.models.gpt2 import modeling_gpt2
 
 from ..projection import project
 from .base import Adapter, LayerCall, contiguous_heads
+from .calls import LayerParameters
 
 
 class GPT2Adapter(Adapter):
@@ -29,6 +30,7 @@ class GPT2Adapter(Adapter):
         "mlp_in": "mlp.c_fc",
         "mlp_out": "mlp.c_proj",
     }
+    layer_arguments = ("encoder_hidden_states", "encoder_attention_mask")  # cross-attention: refused in layer_call
 
     def head_columns(self, component: str, n_heads: int, n_kv_heads: int) -> torch.Tensor:
         offset = "qkv".index(component) * n_heads * self.d_head
@@ -39,10 +41,8 @@ class GPT2Adapter(Adapter):
         return {"num_heads": n_heads, "split_size": n_heads * self.d_head}
 
     @classmethod
-    def layer_call(cls, args: tuple, kwargs: dict[str, Any]) -> LayerCall:
-        # GPT2Model passes the cache, the mask and encoder states by position (for gradient checkpointing).
-        names = ("past_key_values", "attention_mask", "encoder_hidden_states")
-        call = super().layer_call((), {**dict(zip(names, args)), **kwargs})
+    def layer_call(cls, parameters: LayerParameters, args: tuple, kwargs: dict[str, Any]) -> LayerCall:
+        call = super().layer_call(parameters, args, kwargs)
         encoder = call.kwargs.pop("encoder_hidden_states", None)
         call.kwargs.pop("encoder_attention_mask", None)
         if encoder is not None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 from torch import nn
 from transformers.models.llama import modeling_llama
 
@@ -32,11 +31,8 @@ class LlamaAdapter(Adapter):
     mlp_activation = "act_fn"
 
     @classmethod
-    def rotate(
-        cls, attention: nn.Module, q: torch.Tensor, k: torch.Tensor, position_embeddings: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = position_embeddings
-        return modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    def rotary_embedding(cls) -> Callable:
+        return modeling_llama.apply_rotary_pos_emb
 
     @classmethod
     def eager_attention(cls) -> Callable:

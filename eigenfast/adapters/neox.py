@@ -1,7 +1,7 @@
 """GPT-NeoX / Pythia: fused ``query_key_value`` laid out per head as [q_h | k_h | v_h]."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -29,8 +29,6 @@ class NeoXAdapter(Adapter):
         "mlp_in": "mlp.dense_h_to_4h",
         "mlp_out": "mlp.dense_4h_to_h",
     }
-    cache_argument = "layer_past"
-
     @property
     def parallel(self) -> bool:  # type: ignore[override]
         return bool(getattr(self.config, "use_parallel_residual", True))
@@ -56,11 +54,8 @@ class NeoXAdapter(Adapter):
         return q, k, v
 
     @classmethod
-    def rotate(
-        cls, attention: nn.Module, q: torch.Tensor, k: torch.Tensor, position_embeddings: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = position_embeddings
-        return modeling_gpt_neox.apply_rotary_pos_emb(q, k, cos, sin)  # partial rotary: cos/sin say how much
+    def rotary_embedding(cls) -> Callable:
+        return modeling_gpt_neox.apply_rotary_pos_emb  # partial rotary: cos/sin say how much
 
     @classmethod
     def eager_attention(cls) -> Callable:

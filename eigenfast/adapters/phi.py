@@ -32,6 +32,10 @@ class PhiAdapter(Adapter):
     mlp_activation = "activation_fn"
 
     @classmethod
+    def rotary_embedding(cls) -> Callable:
+        return modeling_phi.apply_rotary_pos_emb
+
+    @classmethod
     def rotate(
         cls, attention: nn.Module, q: torch.Tensor, k: torch.Tensor, position_embeddings: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +43,7 @@ class PhiAdapter(Adapter):
             q, k = attention.q_layernorm(q), attention.k_layernorm(k)
         cos, sin = position_embeddings
         n = attention.rotary_ndims  # partial rotary: the rest of each head passes through
-        q_rot, k_rot = modeling_phi.apply_rotary_pos_emb(q[..., :n], k[..., :n], cos, sin)
+        q_rot, k_rot = cls.rotary_embedding()(q[..., :n], k[..., :n], cos, sin)
         return torch.cat((q_rot, q[..., n:]), dim=-1), torch.cat((k_rot, k[..., n:]), dim=-1)
 
     @classmethod
