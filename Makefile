@@ -16,7 +16,7 @@ STAMP := .eigenfast-installed-$(shell printf '%s' '$(PYTHON) $(CONSTRAINTS)' | c
 
 # The oldest transformers pyproject.toml declares (its lower bound, the one place it is
 # written), for `make test-oldest`.
-OLDEST_TRANSFORMERS := $(shell python3 -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(next(re.search(r">=\s*([0-9.]+)", d)[1] for d in deps if re.match(r"transformers\b", d)))')
+OLDEST_TRANSFORMERS = $(shell python3 -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(next(re.search(r">=\s*([0-9.]+)", d)[1] for d in deps if re.match(r"transformers\b", d)))')
 # Released with transformers and pinned by it: for the oldest transformers, pip picks
 # their releases; everything else keeps the pinned set.
 RELEASED_WITH_TRANSFORMERS := transformers tokenizers huggingface-hub hf-xet kernels safetensors

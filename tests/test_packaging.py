@@ -15,6 +15,9 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -219,33 +222,61 @@ def find_python(version: str) -> str | None:
     return None
 
 
+@dataclass
+class FreshInstall:
+    venv: Path
+    build_output: str  # pip --verbose: the build's own lines
+    import_check: str  # IMPORT_CHECK's output, run from outside the source tree
+    with_cuda: bool  # eigenfast._C.with_cuda
+    seconds: float
+
+
+def install_into_fresh_venv(python_found: str, where: Path) -> FreshInstall:
+    """A new venv of that Python, the pinned set, and a regular install of a clean copy
+    of this repository, checked from outside the source."""
+    started = time.perf_counter()
+    env = clean_env()
+    venv = where / "venv"
+    run([python_found, "-m", "venv", str(venv)], env=env)
+    python = str(venv / "bin" / "python")
+    # --no-compile: pip byte-compiles every file it installs (20 s of CPU for torch's 2,300
+    # alone); the import check compiles only what it imports.
+    pip = [python, "-m", "pip", "install", "--no-compile", "-c", str(CONSTRAINTS)]
+    run([*pip, "--quiet", "--upgrade", "pip", "setuptools", "wheel"], env=env)
+    run([*pip, "--quiet", "torch"], env=env)
+    source = copy_of_the_repository(where / "src")
+    # --verbose: pip shows the build's own output only then
+    build = run([*pip, "--verbose", "--no-build-isolation", f"{source}[test]"], env=env, cwd=where)
+    checked = run([python, "-c", IMPORT_CHECK], env=env, cwd=where)
+    with_cuda = run([python, "-c", "import torch, eigenfast._C as c; print(c.with_cuda)"], env=env, cwd=where)
+    return FreshInstall(venv, build.stdout + build.stderr, checked.stdout, with_cuda.stdout.strip() == "1",
+                        time.perf_counter() - started)
+
+
+@pytest.fixture(scope="module")
+def fresh_installs(tmp_path_factory) -> Iterator[dict[str, Future[FreshInstall]]]:
+    """The install on each Python found, all started at once: most of each is downloading
+    and unpacking torch (a CUDA build, 1.3 GB, for 3.12 and 3.13), which overlap."""
+    found = {version: find_python(version) for version in PYTHONS}
+    with ThreadPoolExecutor(max_workers=len(PYTHONS)) as pool:
+        yield {version: pool.submit(install_into_fresh_venv, python, tmp_path_factory.mktemp(f"python{version}"))
+               for version, python in found.items() if python is not None}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("version", PYTHONS)
-def test_fresh_venv_regular_install(tmp_path, version):
+def test_fresh_venv_regular_install(fresh_installs, version):
     """The pinned set and a regular install into a new venv of each supported Python the
     machine has. On Linux, torch from PyPI is a CUDA build for Python 3.12 and 3.13: with
     nvcc there and no GPU, the extension is built for torch's archs (see setup.py)."""
-    python_found = find_python(version)
-    if python_found is None:
+    if version not in fresh_installs:
         pytest.skip(f"no Python {version} here (python{version} on PATH or a pyenv build of it)")
-    started = time.perf_counter()
-    env = clean_env()
-    venv = tmp_path / "venv"
-    run([python_found, "-m", "venv", str(venv)], env=env)
-    python = str(venv / "bin" / "python")
-    pip = [python, "-m", "pip", "install", "-c", str(CONSTRAINTS)]
-    run([*pip, "--quiet", "--upgrade", "pip", "setuptools", "wheel"], env=env)
-    run([*pip, "--quiet", "torch"], env=env)
-    source = copy_of_the_repository(tmp_path / "src")
-    # --verbose: pip shows the build's own output only then
-    build = run([*pip, "--verbose", "--no-build-isolation", f"{source}[test]"], env=env, cwd=tmp_path)
-    assert "Package would be ignored" not in build.stdout + build.stderr
-    built = re.search(r"eigenfast: building eigenfast\._C (.*)", build.stdout + build.stderr)
+    install = fresh_installs[version].result()
+    assert "Package would be ignored" not in install.build_output
+    built = re.search(r"eigenfast: building eigenfast\._C (.*)", install.build_output)
     assert built, "the build did not say which extension it made"
-    result = run([python, "-c", IMPORT_CHECK], env=env, cwd=tmp_path)
-    installed = Path(result.stdout.splitlines()[0])
-    assert installed.is_relative_to(venv), installed  # the installed copy, not the source tree
-    with_cuda = run([python, "-c", "import torch, eigenfast._C as c; print(c.with_cuda)"], env=env, cwd=tmp_path)
-    assert (with_cuda.stdout.strip() == "1") == built[1].startswith("with CUDA kernels"), built[0]
-    print(f"Python {version}: fresh venv + pinned set + regular install + import: "
-          f"{time.perf_counter() - started:.0f} s; {built[0]}")
+    assert install.with_cuda == built[1].startswith("with CUDA kernels"), built[0]
+    installed = Path(install.import_check.splitlines()[0])
+    assert installed.is_relative_to(install.venv), installed  # the installed copy, not the source tree
+    print(f"Python {version}: fresh venv + pinned set + regular install + import: {install.seconds:.0f} s; "
+          f"{built[0]}")
