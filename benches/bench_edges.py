@@ -97,7 +97,7 @@ def bench_step(args: argparse.Namespace) -> None:
 
 def bench_methods(args: argparse.Namespace) -> None:
     from eigenfast.builtin import load_builtin
-    from eigenfast.data import load_task
+    from eigenfast.tasks import load_task
 
     model, tokenizer = load_builtin("int_sum_gpt2")
     model = model.to(args.device)

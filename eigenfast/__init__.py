@@ -10,10 +10,11 @@ Every error eigenfast raises on purpose is an ``eigenfast.EigenfastError``.
 """
 from .adapters import SUPPORTED_MODEL_TYPES, get_adapter
 from .circuit import CircuitResult, extract_circuit
-from .data import TaskData, as_task_data, from_jsonl, from_pairs, int_mult, int_sum, load_task
+from .data import TaskData, as_task_data, from_jsonl, from_pairs, int_mult, int_sum
 from .errors import (
-    ArgumentError, DataError, EigenfastError, MissingFilesError, ModelLoadError, OutputExistsError,
-    PositionIndexError, SavedModelError, TransformersVersionError, UnsupportedModelError,
+    ArgumentError, ArgumentTypeError, DataError, EigenfastError, MissingFilesError, ModelLoadError,
+    OutputExistsError, PositionIndexError, PositionLimitError, SavedModelError, StateError,
+    TransformersVersionError, UnknownAttributeError, UnsupportedModelError,
 )
 from .edges import acdc, eap, edge_prune
 from .forward import evaluate
@@ -21,12 +22,13 @@ from .loading import load_model
 from .prune import PruneResult, prune
 from .scoring import score
 from .serialization import load
-from .tasks import induction
+from .tasks import induction, load_task
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError",
+    "ArgumentTypeError",
     "CircuitResult",
     "DataError",
     "EigenfastError",
@@ -34,11 +36,14 @@ __all__ = [
     "ModelLoadError",
     "OutputExistsError",
     "PositionIndexError",
+    "PositionLimitError",
     "PruneResult",
     "SUPPORTED_MODEL_TYPES",
     "SavedModelError",
+    "StateError",
     "TaskData",
     "TransformersVersionError",
+    "UnknownAttributeError",
     "UnsupportedModelError",
     "acdc",
     "as_task_data",

@@ -28,6 +28,8 @@ from typing import Callable, Literal
 
 import torch
 
+from .errors import ArgumentError
+
 Backend = Literal["auto", "torch", "triton"]
 Reduce = Literal["max", "mean"]
 REDUCE = ("max", "mean")
@@ -150,7 +152,7 @@ def _use_triton(backend: Backend, x: torch.Tensor) -> bool:
         # The torch path runs on any device, so a GPU without Triton still works.
         return x.is_cuda and importlib.util.find_spec("triton") is not None
     if backend not in ("torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        raise ArgumentError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     return backend == "triton"
 
 
@@ -218,30 +220,30 @@ def _check(
     pmean: torch.Tensor | None = None,
 ) -> None:
     if x.dim() != 3 or U.dim() != 3:
-        raise ValueError("x must be (R, H, d_in) and U (H, d_in, r)")
+        raise ArgumentError("x must be (R, H, d_in) and U (H, d_in, r)")
     R, H, d_in = x.shape
     if U.shape[:2] != (H, d_in):
-        raise ValueError(f"U shape {tuple(U.shape)} does not match x {tuple(x.shape)}")
+        raise ArgumentError(f"U shape {tuple(U.shape)} does not match x {tuple(x.shape)}")
     r = U.shape[2]
     if pos.shape != (R,) or pos.dtype != torch.int64:
-        raise ValueError("pos must be an int64 tensor of shape (R,)")
+        raise ArgumentError("pos must be an int64 tensor of shape (R,)")
     if g is None:
         for name, stat in (("pmax", pmax), ("pmin", pmin)):
             _check_stat(name, stat, H, r)
         return
     if reduce not in REDUCE:
-        raise ValueError(f"reduce must be one of {REDUCE}, got {reduce!r}")
+        raise ArgumentError(f"reduce must be one of {REDUCE}, got {reduce!r}")
     if g.dim() != 3 or g.shape[:2] != (R, H):
-        raise ValueError(f"g shape {tuple(g.shape)} does not match x {tuple(x.shape)}")
+        raise ArgumentError(f"g shape {tuple(g.shape)} does not match x {tuple(x.shape)}")
     if V.shape != (H, r, g.shape[2]) or s.shape != (H, r):
-        raise ValueError("V must be (H, r, d_out) and s (H, r)")
+        raise ArgumentError("V must be (H, r, d_out) and s (H, r)")
     if out.shape != (H, r) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError("out must be a contiguous float32 (H, r) tensor")
+        raise ArgumentError("out must be a contiguous float32 (H, r) tensor")
     if weight is not None and (weight.shape != (R,) or weight.dtype != torch.float32):
-        raise ValueError("weight must be a float32 tensor of shape (R,)")
+        raise ArgumentError("weight must be a float32 tensor of shape (R,)")
     if partner is not None:
         if partner.shape != x.shape:
-            raise ValueError(f"partner shape {tuple(partner.shape)} != x shape {tuple(x.shape)}")
+            raise ArgumentError(f"partner shape {tuple(partner.shape)} != x shape {tuple(x.shape)}")
     elif reduce == "mean":
         _check_stat("pmean", pmean, H, r)
     else:
@@ -251,6 +253,6 @@ def _check(
 
 def _check_stat(name: str, stat: torch.Tensor | None, H: int, r: int) -> None:
     if stat is None or stat.dim() != 3 or stat.shape[1:] != (H, r):
-        raise ValueError(f"{name} must be a (T, H, r) tensor")
+        raise ArgumentError(f"{name} must be a (T, H, r) tensor")
     if stat.dtype != torch.float32 or not stat.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous float32 tensor")
+        raise ArgumentError(f"{name} must be a contiguous float32 tensor")

@@ -3,11 +3,12 @@
 The commands live in :mod:`eigenfast.commands`; this file only builds the parser,
 starts the process group under ``torchrun``, and turns errors into exit statuses:
 2 for usage errors (argparse), 1 for an :class:`~eigenfast.errors.EigenfastError`,
-printed as ``error: ...``.
+printed as ``error: ...``, and 130 after Ctrl-C, printed as one line.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Sequence
 
@@ -16,6 +17,7 @@ from .commands.arguments import HelpFormatter
 from .distributed import launched_by_torchrun
 from .errors import EigenfastError
 
+INTERRUPTED = 128 + signal.SIGINT  # the shell's status for a command stopped by Ctrl-C
 DESCRIPTION = "Eigenprune a Hugging Face causal LM for a task, evaluate it, or extract its circuit."
 
 
@@ -45,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EigenfastError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Saves are written to a staging folder and moved in last, so an interrupted command leaves no half-written output.
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from .errors import DataError
+from .position_limit import position_limit
 
 
 @dataclass
@@ -156,8 +157,8 @@ def from_pairs(prompts: Sequence[str], targets: Sequence[str], tokenizer: Any) -
     if len(prompts) != len(targets):
         raise DataError(f"length mismatch: {len(prompts)} prompts but {len(targets)} targets")
     labels = []
-    for prompt, target in zip(prompts, targets):
-        ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    # One call per list: a fast tokenizer encodes a batch in one pass, ten times quicker than per string.
+    for prompt, target, ids in zip(prompts, targets, _encode(tokenizer, targets)):
         if not ids:
             raise DataError(
                 f"target {target!r} (prompt {prompt!r}) tokenizes to nothing: the tokenizer has no vocabulary "
@@ -174,7 +175,7 @@ def from_pairs(prompts: Sequence[str], targets: Sequence[str], tokenizer: Any) -
                 "the tokenizer has no token for it, so the model cannot predict it; use targets in its vocabulary"
             )
         labels.append(ids[0])
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = _encode(tokenizer, prompts)
     for prompt, ids in zip(prompts, encoded):
         if not ids:
             raise DataError(f"prompt {prompt!r} tokenizes to nothing")
@@ -187,6 +188,10 @@ def from_pairs(prompts: Sequence[str], targets: Sequence[str], tokenizer: Any) -
         input_ids[row, width - len(ids):] = torch.tensor(ids)
         mask[row, width - len(ids):] = 1
     return TaskData(input_ids, torch.tensor(labels), mask, list(prompts), list(targets))
+
+
+def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    return list(tokenizer(list(texts), add_special_tokens=False)["input_ids"])
 
 
 def int_sum_pairs() -> tuple[list[str], list[str]]:
@@ -231,28 +236,22 @@ def from_jsonl(path: str | Path, tokenizer: Any) -> TaskData:
     return from_pairs(prompts, targets, tokenizer)
 
 
-TASKS = {"int_sum": int_sum, "int_mult": int_mult}
-
-
-def check_task(task: str) -> None:
-    """Refuse, before any work, a task that is neither built in nor an existing file."""
-    if task in TASKS or Path(task).is_file():
-        return
-    if task.endswith(".jsonl"):
-        raise DataError(f"no such data file: {task}")
-    raise DataError(f"unknown task {task!r}: use one of {sorted(TASKS)} or a path to a .jsonl file")
-
-
-def load_task(task: str, tokenizer: Any) -> TaskData:
-    """A built-in task by name, or a JSONL file path."""
-    check_task(task)
-    if task in TASKS:
-        return TASKS[task](tokenizer)
-    return from_jsonl(task, tokenizer)
+def model_data(data: "TaskData | Mapping[str, torch.Tensor]", model: Any) -> TaskData:
+    """``data`` as :class:`TaskData`, refused before any work if ``model`` cannot read it (:func:`check_fits_model`)."""
+    data = as_task_data(data)
+    check_fits_model(data, model)
+    return data
 
 
 def check_fits_model(data: TaskData, model: Any) -> None:
-    """Refuse data the model cannot read: ids outside its vocabulary, or left padding without a mask."""
+    """Refuse data the model cannot read: ids outside its vocabulary, sequences longer than its positions,
+    or left padding without a mask."""
+    limit = position_limit(model)
+    if limit is not None and data.max_length > limit:
+        raise DataError(
+            f"the longest prompt is {data.max_length} tokens, but the model reads at most {limit} positions "
+            "(its config's max_position_embeddings); shorten the prompts or leave out the long ones"
+        )
     n_inputs = model.get_input_embeddings().num_embeddings
     n_outputs = model.get_output_embeddings().weight.shape[0]
     for name, ids, size in (("an input id", data.input_ids, n_inputs), ("a label", data.labels, n_outputs)):

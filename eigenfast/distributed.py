@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .data import TaskData
-from .errors import DataError
+from .errors import DataError, StateError, UnsupportedModelError
 
 T = TypeVar("T")
 
@@ -173,12 +173,12 @@ def shard_model(model: nn.Module) -> nn.Module:
     from .adapters import get_adapter
 
     if not is_distributed():
-        raise RuntimeError("shard_model needs an initialised process group of 2+ ranks (start with torchrun)")
+        raise StateError("shard_model needs an initialised process group of 2+ ranks (start with torchrun)")
     adapter = get_adapter(model)
     head = adapter.lm_head()
     embeddings = model.get_input_embeddings()
     if embeddings is not None and head.weight is embeddings.weight:
-        raise ValueError(
+        raise UnsupportedModelError(
             "the LM head shares its weight with the input embeddings (tied); FSDP2 cannot put one parameter "
             "in two units: untie them first (model.lm_head.weight = nn.Parameter(model.lm_head.weight.clone()))"
         )

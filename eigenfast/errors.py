@@ -26,6 +26,10 @@ class PositionIndexError(EigenfastError, IndexError):
     """A token position beyond the calibration length under ``extrapolate="error"``."""
 
 
+class PositionLimitError(EigenfastError, IndexError):
+    """A sequence longer than the model's learned position table (GPT-2's ``n_positions``) can read."""
+
+
 class ModelLoadError(EigenfastError, ValueError):
     """A ``--model`` that names no built-in model, eigenfast save or usable HF model folder."""
 
@@ -34,8 +38,20 @@ class ArgumentError(EigenfastError, ValueError):
     """An argument outside its allowed range (a negative threshold, a p above 1, ...)."""
 
 
+class ArgumentTypeError(EigenfastError, TypeError):
+    """An argument of a type eigenfast cannot use (a module attribute a save could not hold as JSON, ...)."""
+
+
+class UnknownAttributeError(EigenfastError, AttributeError):
+    """A module attribute eigenfast was asked to change that the module does not have."""
+
+
 class OutputExistsError(EigenfastError, FileExistsError):
     """An output directory that holds someone else's files, which eigenfast will not write into."""
+
+
+class StateError(EigenfastError, RuntimeError):
+    """A call made where it cannot run: no process group for ``shard_model``, an ablation hook outside a forward."""
 
 
 class MissingFilesError(EigenfastError, FileNotFoundError):

@@ -14,8 +14,11 @@ tensors (:class:`DecodeStep`, :func:`export_decoder`, :func:`decoder_to_onnx`).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -103,6 +106,30 @@ def example_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> tuple[t
     return ids, torch.arange(length, device=device).expand(batch, length)
 
 
+# Known-harmless messages of torch's exporters, filtered by message for the export only: the ONNX exporter
+# lists the torchvision ops it skips when torchvision is absent (eigenfast exports none), and torch.export's
+# own pytree code trips a deprecation of its LeafSpec class.
+_ONNX_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+_SKIPPED_TORCHVISION = "torchvision is not installed"
+_LEAFSPEC_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+def _not_torchvision_skip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_SKIPPED_TORCHVISION)
+
+
+@contextlib.contextmanager
+def _known_warnings_off() -> Iterator[None]:
+    registry = logging.getLogger(_ONNX_REGISTRY_LOGGER)
+    registry.addFilter(_not_torchvision_skip)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_LEAFSPEC_DEPRECATION, category=FutureWarning)
+            yield
+    finally:
+        registry.removeFilter(_not_torchvision_skip)
+
+
 def _limit(model: nn.Module, max_length: int | None) -> int:
     return max_length or int(getattr(model.config, "max_position_embeddings", None) or 4096)
 
@@ -112,7 +139,7 @@ def export(model: nn.Module, max_batch: int = 1024, max_length: int | None = Non
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     length = torch.export.Dim("length", min=2, max=_limit(model, max_length))
     dims = {0: batch, 1: length}
-    with torch.no_grad():
+    with torch.no_grad(), _known_warnings_off():
         return torch.export.export(LogitsOnly(model.eval()), example_inputs(model), dynamic_shapes=(dims, dims))
 
 
@@ -129,7 +156,7 @@ def export_decoder(
     past_dims = {0: batch, 2: torch.export.Dim("past", min=1, max=limit - 1)}
     # Contiguous examples of sizes distinct from each other, so no size is specialised on a coincidence.
     ids, positions = (t.contiguous() for t in example_inputs(model, batch=2, length=5))
-    with torch.no_grad():
+    with torch.no_grad(), _known_warnings_off():
         prefill = torch.export.export(step, (ids, positions), dynamic_shapes=(tokens, tokens))
         _, *past = step(ids, positions)
         at = torch.arange(5, 8, device=ids.device).repeat(2, 1)
@@ -140,7 +167,10 @@ def export_decoder(
 
 def _onnx_file(program: torch.export.ExportedProgram, path: str | Path, output_names: list[str] | None = None) -> Path:
     path = Path(path)
-    torch.onnx.export(program.run_decompositions(decompositions()), f=str(path), dynamo=True, output_names=output_names)
+    with _known_warnings_off():
+        # verbose=False: no "[torch.onnx] ..." line per export step
+        torch.onnx.export(program.run_decompositions(decompositions()), f=str(path), dynamo=True,
+                          output_names=output_names, verbose=False)
     return path
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, get_adapter
-from .data import TaskData, as_task_data
+from .data import TaskData, model_data
 from .progress import progress
 
 
@@ -62,7 +62,7 @@ class Evaluation:
 @torch.inference_mode()  # also skips the Python autograd layer of eigenfast's ops
 def evaluate(model: nn.Module, data: "TaskData | dict", batch_size: int = 64, desc: str | None = None) -> Evaluation:
     """Accuracy (argmax == label) and mean cross-entropy of the next token."""
-    data = as_task_data(data)
+    data = model_data(data, model)
     adapter = get_adapter(model)
     correct, loss = 0, 0.0
     with eval_mode(model):

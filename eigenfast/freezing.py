@@ -25,6 +25,7 @@ from .errors import ArgumentError
 from .modules import (
     TokenBiasLinear, bias_table, extend_rows, replace_module, resample_table, stores_linear_layout, validate_extrapolate,
 )
+from .position_limit import guard_positions
 from .positional import install
 from .scoring import Attribution, Key
 
@@ -89,6 +90,7 @@ def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.T
         replace_module(model, path, new)
     if by_module:
         install(model)
+        guard_positions(model)
 
 
 def check_foldable_in_place(model: nn.Module, paths: list[str]) -> None:

@@ -6,9 +6,10 @@ by the folder's ``config.json`` ``auto_map``, so
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
 returns exactly what ``eigenfast.load(folder)`` returns. Without
-``trust_remote_code`` transformers refuses the folder: its ``model_type`` is
-``"eigenfast"``, which no built-in class reads, so the weights (which only make
-sense with eigenfast's modules) are never loaded into a plain model. It imports
+``trust_remote_code`` transformers refuses the folder (on an interactive terminal it
+first asks whether to run this file; only "y" loads, through eigenfast): its
+``model_type`` is ``"eigenfast"``, which no built-in class reads, so the weights (which
+only make sense with eigenfast's modules) are never loaded into a plain model. It imports
 nothing from eigenfast at module level: transformers copies it on its own.
 """
 from __future__ import annotations

@@ -8,11 +8,19 @@ from typing import Any
 from torch import nn
 
 from .errors import ModelLoadError
+from .position_limit import guard_positions
+from .progress import transformers_bars_off
 from .serialization import SPEC_FILE, load
 from .splits import TRAINING_ATTRIBUTE, TrainingRecord, read_training_record
 
 # One of these makes a folder's tokenizer loadable; tokenizer_config.json alone does not.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+# What save_pretrained writes for the weights (one file, or an index of shards).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+MODEL_FOLDER = (
+    "a model folder holds config.json, the weights (model.safetensors or pytorch_model.bin, as save_pretrained "
+    "writes them; an eigenfast save also has eigenfast.json) and the tokenizer files (tokenizer.json or vocab.json...)"
+)
 
 
 @dataclass
@@ -34,11 +42,16 @@ def check_model_name(name: str) -> Path | None:
             f"--model {name!r} is neither a directory nor a built-in model ({', '.join(BUILTIN_MODELS)}); "
             "pass a folder written by save_pretrained or eigenfast, or a built-in name"
         )
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} has no config.json: it is not a Hugging Face model folder or an eigenfast save")
+    missing = [what for what, names in (("config.json", ("config.json",)), ("weights", WEIGHT_FILES))
+               if not any((path / f).is_file() for f in names)]
+    if missing:
+        raise ModelLoadError(
+            f"{path} is not a model folder: it has no {' and no '.join(missing)}; {MODEL_FOLDER}. "
+            f"Pass such a folder, or a built-in name ({', '.join(BUILTIN_MODELS)})"
+        )
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ModelLoadError(
-            f"{path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+            f"{path} holds a model but no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
             "save the tokenizer beside the model: tokenizer.save_pretrained(folder)"
         )
     return path
@@ -58,7 +71,8 @@ def load_model(name: str) -> LoadedModel:
         model = load(path)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path).eval()
+            with transformers_bars_off():
+                model = guard_positions(AutoModelForCausalLM.from_pretrained(path).eval())
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot load the model in {path}: {err}") from None
     training = remember_training(model, path)

@@ -13,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .adapters import projection_matrix
-from .errors import ArgumentError, PositionIndexError
+from .errors import ArgumentError, ArgumentTypeError, PositionIndexError, UnknownAttributeError
 from .ops import token_bias_linear
 from .projection import PositionalModule
 
@@ -86,7 +86,7 @@ class PositionTable(PositionalModule):
     def __init__(self, calib_len: int, dim: int, extrapolate: str = "mean") -> None:
         super().__init__()
         if calib_len < 1:
-            raise ValueError("a position table needs at least one calibrated position")
+            raise ArgumentError("a position table needs at least one calibrated position")
         self.calib_len = calib_len
         self.extrapolate = validate_extrapolate(extrapolate)
         self.register_buffer("table", torch.zeros(calib_len + 1, dim))
@@ -135,9 +135,9 @@ def set_attributes(module: nn.Module, values: dict[str, Any]) -> None:
     eigenfast's own and need not exist yet; the others must be the module's."""
     for name, value in values.items():
         if not name.startswith("eigenfast_") and not hasattr(module, name):
-            raise AttributeError(f"{type(module).__name__} has no attribute {name!r}")
+            raise UnknownAttributeError(f"{type(module).__name__} has no attribute {name!r}")
         if not (_plain(value) or isinstance(value, list) and all(map(_plain, value))):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"attribute {name!r} must be a bool, int, float or str, or a list of them, got {type(value).__name__}"
             )
         setattr(module, name, value)

@@ -16,6 +16,7 @@ from torch import nn
 
 from .adapters.calls import cache_keyword
 from .data import positions_from_mask
+from .errors import StateError
 
 
 class PositionTracker:
@@ -36,7 +37,7 @@ class PositionTracker:
 
     def current(self) -> torch.Tensor:
         if self.positions is None:
-            raise RuntimeError(
+            raise StateError(
                 "an ablation hook ran outside a model forward, so it has no token positions; "
                 "call the whole model (or its backbone), not the module alone"
             )

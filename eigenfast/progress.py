@@ -7,6 +7,7 @@ about every tenth of the way and at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -77,3 +78,21 @@ def progress_bar(total: int, desc: str | None = None) -> "tqdm | _LineBar | None
     if not sys.stderr.isatty():
         return _LineBar(total, desc, sys.stderr)
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """transformers' own progress bars (a "Loading weights" bar on every ``from_pretrained``) off for the block.
+
+    eigenfast's loads take a fraction of a second; the switch is put back as it was, so a
+    user's own transformers calls keep their bars.
+    """
+    from transformers.utils import logging
+
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -12,11 +11,12 @@ from torch import nn
 
 from . import distributed
 from .adapters import get_adapter
-from .data import TaskData, as_task_data, check_fits_model
+from .data import TaskData, model_data
 from .errors import ArgumentError
 from .forward import Evaluation, evaluate
 from .freezing import check_foldable_in_place, freeze, select_frozen, validate_fraction
 from .modules import EXTRAPOLATE
+from .results import ModelResult
 from .scoring import Key, attribute, select_sites
 from .sizes import ParameterCount, count_parameters
 
@@ -57,7 +57,21 @@ class PruneReport:
         if self.size_before is not None and self.size_after is not None:
             lines.append(f"size before  {self.size_before.describe()}")
             lines.append(f"size after   {self.size_after.describe()}")
+            lines.append(f"             {self.size_change()}")
         return "\n".join(lines)
+
+    def size_change(self) -> str:
+        """Why the size moved: eigenpruning folds frozen terms into biases, it removes no weights."""
+        before, after = self.size_before, self.size_after
+        assert before is not None and after is not None
+        why = "eigenpruning keeps every matrix whole (frozen terms fold into biases)"
+        if after.total == before.total:
+            return f"the same size: {why}"
+        return (
+            f"{after.total - before.total:+,} elements: {why}; each pruned projection's bias became a position table "
+            f"of {self.calib_len + 1} rows ({self.calib_len} scored positions + 1 for later ones): "
+            f"{after.parameters - before.parameters:+,} parameters, {after.buffers - before.buffers:+,} buffer elements"
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -88,22 +102,23 @@ def _as_dict(ev: Evaluation | None) -> dict[str, float] | None:
 
 
 @dataclass
-class PruneResult:
-    """The eigenpruned model (same class as the input, ready to use) and how it was made."""
+class PruneResult(ModelResult):
+    """The eigenpruned model (same class as the input, ready to use) and how it was made; ``.save(folder)``."""
 
+    kind = "eigenpruned"
     model: nn.Module
     scores: dict[Key, torch.Tensor]
     frozen: dict[Key, torch.Tensor]
     report: PruneReport
     tokenizer: Any = None
 
-    def save(self, directory: str | Path) -> Path:
-        """safetensors + JSON; reload with :func:`eigenfast.load`."""
-        from .serialization import save_model
+    def saved_report(self) -> dict[str, Any]:
+        return self.report.as_dict()
 
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"scores.{l}.{c}": v for (l, c), v in self.scores.items()}
         tensors.update({f"frozen.{l}.{c}": v.to(torch.uint8) for (l, c), v in self.frozen.items()})
-        return save_model(self.model, directory, kind="eigenpruned", report=self.report.as_dict(), tensors=tensors, tokenizer=self.tokenizer)
+        return tensors
 
 
 def prune(
@@ -151,16 +166,15 @@ def prune(
                 "pass inplace=True and a fixed p to prune the sharded model itself"
             )
         check_foldable_in_place(model, [site.path for site in select_sites(get_adapter(model), components, None)])
-    data = as_task_data(data)
+    tried = sorted({validate_fraction(c, "candidate p") for c in candidates}) if auto else [p]
+    if not tried:
+        raise ArgumentError("p='auto' needs at least one candidate p; pass candidates=(0.01, 0.05, ...) or a fixed p")
+    data = model_data(data, model)
     if val_data is not None:
-        val_data = as_task_data(val_data)
+        val_data = model_data(val_data, model)
     elif auto:
         data, val_data = data.split(1.0 - val_fraction, seed=seed)
-    tried = sorted({validate_fraction(c, "candidate p") for c in candidates}) if auto else [p]
-    test_data = None if test_data is None else as_task_data(test_data)
-    for part in (data, val_data, test_data):
-        if part is not None:
-            check_fits_model(part, model)
+    test_data = None if test_data is None else model_data(test_data, model)
 
     size_before = count_parameters(model)  # before an inplace prune changes it
     started = time.perf_counter()
@@ -195,7 +209,7 @@ def prune(
         if best is None or _better(candidate, best[2]):
             best = (target, frozen, candidate)
 
-    assert best is not None
+    assert best is not None  # tried is never empty (checked above)
     pruned, frozen, chosen = best
     report = PruneReport(
         chosen.p, tuple(dict.fromkeys(components)), pairs, attribution.calib_len, baseline, results, baseline_test, timings,

@@ -24,10 +24,11 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .adapters import Adapter, Site, get_adapter, head_inputs, head_outputs, projection_matrix
+from .adapters import COMPONENTS, Adapter, Site, get_adapter, head_inputs, head_outputs, projection_matrix
 from . import distributed
 from .attribution import REDUCE, pass1_update, pass2_update
-from .data import TaskData, as_task_data
+from .data import TaskData, model_data
+from .errors import ArgumentError
 from .forward import eval_mode, frozen_parameters, last_logits, model_device
 from .progress import progress
 from .svd import Factors, site_factors
@@ -109,12 +110,12 @@ def attribute(
 ) -> Attribution:
     """Run both passes and keep the statistics (``prune`` needs the means as well as the scores)."""
     if pairs not in PAIRS:
-        raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
+        raise ArgumentError(f"pairs must be one of {PAIRS}, got {pairs!r}")
     if reduce not in REDUCE:
-        raise ValueError(f"reduce must be one of {REDUCE} ('max': the paper's score, 'mean': mean over pairs), got {reduce!r}")
+        raise ArgumentError(f"reduce must be one of {REDUCE} ('max': the paper's score, 'mean': mean over pairs), got {reduce!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    data = as_task_data(data)
+        raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
+    data = model_data(data, model)
     adapter = get_adapter(model)
     sites = select_sites(adapter, components, layers)
     device = model_device(model)
@@ -183,12 +184,20 @@ def select_sites(adapter: Adapter, components: Sequence[str], layers: Sequence[i
     if isinstance(components, str):
         components = (components,)
     if not components:
-        raise ValueError("components is empty; choose from " + ", ".join(adapter.components()))
+        raise ArgumentError("components is empty; choose from " + ", ".join(adapter.components()))
+    for component in components:
+        if component not in COMPONENTS:
+            raise ArgumentError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
+        if component not in adapter.components():
+            raise ArgumentError(f"{adapter.family} models have no {component!r} matrix; "
+                                f"available: {', '.join(adapter.components())}")
+    if layers is not None and any(not 0 <= layer < adapter.n_layers for layer in layers):
+        raise ArgumentError(f"layers {sorted(layers)} go past the model's {adapter.n_layers} layers (0..{adapter.n_layers - 1})")
     if layers is None:  # every layer, less what circuit extraction removed
         pairs = [(layer, c) for layer in range(adapter.n_layers) for c in dict.fromkeys(components)]
         sites = [adapter.site(layer, c) for layer, c in pairs if adapter.has_component(layer, c)]
         if not sites:
-            raise ValueError(f"the model has no {'/'.join(components)} matrix left (circuit extraction removed them all)")
+            raise ArgumentError(f"the model has no {'/'.join(components)} matrix left (circuit extraction removed them all)")
         return sites
     return [adapter.site(layer, c) for layer in sorted(set(layers)) for c in dict.fromkeys(components)]
 

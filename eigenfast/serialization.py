@@ -30,6 +30,7 @@ from . import distributed
 from .adapters import get_adapter
 from .errors import OutputExistsError, SavedModelError
 from .modules import ATTRIBUTES, MODULE_KINDS, replace_module, set_attributes
+from .position_limit import guard_positions
 from .positional import install
 
 FORMAT = "eigenfast"
@@ -297,7 +298,7 @@ def load(directory: str | Path) -> nn.Module:
         ) from None
     if spec["modules"]:
         install(model)
-    return model.eval()
+    return guard_positions(model).eval()
 
 
 def load_extras(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -1,16 +1,19 @@
-"""A non-arithmetic task beside :mod:`eigenfast.data`'s int_sum and int_mult.
+"""The named tasks every command accepts, and the one that is not arithmetic.
 
-``induction``: a list of distinct numbers, then one of them again; the answer is
-the number that followed it the first time ("3 17 42 8 5 17" -> " 42"). It needs
-only number tokens, so every built-in tokenizer can express it, and it is solved
-by copying (an induction head), not by arithmetic.
+``int_sum`` and ``int_mult`` live in :mod:`eigenfast.data`. ``induction``: a list of
+distinct numbers, then one of them again; the answer is the number that followed it
+the first time ("3 17 42 8 5 17" -> " 42"). It needs only number tokens, so every
+built-in tokenizer can express it, and it is solved by copying (an induction head),
+not by arithmetic.
 """
 from __future__ import annotations
 
 import random
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
-from .data import DataError, TaskData, from_pairs
+from .data import TaskData, from_jsonl, from_pairs, int_mult, int_sum
+from .errors import DataError
 
 INDUCTION_LENGTH = 5
 INDUCTION_EXAMPLES = 3000
@@ -45,3 +48,23 @@ def induction_pairs(
 
 def induction(tokenizer: Any) -> TaskData:
     return from_pairs(*induction_pairs(), tokenizer)
+
+
+TASKS: dict[str, Callable[[Any], TaskData]] = {"int_sum": int_sum, "int_mult": int_mult, "induction": induction}
+
+
+def check_task(task: str) -> None:
+    """Refuse, before any work, a task that is neither built in nor an existing file."""
+    if task in TASKS or Path(task).is_file():
+        return
+    if task.endswith(".jsonl"):
+        raise DataError(f"no such data file: {task}")
+    raise DataError(f"unknown task {task!r}: use one of {', '.join(TASKS)} or a path to a .jsonl file")
+
+
+def load_task(task: str, tokenizer: Any) -> TaskData:
+    """A built-in task by name, or a JSONL file path."""
+    check_task(task)
+    if task in TASKS:
+        return TASKS[task](tokenizer)
+    return from_jsonl(task, tokenizer)

@@ -11,6 +11,7 @@ from eigenfast.adapters import get_adapter
 from eigenfast.circuit import ablated, extract_circuit, sweep
 from eigenfast.commands.extract import draw
 from eigenfast.circuit.discovery import kl_divergence
+from eigenfast.circuit.report import Latency, timed_runs
 from eigenfast.circuit.synthetic import synthetic_task
 from eigenfast.data import TaskData
 from eigenfast.forward import evaluate, last_logits
@@ -141,3 +142,36 @@ def test_command_line_extracts_and_sweeps(tmp_path):
     assert n_params(loaded) < n_params(model)
     assert main(["extract", *common, "--sweep", "1e-4,1", "--out", str(tmp_path / "sweep")]) == 0
     assert (tmp_path / "sweep" / "sweep.png").is_file()
+
+
+def test_a_latency_is_reported_only_when_its_runs_agree():
+    steady = Latency.of(32, [0.0100, 0.0101, 0.0099, 0.0100, 0.0102], [0.0050, 0.0051, 0.0049, 0.0050, 0.0050])
+    assert steady.reliable and steady.reduction == pytest.approx(0.5)
+    assert "10.00 ms -> 5.00 ms (-50.0%, median of 5 runs taken in turns" in steady.describe()
+    busy = Latency.of(32, [0.010, 0.030, 0.011, 0.050, 0.012], [0.005] * 5)  # another job took the core twice
+    assert not busy.reliable and "not reported: the timed runs varied by" in busy.describe()
+    assert " ms" not in busy.describe()
+    once = Latency.of(1, [0.01], [0.005])
+    assert not once.reliable and "at least 3 are needed" in once.describe()
+    assert json.loads(json.dumps(once.as_dict(), allow_nan=False))["spread"] is None
+
+
+def test_the_model_and_its_circuit_are_timed_in_turns(monkeypatch):
+    order = []
+    monkeypatch.setattr("eigenfast.circuit.report.time_forward", lambda model, batch: order.append(model) or 1.0)
+    assert timed_runs(["model", "circuit"], None, repeats=3, warmup=1) == [[1.0] * 3, [1.0] * 3]
+    assert order == ["model", "circuit"] * 4
+
+
+def test_extraction_times_the_model_and_its_circuit_in_turns(monkeypatch):
+    calls = []
+    real = eigenfast.circuit.extract.timed_runs
+
+    def recorded(models, batch, repeats):
+        calls.append(list(models))
+        return real(models, batch, repeats)
+
+    monkeypatch.setattr("eigenfast.circuit.extract.timed_runs", recorded)
+    task = synthetic_task("gpt2")
+    result = extract_circuit(task.model, task.patch_data, task.val_data, threshold=1e-4, progress=False, latency_repeats=3)
+    assert calls == [[task.model, result.model]] * 2 and [lat.runs for lat in result.report.latency] == [3, 3]

@@ -5,6 +5,10 @@ import argparse
 import io
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from eigenfast.commands import COMMANDS
 from eigenfast.data import int_mult, int_sum
 from eigenfast.progress import log_lines, progress
 from eigenfast.splits import task_parts
+from eigenfast.tasks import TASKS
 
 
 def test_prune_then_eval_round_trip(tmp_path, capsys):
@@ -145,7 +150,7 @@ def test_a_hf_folder_without_tokenizer_is_refused_clearly(tmp_path, capsys):
     model, _ = load_builtin()
     model.save_pretrained(tmp_path / "bare")
     assert main(["eval", "--model", str(tmp_path / "bare"), "--task", "int_mult"]) == 1
-    assert "has no tokenizer files" in capsys.readouterr().err
+    assert "holds a model but no tokenizer files" in capsys.readouterr().err
     with pytest.raises(eigenfast.EigenfastError, match="tokenizer.save_pretrained"):
         eigenfast.load_model(str(tmp_path / "bare"))
 
@@ -222,3 +227,76 @@ def test_a_sweep_may_write_into_a_folder_with_other_files_but_a_circuit_may_not(
         main([*common, "--sweep", "0.1,1"])
     assert main([*common, "--threshold", "0.1"]) == 1
     assert "not an eigenfast save" in capsys.readouterr().err
+
+
+def test_prune_takes_reduce_and_every_task_table_takes(tmp_path, monkeypatch):
+    seen = {}
+
+    def stop(model, data, **kwargs):
+        seen.update(kwargs, n=len(data))
+        raise eigenfast.ArgumentError("stop here")
+
+    monkeypatch.setattr("eigenfast.commands.prune.prune", stop)
+    assert main(["prune", "--model", "int_sum_gpt2", "--task", "induction", "--reduce", "mean",
+                 "--out", str(tmp_path / "o")]) == 1
+    assert seen["reduce"] == "mean" and seen["n"] == 1920  # 64% of the 3,000 induction prompts
+    assert build_parser().parse_args(["prune", "--model", "m", "--task", "t", "--out", "o"]).reduce == "max"
+    for task in TASKS:
+        assert task in build_parser()._subparsers._group_actions[0].choices["table"].format_help()
+
+
+def test_eval_takes_the_induction_task(capsys):
+    assert main(["eval", "--model", "int_sum_gpt2", "--task", "induction", "--split", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 600
+
+
+def test_help_shows_each_default_once():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            shown = sub.formatter_class(name)._get_help_string(action)
+            assert shown.count("(default:") <= 1, f"{name} {action.option_strings}: {shown}"
+            assert not isinstance(action.default, (tuple, list)), f"{name} {action.option_strings}: give the text"
+
+
+def test_a_folder_that_is_not_a_model_is_told_what_one_holds(tmp_path, capsys):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text("{}")
+    assert main(["eval", "--model", str(folder), "--task", "int_sum"]) == 1
+    err = capsys.readouterr().err
+    assert f"{folder} is not a model folder: it has no weights" in err and "model.safetensors" in err, err
+    assert "save the tokenizer" not in err
+    (folder / "config.json").unlink()
+    with pytest.raises(eigenfast.ModelLoadError, match="it has no config.json and no weights"):
+        eigenfast.load_model(str(folder))
+
+
+def test_loading_shows_no_transformers_progress_bar(tmp_path, capfd):
+    from transformers.utils import logging
+
+    model, tokenizer = load_builtin()
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    capfd.readouterr()
+    assert logging.is_progress_bar_enabled()
+    load_builtin("conflict3_gpt2")
+    eigenfast.load_model(str(tmp_path / "hf"))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert logging.is_progress_bar_enabled()  # the user's own transformers calls keep their bars
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_command_with_one_line_and_status_130(tmp_path):
+    out = tmp_path / "pruned"
+    command = subprocess.Popen(
+        [sys.executable, "-m", "eigenfast.cli", "prune", "--model", "int_sum_gpt2", "--task", "int_sum", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "EIGENFAST_QUIET": "1"},
+    )
+    assert command.stdout.readline().startswith("data")  # past the imports: the command is working
+    command.send_signal(signal.SIGINT)
+    _, err = command.communicate(timeout=300)
+    assert command.returncode == 130 and err.endswith("interrupted\n") and "Traceback" not in err, err
+    assert not out.exists()

@@ -13,16 +13,15 @@ from eigenfast.data import (
     TaskData,
     as_task_data,
     check_fits_model,
-    check_task,
     from_jsonl,
     from_pairs,
     int_mult,
     int_mult_pairs,
     int_sum,
     int_sum_pairs,
-    load_task,
     positions_from_mask,
 )
+from eigenfast.tasks import check_task, load_task
 
 
 @pytest.fixture(scope="module")

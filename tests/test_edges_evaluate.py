@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from eigenfast.sizes import count_parameters
 from eigenfast.circuit.synthetic import synthetic_task
 from eigenfast.edges import EdgeGraph, evaluate_circuit, extract_nodes, roc_auc, true_edges
 from eigenfast.forward import last_logits
+from eigenfast.results import ModelResult
+from eigenfast.serialization import load_extras
 
 
 def test_roc_auc_equals_counting_pairs():
@@ -62,7 +65,7 @@ def test_full_and_algorithm_1_circuits_through_the_one_evaluation(task):
 def test_an_edge_circuit_becomes_a_smaller_model(task):
     task, corrupted = task
     circuit = eigenfast.eap(task.model, task.val_data, corrupted, target_sparsity=0.8, progress=False, evaluate=False)
-    smaller = extract_nodes(task.model, circuit, corrupted)
+    smaller = extract_nodes(task.model, circuit, corrupted).model
     assert count_parameters(smaller).non_embedding < count_parameters(task.model).non_embedding
     adapter = get_adapter(task.model)
     removed = [(l, h) for l in range(adapter.n_layers) for h in range(adapter.n_heads) if (l, h) not in circuit.heads]
@@ -87,3 +90,41 @@ def test_bad_inputs_are_refused_before_any_work():
         eigenfast.acdc(model, clean, clean, threshold=float("nan"), progress=False)
     with pytest.raises(ValueError, match="patch_data"):
         extract_nodes(model, eigenfast.eap(model, clean, clean, progress=False, evaluate=False), None)
+
+
+def test_every_result_with_a_changed_model_saves_and_loads_the_same_way(task, tmp_path):
+    task, corrupted = task
+    model, data = task.model, task.val_data
+    circuit = eigenfast.eap(model, data, corrupted, target_sparsity=0.8, progress=False, evaluate=False)
+    results = {
+        "eigenpruned": eigenfast.prune(model, data, p=0.2, progress_bar=False),
+        "circuit": eigenfast.extract_circuit(model, task.patch_data, data, threshold=1e-4, progress=False,
+                                             latency_repeats=0),
+        "node circuit": extract_nodes(model, circuit, corrupted),
+    }
+    for kind, result in results.items():
+        assert isinstance(result, ModelResult) and result.kind == kind
+        folder = result.save(tmp_path / kind.replace(" ", "_"))
+        assert json.loads((folder / "eigenfast.json").read_text())["kind"] == kind
+        loaded = eigenfast.load(folder)
+        assert type(loaded) is type(model)
+        with torch.no_grad():
+            assert torch.equal(last_logits(get_adapter(loaded), data), last_logits(get_adapter(result.model), data))
+    nodes = results["node circuit"]
+    extras = load_extras(tmp_path / "node_circuit")
+    assert extras["circuit.heads"].sum() == len(nodes.heads) == len(circuit.heads)
+    assert nodes.method == "EAP" and "node circuit of EAP" in nodes.table()
+    assert nodes.size_after.non_embedding < nodes.size_before.non_embedding
+
+
+def test_a_node_circuit_saved_with_its_tokenizer_works_as_a_command_line_model(tmp_path, capsys):
+    from eigenfast.builtin import load_builtin
+    from eigenfast.cli import main
+
+    model, tokenizer = load_builtin()
+    clean = eigenfast.int_sum(tokenizer).subset(range(16))
+    corrupted = eigenfast.edges.corrupt_by_shuffling(clean)
+    edges = eigenfast.eap(model, clean, corrupted, target_sparsity=0.9, progress=False, evaluate=False)
+    folder = extract_nodes(model, edges, corrupted, tokenizer=tokenizer).save(tmp_path / "nodes")
+    assert main(["eval", "--model", str(folder), "--task", "int_sum", "--split", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 1000

@@ -277,3 +277,20 @@ def test_report_sizes_count_the_bias_tables_the_forward_reads():
     assert tables > 0 and after.buffers == before.buffers + tables
     assert after.bytes == 4 * after.total  # float32 everywhere
     assert "size after" in result.report.table() and result.report.as_dict()["size_after"]["buffers"] == after.buffers
+
+
+def test_the_report_says_why_a_pruned_model_is_a_little_larger():
+    model = make_model("gpt2")  # c_attn has a bias of 3 × 32: it leaves the parameters, its table joins the buffers
+    result = eigenfast.prune(model, make_data(length=6), p=0.2, components=("k",), progress_bar=False)
+    before, after = result.report.size_before, result.report.size_after
+    n = sum(hasattr(m, "table") for m in result.model.modules())  # layers where something was frozen
+    assert n >= 1 and after.parameters - before.parameters == -96 * n
+    assert after.buffers - before.buffers == 7 * 96 * n  # 6 scored positions + 1 row for later ones
+    line = result.report.table().splitlines()[-1]
+    assert line.strip() == (
+        f"+{after.total - before.total:,} elements: eigenpruning keeps every matrix whole (frozen terms fold into "
+        "biases); each pruned projection's bias became a position table of 7 rows (6 scored positions + 1 for later "
+        f"ones): {-96 * n:+,} parameters, {7 * 96 * n:+,} buffer elements"
+    )
+    unchanged = eigenfast.prune(model, make_data(length=6), p=0.0, components=("k",), progress_bar=False)
+    assert unchanged.report.table().splitlines()[-1].strip().startswith("the same size")

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -129,6 +134,61 @@ def test_transformers_loads_a_save_exactly_with_trust_remote_code(tmp_path, fami
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     assert type(model) is type(result.model)
     assert torch.equal(logits(model, make_data()), logits(result.model, make_data()))
+
+
+# Loads a save through transformers without trust_remote_code, as a user would in a terminal.
+TERMINAL_USER = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+import eigenfast
+try:
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+except ValueError as err:
+    print("REFUSED" if "trust_remote_code=True" in str(err) else f"OTHER ERROR {err}", flush=True)
+else:
+    ids = torch.arange(1, 7).unsqueeze(0)
+    with torch.no_grad():
+        same = torch.equal(model(ids).logits, eigenfast.load(sys.argv[1])(ids).logits)
+    print("LOADED", type(model).__name__, "same logits" if same else "OTHER LOGITS", flush=True)
+"""
+
+
+def converse_in_a_terminal(folder, answer: str) -> str:
+    """Run TERMINAL_USER on a pseudo-terminal, answer transformers' [y/N] question, return what it printed."""
+    controller, terminal = pty.openpty()
+    child = subprocess.Popen([sys.executable, "-c", TERMINAL_USER, str(folder)], stdin=terminal, stdout=terminal,
+                             stderr=terminal, start_new_session=True)
+    os.close(terminal)
+    seen, answered, deadline = b"", 0, time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if select.select([controller], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(controller, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+                seen += chunk
+                if seen.count(b"[y/N]") > answered:  # each question once (the config's, then the model's)
+                    os.write(controller, answer.encode() + b"\n")
+                    answered += 1
+            elif child.poll() is not None:
+                break
+    finally:
+        child.kill() if child.poll() is None else None
+        child.wait()
+        os.close(controller)
+    return seen.decode(errors="replace")
+
+
+def test_on_a_terminal_transformers_asks_and_a_no_refuses(tmp_path):
+    said = converse_in_a_terminal(pruned("llama").save(tmp_path / "m"), "n")
+    assert "Do you wish to run the custom code? [y/N]" in said and "REFUSED" in said, said
+
+
+@pytest.mark.slow
+def test_on_a_terminal_a_yes_loads_through_eigenfast(tmp_path):
+    said = converse_in_a_terminal(pruned("llama").save(tmp_path / "m"), "y")
+    assert said.count("[y/N]") == 2 and "LOADED LlamaForCausalLM same logits" in said, said
 
 
 def test_every_error_is_an_eigenfast_error_and_keeps_its_builtin_base():

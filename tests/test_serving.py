@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -276,12 +278,20 @@ def test_bench_judges_decode_by_the_bytes_a_step_reads(tmp_path):
     assert "cpu clock" in out.with_suffix(".md").read_text()
 
 
-def test_onnx_runtime_runs_an_extracted_gpt2_in_conv1d_layout(tmp_path):
-    """Extraction keeps GPT-2's Conv1D layout (the token-bias op gets a transposed view): ONNX still agrees."""
+def test_onnx_runtime_runs_an_extracted_gpt2_in_conv1d_layout(tmp_path, capfd):
+    """Extraction keeps GPT-2's Conv1D layout (the token-bias op gets a transposed view): ONNX still agrees.
+    The export prints none of torch's known-harmless warnings (torchvision ops skipped, LeafSpec deprecation)."""
     import onnxruntime as ort
 
     model = changed("gpt2", "extracted")
-    path = to_onnx(model, tmp_path / "model.onnx", max_length=16)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = to_onnx(model, tmp_path / "model.onnx", max_length=16)
+    printed = capfd.readouterr()
+    for text in ("torchvision", "LeafSpec", "[torch.onnx]"):
+        assert text not in printed.err + printed.out, printed
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     ids, positions = inputs(4, 9)
@@ -351,3 +361,20 @@ def test_bench_onnx_mode_decodes_with_the_kv_cache(tmp_path):
         assert r["ttft_ms"] > 0 and r["tokens_per_s"] > 0 and r["decode_speedup"] > 0
     assert rows["base"]["decode_speedup"] == 1.0
     assert rows["extracted"]["byte_cut"] > 0
+
+
+def test_only_the_known_export_messages_are_silenced(caplog):
+    from eigenfast.export import _ONNX_REGISTRY_LOGGER, _known_warnings_off
+
+    registry = logging.getLogger(_ONNX_REGISTRY_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=_ONNX_REGISTRY_LOGGER), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _known_warnings_off():
+            registry.warning("torchvision is not installed. Skipping torchvision::nms")
+            registry.warning("a real problem")
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+            warnings.warn("another deprecation", FutureWarning)
+        registry.warning("torchvision is not installed. Skipping torchvision::nms")  # outside: shown again
+    assert [r.getMessage() for r in caplog.records] == [
+        "a real problem", "torchvision is not installed. Skipping torchvision::nms"]
+    assert [str(w.message) for w in caught] == ["another deprecation"]

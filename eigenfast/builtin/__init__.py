@@ -12,6 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MissingFilesError, ModelLoadError
+from ..position_limit import guard_positions
+from ..progress import transformers_bars_off
 from ..splits import TRAINING_ATTRIBUTE, read_training_record
 from ..data import TaskData
 
@@ -53,28 +55,28 @@ def load_builtin(name: str = "int_sum_gpt2") -> tuple[PreTrainedModel, PreTraine
     """``(model, tokenizer)`` loaded offline, the model in eval mode and float32."""
     path = builtin_path(name)
     # Eager attention is what the model was trained and scored with (and exposes attention weights).
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
-    )
+    with transformers_bars_off():
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
+        )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     # Kept on the config so that pruned and extracted saves still say which examples it trained on.
     setattr(model.config, TRAINING_ATTRIBUTE, read_training_record(path).as_dict())
-    return model.eval(), tokenizer
+    return guard_positions(model).eval(), tokenizer
 
 
 def heldout_task(name: str, task: str, tokenizer: Any) -> TaskData:
     """A task's examples that the built-in model ``name`` never trained on (the pruning table uses only these)."""
-    from eigenfast.data import TASKS
-    from eigenfast.tasks import induction
+    from eigenfast.tasks import TASKS
 
     if name == "int_sum_gpt2":
         from .train import int_sum_split
 
         if task == "int_sum":
             return int_sum_split(tokenizer)[1]
-        return {**TASKS, "induction": induction}[task](tokenizer)  # it never saw any other task
+        return TASKS[task](tokenizer)  # it never saw any other task
     if name in ("mix_gpt2", "conflict_gpt2", "conflict2_gpt2", "conflict3_gpt2"):
         from .train_mix import unseen_task  # the conflict models hold out the same pairs in the same formats
 
         return unseen_task(task, tokenizer)
-    raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(sorted(BUILTIN_MODELS))}")
+    raise ModelLoadError(f"unknown built-in model {name!r}; available: {', '.join(sorted(BUILTIN_MODELS))}")

@@ -10,6 +10,8 @@ from typing import Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from ..errors import ArgumentError
+
 PAD, UNK, EOS = "<pad>", "<unk>", "<eos>"
 MAX_INT = 400
 OPERATORS = ("+", "x", "=")
@@ -19,7 +21,7 @@ def vocab(extra_words: Sequence[str] = ()) -> dict[str, int]:
     """Specials first so their ids (0, 1, 2) do not move if MAX_INT grows; extra words go last."""
     words = [PAD, UNK, EOS, *(str(i) for i in range(MAX_INT + 1)), *OPERATORS, *extra_words]
     if len(set(words)) != len(words):
-        raise ValueError(f"extra_words repeat a word already in the vocabulary: {sorted(extra_words)}")
+        raise ArgumentError(f"extra_words repeat a word already in the vocabulary: {sorted(extra_words)}")
     return {word: index for index, word in enumerate(words)}
 
 

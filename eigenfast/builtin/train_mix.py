@@ -25,6 +25,7 @@ import torch
 from eigenfast.builtin.tokenizer import build_tokenizer
 from eigenfast.builtin.train import build_model, fit, hyperparameters, make_deterministic, versions
 from eigenfast.data import TaskData, from_pairs
+from eigenfast.errors import DataError
 from eigenfast.tasks import INDUCTION_LENGTH, induction_pairs
 
 NAME = "mix_gpt2"
@@ -110,7 +111,7 @@ def unseen_task(task: str, tokenizer: Any) -> TaskData:
         return from_pairs([f"{i} x {j} =" for i, j in pairs], [f" {i * j}" for i, j in pairs], tokenizer)
     if task == "induction":
         return induction(tokenizer)  # numbers 0..99; the mix's induction uses 100..400 only
-    raise ValueError(f"{NAME} has no held-out data for task {task!r}; use int_sum, int_mult or induction")
+    raise DataError(f"{NAME} has no held-out data for task {task!r}; use int_sum, int_mult or induction")
 
 
 def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str, Any]:

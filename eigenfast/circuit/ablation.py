@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter, get_adapter
+from ..errors import ArgumentError
 from ..forward import model_device
 from ..modules import EXTRAPOLATE
 from ..positions import PositionTracker
@@ -47,9 +48,9 @@ class Ablation:
 def check_ablation(ablation: str, extrapolate: str) -> None:
     """The one check of the ablation kind and of the rule for positions past the means' calibration length."""
     if ablation not in ABLATIONS:
-        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+        raise ArgumentError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     if extrapolate not in EXTRAPOLATE:
-        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+        raise ArgumentError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -102,7 +103,7 @@ class Patcher:
     ) -> None:
         check_ablation(ablation, extrapolate)
         if ablation == "mean" and means is None:
-            raise ValueError("mean ablation needs the component means: pass means=component_means(model, patch_data)")
+            raise ArgumentError("mean ablation needs the component means: pass means=component_means(model, patch_data)")
         self.adapter = adapter
         self.ablation = ablation
         self.rows = rows
@@ -280,7 +281,7 @@ def _one_row(value: Any, rows: int) -> Any:
 def _check_shapes(adapter: Adapter, means: ComponentMeans) -> None:
     expected = (adapter.n_layers, adapter.n_heads)
     if tuple(means.heads.shape[:2]) != expected or means.heads.shape[-1] != adapter.d_model:
-        raise ValueError(
+        raise ArgumentError(
             f"the means are for a model with (layers, heads, d_model) = "
             f"{tuple(means.heads.shape[:2]) + (means.heads.shape[-1],)}, this one has {expected + (adapter.d_model,)}"
         )
@@ -292,7 +293,7 @@ def check_components(adapter: Adapter, heads: Iterable[tuple[int, int]], mlps: I
     bad = [(l, h) for l, h in heads if not (0 <= l < adapter.n_layers and 0 <= h < adapter.n_heads)]
     bad += [l for l in mlps if not 0 <= l < adapter.n_layers]
     if bad:
-        raise ValueError(
+        raise ArgumentError(
             f"no such component(s) {sorted(bad, key=str)}: the model has {adapter.n_layers} layers "
             f"of {adapter.n_heads} heads"
         )

@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import distributed
 from ..adapters import Adapter, get_adapter
-from ..data import TaskData, as_task_data
+from ..data import TaskData, model_data
 from ..forward import eval_mode, last_logits, model_device
 from ..progress import progress as progress_bar
 from .ablation import Ablation, Patcher
@@ -350,7 +350,7 @@ def discover_with(
     """:func:`discover` with checked options (what :func:`~eigenfast.circuit.extract_circuit` calls)."""
     options.check_patch_data(patch_data)
     adapter = get_adapter(model)
-    val = as_task_data(val_data)
+    val = model_data(val_data, model)
     batch_size = options.batch_size or _default_batch_size(adapter, val)
     timings: dict[str, float] = {}
     start = time.perf_counter()

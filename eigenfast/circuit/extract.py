@@ -4,16 +4,16 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from ..adapters import get_adapter
-from ..data import TaskData, as_task_data, check_fits_model
+from ..data import TaskData, model_data
 from ..errors import ArgumentError
 from ..forward import evaluate
+from ..results import ModelResult, kept_masks
 from ..sizes import count_parameters
 from .ablation import check_components
 from .discovery import Step, discover_with
@@ -21,14 +21,16 @@ from .means import ComponentMeans
 from .options import CircuitOptions
 from .removal import remove_components
 from .report import (
-    LATENCY_BATCHES, CircuitReport, HeadRates, Latency, latency_batch, median_latency,
+    LATENCY_BATCHES, CircuitReport, HeadRates, Latency, latency_batch, timed_runs,
 )
 
 
 @dataclass
-class CircuitResult:
-    """The extracted model (same HF class, physically smaller) and how it was found."""
+class CircuitResult(ModelResult):
+    """The extracted model (same HF class, physically smaller) and how it was found; ``.save(folder)``."""
 
+    kind = "circuit"
+    method = "algorithm 1"  # what found the circuit, as the edge methods' results name theirs
     model: nn.Module
     heads: list[tuple[int, int]]  # kept (layer, head)
     mlps: list[int]  # layers whose MLP was kept
@@ -36,19 +38,12 @@ class CircuitResult:
     report: CircuitReport
     tokenizer: Any = None
 
-    def save(self, directory: str | Path) -> Path:
-        """safetensors + JSON (with the kept-component masks); reload with :func:`eigenfast.load`."""
-        from ..serialization import save_model
+    def saved_report(self) -> dict[str, Any]:
+        return self.report.as_dict()
 
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
         n_layers = self.report.n_layers
-        heads = torch.zeros(n_layers, self.report.n_heads_total // n_layers, dtype=torch.uint8)
-        for layer, head in self.heads:
-            heads[layer, head] = 1
-        mlps = torch.zeros(n_layers, dtype=torch.uint8)
-        mlps[self.mlps] = 1
-        tensors = {"circuit.heads": heads, "circuit.mlps": mlps}
-        report = self.report.as_dict()
-        return save_model(self.model, directory, kind="circuit", report=report, tensors=tensors, tokenizer=self.tokenizer)
+        return kept_masks(self.heads, self.mlps, n_layers, self.report.n_heads_total // n_layers)
 
 
 def remove_pruned(
@@ -83,7 +78,7 @@ def extract_circuit(
     ground_truth: Iterable[tuple[int, int]] | None = None,
     progress: bool = True,
     tokenizer: Any = None,
-    latency_repeats: int = 5,
+    latency_repeats: int = 9,
 ) -> CircuitResult:
     """Extract the circuit of the task in ``val_data`` (docs/MATH.md §4).
 
@@ -92,7 +87,8 @@ def extract_circuit(
     layer down; ``patch_data`` gives the means that mean ablation substitutes (it
     may be None for zero ablation). The input model is left untouched unless
     ``inplace``. ``ground_truth`` (known circuit heads) adds TPR/FPR to the report;
-    the report's latencies are medians of ``latency_repeats`` forwards (0: not measured).
+    the report's latencies are medians of ``latency_repeats`` forwards of the model and the circuit
+    taken in turns (0: not measured; too wide a spread is reported as such, not as a number).
     """
     options = CircuitOptions(threshold, ablation, include_mlps, extrapolate, batch_size)
     options.check_patch_data(patch_data)
@@ -100,19 +96,18 @@ def extract_circuit(
         raise ArgumentError(f"latency_repeats must be >= 0 (0 skips the latency measurement), got {latency_repeats}")
     adapter = get_adapter(model)
     truth = None if ground_truth is None else check_components(adapter, ground_truth, ()).heads
-    val = as_task_data(val_data)
+    val = model_data(val_data, model)
+    if patch_data is not None:  # checked here, before discovery's work
+        model_data(patch_data, model)
     batch_size = batch_size or 64  # evaluation and latency batches; discovery picks its own when None
-
-    for part in (None if patch_data is None else as_task_data(patch_data), val):
-        if part is not None:
-            check_fits_model(part, model)
 
     discovery = discover_with(model, patch_data, val, options, progress=progress)
     timings = {f"discover.{name}": seconds for name, seconds in discovery.timings.items()}
     params_before = count_parameters(model)
     before = evaluate(model, val, batch_size, desc="evaluate the model" if progress else None)
     batches = {b: latency_batch(val, b) for b in LATENCY_BATCHES} if latency_repeats else {}
-    latency_before = {b: median_latency(model, batch, latency_repeats) for b, batch in batches.items()}
+    # The model and its circuit are timed in turns; in place, the model is gone after removal, so it is timed first.
+    before_inplace = {b: timed_runs([model], batch, latency_repeats)[0] for b, batch in batches.items()} if inplace else {}
 
     start = time.perf_counter()
     target = remove_pruned(model, discovery.pruned_heads, discovery.pruned_mlps, discovery.means, ablation,
@@ -120,7 +115,11 @@ def extract_circuit(
     timings["remove"] = time.perf_counter() - start
 
     after = evaluate(target, val, batch_size, desc="evaluate the circuit" if progress else None)
-    latency = [Latency(b, latency_before[b], median_latency(target, batch, latency_repeats)) for b, batch in batches.items()]
+    latency = [
+        Latency.of(b, before_inplace[b], timed_runs([target], batch, latency_repeats)[0]) if inplace
+        else Latency.of(b, *timed_runs([model, target], batch, latency_repeats))
+        for b, batch in batches.items()
+    ]
     n_heads_total = adapter.n_layers * adapter.n_heads
     report = CircuitReport(
         threshold=discovery.threshold,

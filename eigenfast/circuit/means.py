@@ -18,7 +18,8 @@ from torch import nn
 
 from .. import distributed
 from ..adapters import Adapter, get_adapter, head_inputs, head_matrices, projection_matrix
-from ..data import TaskData, as_task_data
+from ..data import TaskData, model_data
+from ..errors import ArgumentError
 from ..forward import eval_mode, model_device
 
 
@@ -38,8 +39,8 @@ class ComponentMeans:
 def component_means(model: nn.Module, patch_data: "TaskData | dict", batch_size: int = 32) -> ComponentMeans:
     """Mean output of every head and MLP at each true position of the patching set (one forward pass)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    data = as_task_data(patch_data)
+        raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
+    data = model_data(patch_data, model)
     adapter = get_adapter(model)
     device = model_device(model)
     calib_len = data.max_length

@@ -30,10 +30,10 @@ class CircuitOptions:
             )
         check_ablation(self.ablation, self.extrapolate)
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 (or None to pick it from the device), got {self.batch_size}")
+            raise ArgumentError(f"batch_size must be >= 1 (or None to pick it from the device), got {self.batch_size}")
 
     def check_patch_data(self, patch_data: object) -> None:
         if self.ablation == "mean" and patch_data is None:
-            raise ValueError(
+            raise ArgumentError(
                 "mean ablation needs patch_data (D_a) for the mean activations; pass it or use ablation='zero'"
             )

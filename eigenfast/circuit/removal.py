@@ -34,9 +34,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..adapters import Adapter, get_adapter, projection_matrix
+from ..errors import ArgumentError
 from ..modules import (
     ATTRIBUTES,
-    EXTRAPOLATE,
     MODULE_KINDS,
     PositionTable,
     TokenBiasLinear,
@@ -48,9 +48,10 @@ from ..modules import (
     set_attributes,
     stores_linear_layout,
 )
+from ..position_limit import guard_positions
 from ..positional import KV_SLOTS, install
 from ..projection import PositionalModule
-from .ablation import ABLATIONS
+from .ablation import check_ablation
 from .means import ComponentMeans
 
 @register_kind
@@ -204,12 +205,9 @@ def remove_components(
     The parameter count drops by the removed weights; under mean ablation a shrunk
     output projection's bias also leaves the parameters, for its position table (a buffer).
     """
-    if ablation not in ABLATIONS:
-        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    if extrapolate not in EXTRAPOLATE:
-        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+    check_ablation(ablation, extrapolate)
     if ablation == "mean" and means is None:
-        raise ValueError("mean ablation needs the components' means: pass means=component_means(model, patch_data)")
+        raise ArgumentError("mean ablation needs the components' means: pass means=component_means(model, patch_data)")
     adapter = get_adapter(model)
     heads = _validated_heads(adapter, heads_removed)
     mlps = _validated_layers(adapter, mlps_removed)
@@ -231,6 +229,7 @@ def remove_components(
         replace_module(model, _mlp_path(adapter, layer), stand_in.mlp(layer))
     _remove_unread_norms(adapter, attention_gone, set(mlps))
     install(model)
+    guard_positions(model)
 
 
 class _StandIns:
@@ -372,7 +371,7 @@ def _mlp_path(adapter: Adapter, layer: int) -> str:
 def _validated_layers(adapter: Adapter, layers: Sequence[int]) -> list[int]:
     bad = [layer for layer in layers if not 0 <= layer < adapter.n_layers]
     if bad:
-        raise ValueError(f"layer(s) {bad} out of range: the model has {adapter.n_layers} layers")
+        raise ArgumentError(f"layer(s) {bad} out of range: the model has {adapter.n_layers} layers")
     return sorted(set(layers))
 
 
@@ -381,7 +380,7 @@ def _validated_heads(adapter: Adapter, heads: Mapping[int, Sequence[int]]) -> di
     for layer in _validated_layers(adapter, list(heads)):
         bad = [h for h in heads[layer] if not 0 <= h < adapter.n_heads]
         if bad:
-            raise ValueError(f"head(s) {bad} of layer {layer} out of range: layers have {adapter.n_heads} heads")
+            raise ArgumentError(f"head(s) {bad} of layer {layer} out of range: layers have {adapter.n_heads} heads")
         if heads[layer]:
             out[layer] = sorted(set(heads[layer]))
     return out
@@ -393,7 +392,7 @@ def _refuse_pruned(adapter: Adapter, layers: set[int]) -> None:
         attention, mlp = adapter.attention(layer), adapter.mlp(layer)
         changed = isinstance(attention, RemovedAttention) or hasattr(attention, ATTRIBUTES)
         if changed or isinstance(mlp, (PositionMean, ConstantOutput)):
-            raise ValueError(
+            raise ArgumentError(
                 f"layer {layer} already had components removed; remove_components works on the unpruned model, "
                 "so pass every component to remove in one call"
             )

@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import distributed, figures
 from ..data import TaskData
+from ..errors import ArgumentError
 from .extract import extract_circuit
 
 
@@ -101,7 +102,7 @@ def sweep(
 ) -> Sweep:
     """Extract one circuit per threshold (the model is never modified) and record its size and accuracy."""
     if not thresholds:
-        raise ValueError("give at least one threshold to sweep")
+        raise ArgumentError("give at least one threshold to sweep")
     points, accuracy_before = [], 0.0
     for threshold in sorted(thresholds):
         result = extract_circuit(

@@ -7,10 +7,11 @@ from typing import Callable, TypeVar
 
 from ..adapters import COMPONENTS
 from ..splits import Part
+from ..tasks import TASKS
 
 MODEL_HELP = "built-in model name (int_sum_gpt2), eigenfast save, or Hugging Face model folder with its tokenizer"
 T = TypeVar("T")
-TASK_HELP = "int_sum, int_mult, or a .jsonl file of {\"prompt\": ..., \"target\": ...} lines"
+TASK_HELP = f"{', '.join(TASKS)}, or a .jsonl file of {{\"prompt\": ..., \"target\": ...}} lines"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

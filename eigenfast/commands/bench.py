@@ -72,10 +72,10 @@ class Row:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=tuple(SHAPES), default="small", help="model shape (random weights)")
-    parser.add_argument("--batches", type=comma_list(positive_int), default=(1, 32), help="batch sizes")
-    parser.add_argument("--prompts", type=comma_list(positive_int), default=(16, 512), help="prompt lengths")
+    parser.add_argument("--batches", type=comma_list(positive_int), default="1,32", help="batch sizes")
+    parser.add_argument("--prompts", type=comma_list(positive_int), default="16,512", help="prompt lengths")
     parser.add_argument("--new-tokens", type=positive_int, default=128, help="tokens generated per run")
-    parser.add_argument("--modes", type=comma_list(str), default=("eager", "compiled", "onnx"),
+    parser.add_argument("--modes", type=comma_list(str), default=",".join(MODES),
                         help=f"comma-separated, from {MODES}")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per cell (the median is kept)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")

@@ -12,13 +12,13 @@ import argparse
 from typing import Sequence
 
 from ..builtin import BUILTIN_MODELS, heldout_task
-from ..data import load_task
 from ..loading import LoadedModel, load_model
 from ..prune import DEFAULT_CANDIDATES, PruneResult, prune
 from ..attribution import REDUCE
 from ..splits import Part, task_parts
 from ..table import protocol_splits
-from .arguments import add_model_options, comma_list, component, fraction, print_parts
+from ..tasks import load_task
+from .arguments import TASK_HELP, add_model_options, comma_list, component, fraction, print_parts
 
 # The strongest case of the eigenpruning tables (docs/EIGENPRUNING_TABLE.md): v all/mean on conflict3_gpt2,
 # +13.6 ± 0.4 points over three seeds (o all/mean, +13.8 ± 0.9, is as strong within its spread; v varies less).
@@ -31,7 +31,7 @@ DEMO_REDUCE = "mean"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser, model_default=DEMO_MODEL)
-    parser.add_argument("--task", default=DEMO_TASK, help="int_sum, int_mult, or a .jsonl file")
+    parser.add_argument("--task", default=DEMO_TASK, help=TASK_HELP)
     parser.add_argument("--components", type=comma_list(component), default=",".join(DEMO_COMPONENTS),
                         help="comma-separated components to prune, e.g. k,q,mlp_in")
     parser.add_argument("--pairs", choices=("all", "shift"), default=DEMO_PAIRS, help="partners x' of each score")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..data import check_task, load_task
+from ..attribution import REDUCE
 from ..loading import check_model_name, load_model
 from ..modules import EXTRAPOLATE
 from ..prune import DEFAULT_CANDIDATES, prune
 from ..serialization import check_output_directory
 from ..splits import task_parts
+from ..tasks import check_task, load_task
 from .arguments import (
     TASK_HELP, add_model_options, comma_list, component, fraction, p_or_auto, print_parts,
 )
@@ -29,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated components to prune, e.g. k,q,mlp_in")
     parser.add_argument("--pairs", choices=("all", "shift"), default="all",
                         help="partners of each example in the score: every example, or the previous one in the batch")
+    parser.add_argument("--reduce", choices=REDUCE, default="max",
+                        help="how a term's score pools over pairs: the paper's max, or the mean")
     parser.add_argument("--extrapolate", choices=EXTRAPOLATE, default="mean",
                         help="what the position-indexed biases do past the scoring data's length")
     parser.add_argument("--candidates", type=comma_list(fraction), default=",".join(map(str, DEFAULT_CANDIDATES)),
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         p=args.p,
         components=args.components,
         pairs=args.pairs,
+        reduce=args.reduce,
         batch_size=args.batch_size,
         extrapolate=args.extrapolate,
         candidates=args.candidates,

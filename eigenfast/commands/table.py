@@ -15,12 +15,12 @@ from typing import Any
 
 from .. import distributed
 from ..loading import load_model
-from ..data import TASKS, TaskData, load_task
+from ..data import TaskData
 from ..table import Row, default_settings, markdown, plot, run_table
-from ..tasks import induction
-from .arguments import comma_list, component, fraction
+from ..tasks import TASKS, load_task
+from .arguments import comma_list, component, fraction, positive_int
 
-TABLE_TASKS = (*TASKS, "induction")
+TABLE_TASKS = tuple(TASKS)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -35,14 +35,15 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", type=_names, default=("int_sum_gpt2", "mix_gpt2", "conflict_gpt2"),
+    parser.add_argument("--models", type=_names, default="int_sum_gpt2,mix_gpt2,conflict_gpt2",
                         help="comma-separated built-in names or model directories")
-    parser.add_argument("--tasks", type=_names, default=TABLE_TASKS, help=f"comma-separated, from {TABLE_TASKS}")
-    parser.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="seeds of the score/val/test split")
-    parser.add_argument("--candidates", type=comma_list(fraction), default=(0.01, 0.05, 0.10, 0.30), help="p values")
+    parser.add_argument("--tasks", type=_names, default=",".join(TABLE_TASKS),
+                        help=f"comma-separated, from {', '.join(TABLE_TASKS)}")
+    parser.add_argument("--seeds", type=_ints, default="0,1,2", help="seeds of the score/val/test split")
+    parser.add_argument("--candidates", type=comma_list(fraction), default="0.01,0.05,0.1,0.3", help="p values")
     parser.add_argument("--components", type=comma_list(component), default=None,
                         help="component types to table, e.g. k,mlp_in (default: every one the model has)")
-    parser.add_argument("--batch-size", type=int, default=256, help="examples per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="examples per forward pass")
     parser.add_argument("--out", type=Path, default=Path("docs/eigenpruning_table/table.md"),
                         help="Markdown file to write; the .json record and .png plot go beside it")
 
@@ -53,7 +54,7 @@ def heldout(name: str, task: str, tokenizer: Any) -> TaskData:
 
     if name in BUILTIN_MODELS:
         return heldout_task(name, task, tokenizer)
-    return induction(tokenizer) if task == "induction" else load_task(task, tokenizer)
+    return load_task(task, tokenizer)
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -2,14 +2,14 @@
 
     circuit = eigenfast.edge_prune(model, clean, corrupted, target_sparsity=0.95, steps=300)
     circuit.edges, circuit.heads, circuit.mlps, circuit.report
-    smaller = eigenfast.edges.extract_nodes(model, circuit, corrupted)
+    smaller = eigenfast.edges.extract_nodes(model, circuit, corrupted)   # smaller.model, smaller.save(folder)
 """
 from .acdc import acdc
 from .eap import eap
 from .corrupt import corrupt_by_shuffling
 from .edge_prune import edge_prune
 from .evaluate import EdgeCircuit, EdgeReport, evaluate_circuit, roc_auc, true_edges
-from .extraction import extract_nodes
+from .extraction import NodeCircuitResult, extract_nodes
 from .graph import EdgeGraph, ReaderGroup
 from .masked_forward import EdgeForward
 
@@ -18,6 +18,7 @@ __all__ = [
     "EdgeForward",
     "EdgeGraph",
     "EdgeReport",
+    "NodeCircuitResult",
     "ReaderGroup",
     "acdc",
     "corrupt_by_shuffling",

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..circuit.discovery import kl_divergence
-from ..data import TaskData, as_task_data
+from ..data import TaskData, model_data
+from ..errors import ArgumentError
 from ..forward import eval_mode
 from ..progress import progress_bar
 from .evaluate import EdgeCircuit, evaluate_circuit, prepare_batches
@@ -56,8 +57,8 @@ def acdc(
 ) -> EdgeCircuit:
     """ACDC over the edge graph with KL threshold τ = ``threshold``; one masked forward per edge."""
     if not threshold >= 0:  # NaN fails this too
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
-    clean, corrupted = as_task_data(clean_data), as_task_data(corrupted_data)
+        raise ArgumentError(f"threshold must be >= 0, got {threshold}")
+    clean, corrupted = model_data(clean_data, model), model_data(corrupted_data, model)
     start = time.perf_counter()
     forward = EdgeForward(model)
     graph = forward.graph

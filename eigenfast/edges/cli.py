@@ -5,9 +5,12 @@ import argparse
 
 import torch
 
-from ..data import DataError, load_task
-from ..loading import load_model
+from ..commands.arguments import MODEL_HELP, TASK_HELP, positive_int
+from ..errors import DataError
+from ..loading import check_model_name, load_model
+from ..serialization import check_writable_directory
 from ..splits import task_parts
+from ..tasks import check_task, load_task
 from .compare import METHODS, compare
 from .corrupt import corrupt_by_shuffling
 
@@ -32,27 +35,26 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options (the CLI registers the command itself)."""
-    parser.add_argument("--model", required=True, help="built-in model name, eigenfast save, or HF model directory")
-    parser.add_argument("--task", required=True, help="int_sum, int_mult, or a .jsonl file of {prompt, target}")
-    parser.add_argument("--methods", type=_methods, default=METHODS,
-                        help=f"comma-separated, from {','.join(METHODS)} (default: all)")
-    parser.add_argument("--n", type=int, default=64,
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--task", required=True, help=TASK_HELP)
+    parser.add_argument("--methods", type=_methods, default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    parser.add_argument("--n", type=positive_int, default=64,
                         help="examples drawn from the task; each is paired with a shuffled same-length counterfactual")
-    parser.add_argument("--sparsities", type=_floats, default=(0.9, 0.95),
-                        help="edge sparsities for edge pruning and EAP (default: 0.9,0.95)")
-    parser.add_argument("--steps", type=int, default=300, help="edge-pruning optimisation steps (default: 300)")
-    parser.add_argument("--acdc-thresholds", type=_floats, default=(0.01,),
-                        help="ACDC's KL thresholds τ (default: 0.01)")
-    parser.add_argument("--alg1-thresholds", type=_floats, default=(0.01,),
-                        help="Algorithm 1's KL thresholds α (default: 0.01)")
-    parser.add_argument("--batch-size", type=int, default=32, help="examples per forward (default: 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the example draw and the shuffling (default: 0)")
-    parser.add_argument("--out", default="edges-out", help="directory for edges.json and edges.png (default: edges-out)")
+    parser.add_argument("--sparsities", type=_floats, default="0.9,0.95", help="edge sparsities for edge pruning and EAP")
+    parser.add_argument("--steps", type=positive_int, default=300, help="edge-pruning optimisation steps")
+    parser.add_argument("--acdc-thresholds", type=_floats, default="0.01", help="ACDC's KL thresholds τ")
+    parser.add_argument("--alg1-thresholds", type=_floats, default="0.01", help="Algorithm 1's KL thresholds α")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="examples per forward")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the example draw and the shuffling")
+    parser.add_argument("--out", default="edges-out", help="directory for edges.json and edges.png")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.n < 2:
         raise DataError(f"--n must be >= 2 (examples need counterfactual partners), got {args.n}")
+    check_model_name(args.model)
+    check_task(args.task)
+    check_writable_directory(args.out)
     loaded = load_model(args.model)
     model = loaded.model
     # Only examples the model never trained on (the built-in models record their training split).

@@ -11,6 +11,7 @@ from torch import nn
 from .. import distributed, figures
 from ..circuit.discovery import discover
 from ..data import TaskData
+from ..errors import ArgumentError
 from .acdc import acdc
 from .eap import eap
 from .edge_prune import edge_prune
@@ -76,7 +77,7 @@ def compare(
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise ArgumentError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     runs = []
     for method in methods:
         if method == "edge_prune":

@@ -13,7 +13,8 @@ import time
 import torch
 from torch import nn
 
-from ..data import TaskData, as_task_data
+from ..data import TaskData, model_data
+from ..errors import ArgumentError
 from ..forward import eval_mode, frozen_parameters
 from ..progress import progress
 from .evaluate import EdgeCircuit, evaluate_circuit, prepare_batches
@@ -44,8 +45,8 @@ def eap(
 ) -> EdgeCircuit:
     """EAP: keep the ``(1 − target_sparsity)`` fraction of edges with the largest ``|attribution|``."""
     if not 0.0 <= target_sparsity <= 1.0:
-        raise ValueError(f"target_sparsity must be in [0, 1], got {target_sparsity}")
-    clean, corrupted = as_task_data(clean_data), as_task_data(corrupted_data)
+        raise ArgumentError(f"target_sparsity must be in [0, 1], got {target_sparsity}")
+    clean, corrupted = model_data(clean_data, model), model_data(corrupted_data, model)
     start = time.perf_counter()
     forward = EdgeForward(model)
     with eval_mode(model), frozen_parameters(model):

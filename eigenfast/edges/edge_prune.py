@@ -8,7 +8,8 @@ from torch import nn
 
 from .. import distributed
 from ..circuit.discovery import kl_divergence
-from ..data import TaskData, as_task_data
+from ..data import TaskData, model_data
+from ..errors import ArgumentError, DataError
 from ..forward import eval_mode, frozen_parameters
 from ..progress import progress_bar
 from . import hard_concrete
@@ -52,19 +53,19 @@ def edge_prune(
     activations. With ``evaluate`` the result carries a report on the same data.
     """
     if not 0.0 <= target_sparsity <= 1.0:
-        raise ValueError(f"target_sparsity must be in [0, 1], got {target_sparsity}")
+        raise ArgumentError(f"target_sparsity must be in [0, 1], got {target_sparsity}")
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise ArgumentError(f"steps must be >= 1, got {steps}")
     if not 0.0 < ramp <= 1.0:
-        raise ValueError(f"ramp (the fraction of steps over which the target rises) must be in (0, 1], got {ramp}")
-    clean, corrupted = as_task_data(clean_data), as_task_data(corrupted_data)
+        raise ArgumentError(f"ramp (the fraction of steps over which the target rises) must be in (0, 1], got {ramp}")
+    clean, corrupted = model_data(clean_data, model), model_data(corrupted_data, model)
     start = time.perf_counter()
     forward = EdgeForward(model)
     graph = forward.graph
     generator = torch.Generator().manual_seed(seed)
     with eval_mode(model), frozen_parameters(model):
         if len(clean) != len(corrupted):
-            raise ValueError(f"clean ({len(clean)}) and corrupted ({len(corrupted)}) data must pair up one to one")
+            raise DataError(f"clean ({len(clean)}) and corrupted ({len(corrupted)}) data must pair up one to one")
         # One step reads one batch; under a process group each rank reads its slice of it.
         slices = distributed.local_rows(len(clean), batch_size, "edge pruning")
         batches = [forward.prepare(clean.subset(rows), corrupted.subset(rows)) for rows, _ in slices]

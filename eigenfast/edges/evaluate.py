@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..circuit.discovery import kl_divergence
-from ..data import TaskData, as_task_data
+from ..data import TaskData, model_data
+from ..errors import ArgumentError, DataError
 from ..forward import eval_mode
 from .graph import EdgeGraph
 from .masked_forward import EdgeForward, Prepared
@@ -92,7 +93,7 @@ def kept_edges(graph: EdgeGraph, circuit: Any) -> torch.Tensor:
     kept = getattr(circuit, "kept", None)
     if isinstance(kept, torch.Tensor):
         if kept.shape != (graph.n_edges,):
-            raise ValueError(f"the circuit has {kept.numel()} edge flags; this model's graph has {graph.n_edges} edges")
+            raise ArgumentError(f"the circuit has {kept.numel()} edge flags; this model's graph has {graph.n_edges} edges")
         return kept.bool()
     return graph.edges_of_nodes(circuit.heads, circuit.mlps)
 
@@ -128,7 +129,7 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     scores, labels = scores.double().cpu(), labels.bool().cpu()
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
-        raise ValueError("ROC AUC needs at least one positive and one negative edge")
+        raise ArgumentError("ROC AUC needs at least one positive and one negative edge")
     values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
     below = torch.cumsum(counts, 0) - counts
     average_rank = below.double() + (counts.double() + 1) / 2  # 1-based ranks, ties averaged
@@ -139,9 +140,9 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 def prepare_batches(forward: EdgeForward, clean: TaskData, corrupted: TaskData, batch_size: int) -> list[Prepared]:
     """Pair the clean and corrupted data batch by batch and run both once (f's logits, ỹ)."""
     if len(clean) != len(corrupted):
-        raise ValueError(f"clean ({len(clean)}) and corrupted ({len(corrupted)}) data must pair up one to one")
+        raise DataError(f"clean ({len(clean)}) and corrupted ({len(corrupted)}) data must pair up one to one")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
     return [
         forward.prepare(clean.subset(range(i, min(i + batch_size, len(clean)))),
                         corrupted.subset(range(i, min(i + batch_size, len(clean)))))
@@ -178,7 +179,7 @@ def evaluate_circuit(
     ``seconds`` defaults to the circuit's own; ``true_heads`` (a known circuit) adds TPR,
     FPR and, when the circuit has edge scores, ROC AUC over the edges.
     """
-    clean, corrupted = as_task_data(clean_data), as_task_data(corrupted_data)
+    clean, corrupted = model_data(clean_data, model), model_data(corrupted_data, model)
     forward = EdgeForward(model)
     graph = forward.graph
     kept = kept_edges(graph, circuit)

@@ -7,15 +7,57 @@ choice), or zero, since a removed module no longer sees any particular input.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..adapters import get_adapter
-from ..circuit.ablation import ABLATIONS
+from ..circuit.ablation import check_ablation
 from ..circuit.extract import remove_pruned
 from ..circuit.means import component_means
+from ..circuit.report import heads_by_layer
 from ..data import TaskData
+from ..errors import ArgumentError
+from ..results import ModelResult, kept_masks
+from ..sizes import ParameterCount, count_parameters
+
+
+@dataclass
+class NodeCircuitResult(ModelResult):
+    """The model cut down to a circuit's nodes (same HF class, physically smaller); ``.save(folder)``."""
+
+    kind = "node circuit"
+    model: nn.Module
+    heads: list[tuple[int, int]]  # kept (layer, head)
+    mlps: list[int]  # layers whose MLP was kept
+    method: str  # what found the circuit
+    ablation: str  # what the removed nodes output: their mean over patch_data, or zero
+    n_layers: int
+    n_heads: int
+    size_before: ParameterCount
+    size_after: ParameterCount
+    tokenizer: Any = None
+
+    def table(self) -> str:
+        removed = 1 - self.size_after.non_embedding / self.size_before.non_embedding
+        return "\n".join([
+            f"node circuit of {self.method}, removed nodes output their {self.ablation}",
+            f"  heads kept   {len(self.heads)}/{self.n_layers * self.n_heads}: {heads_by_layer(self.heads)}",
+            f"  MLPs kept    {len(self.mlps)}/{self.n_layers}: {self.mlps}",
+            f"  size before  {self.size_before.describe()}",
+            f"  size after   {self.size_after.describe()}; {removed:.1%} of non-embedding removed",
+        ])
+
+    def saved_report(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "ablation": self.ablation, "heads": [list(h) for h in self.heads], "mlps": self.mlps,
+            "size_before": self.size_before.as_dict(), "size_after": self.size_after.as_dict(),
+        }
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        return kept_masks(self.heads, self.mlps, self.n_layers, self.n_heads)
 
 
 def extract_nodes(
@@ -26,15 +68,25 @@ def extract_nodes(
     extrapolate: str = "mean",
     batch_size: int = 64,
     inplace: bool = False,
-) -> nn.Module:
-    """``model`` cut down to ``circuit.heads`` and ``circuit.mlps`` (any method's result), everything else removed."""
-    if ablation not in ABLATIONS:
-        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+    tokenizer: Any = None,
+) -> NodeCircuitResult:
+    """``model`` cut down to ``circuit.heads`` and ``circuit.mlps`` (any method's result), everything else removed.
+
+    ``tokenizer``, if given, is saved with the model by ``.save(folder)``, so the folder
+    works as ``--model`` on the command line.
+    """
+    check_ablation(ablation, extrapolate)
     if ablation == "mean" and patch_data is None:
-        raise ValueError("mean ablation needs patch_data for the removed nodes' means (e.g. the corrupted data)")
+        raise ArgumentError("mean ablation needs patch_data for the removed nodes' means (e.g. the corrupted data)")
     adapter = get_adapter(model)
     kept_heads, kept_mlps = set(map(tuple, circuit.heads)), set(circuit.mlps)
     pruned_heads = [(l, h) for l in range(adapter.n_layers) for h in range(adapter.n_heads) if (l, h) not in kept_heads]
     pruned_mlps = [l for l in range(adapter.n_layers) if l not in kept_mlps]
     means = component_means(model, patch_data, batch_size) if ablation == "mean" else None
-    return remove_pruned(model, pruned_heads, pruned_mlps, means, ablation, extrapolate, inplace)
+    size_before = count_parameters(model)  # before an inplace removal changes it
+    smaller = remove_pruned(model, pruned_heads, pruned_mlps, means, ablation, extrapolate, inplace)
+    return NodeCircuitResult(
+        smaller, sorted(kept_heads), sorted(kept_mlps), getattr(circuit, "method", type(circuit).__name__),
+        "mean over patch_data" if ablation == "mean" else "zero", adapter.n_layers, adapter.n_heads,
+        size_before, count_parameters(smaller), tokenizer,
+    )

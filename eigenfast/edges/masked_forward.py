@@ -25,6 +25,7 @@ from torch import nn
 
 from ..adapters import Adapter, get_adapter, head_matrices, projection_matrix
 from ..data import TaskData
+from ..errors import ArgumentError, DataError, UnsupportedModelError
 from ..forward import last_logits, model_device
 from .graph import EdgeGraph
 
@@ -112,7 +113,7 @@ class EdgeForward:
             columns = torch.cat([adapter.site(layer, c).out_index.flatten() for c in components])
             width = projection_matrix(self.model.get_submodule(path)).shape[1]
             if sorted(columns.tolist()) != list(range(width)):
-                raise ValueError(f"{path}: the q/k/v head columns do not tile its {width} outputs; the adapter is wrong")
+                raise UnsupportedModelError(f"{path}: the q/k/v head columns do not tile its {width} outputs; the adapter is wrong")
             order[path] = (tuple(components), torch.argsort(columns))
         site = adapter.site(layer, "o")
         o_module = self.model.get_submodule(site.path)
@@ -151,7 +152,7 @@ class EdgeForward:
     def prepare(self, clean: TaskData, corrupted: TaskData) -> Prepared:
         """The clean batch's context and the corrupted batch's writer outputs (same shape and padding)."""
         if clean.input_ids.shape != corrupted.input_ids.shape or not torch.equal(clean.mask, corrupted.mask):
-            raise ValueError(
+            raise DataError(
                 f"clean and corrupted inputs must pair up one to one with the same length and padding; got shapes "
                 f"{tuple(clean.input_ids.shape)} and {tuple(corrupted.input_ids.shape)}: build the corrupted set "
                 "from the clean one (same prompts' lengths), e.g. eigenfast.edges.corrupt_by_shuffling"
@@ -197,11 +198,11 @@ class EdgeForward:
         """
         graph, adapter, ctx, cf = self.graph, self.adapter, prepared.clean, prepared.corrupted
         if edges.shape != (graph.n_edges,):
-            raise ValueError(f"edge masks must have shape ({graph.n_edges},) for this graph, got {tuple(edges.shape)}")
+            raise ArgumentError(f"edge masks must have shape ({graph.n_edges},) for this graph, got {tuple(edges.shape)}")
         if nodes is not None and nodes.shape != (graph.n_writers,):
-            raise ValueError(f"node masks must have shape ({graph.n_writers},), got {tuple(nodes.shape)}")
+            raise ArgumentError(f"node masks must have shape ({graph.n_writers},), got {tuple(nodes.shape)}")
         if start_layer and (prefix is None or len(prefix) != graph.first_writer(start_layer)):
-            raise ValueError(f"resuming at layer {start_layer} needs the first {graph.first_writer(start_layer)} "
+            raise ArgumentError(f"resuming at layer {start_layer} needs the first {graph.first_writer(start_layer)} "
                              "writers' differences as prefix")
         dtype = cf.writers.dtype
         edges = edges.to(dtype)

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..adapters import Site, get_adapter, head_inputs, head_matrices, head_outputs, projection_matrix
 from ..data import TaskData
+from ..errors import DataError
 
 
 def pair_statistics(
@@ -166,7 +167,7 @@ def reference_pipeline(
     docstring), rescaled by the batch size so they equal ``eigenfast.score(pairs="shift")``'s.
     Float32 like the reference code; unpadded data only, as it assumes."""
     if data.attention_mask is not None:
-        raise ValueError("reference_pipeline takes unpadded data only (its pairs include padding)")
+        raise DataError("reference_pipeline takes unpadded data only (its pairs include padding)")
     adapter = get_adapter(model)
     sites = [adapter.site(layer, c) for layer in range(adapter.n_layers) for c in components]
     factors = {}
