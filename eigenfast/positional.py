@@ -27,7 +27,7 @@ from torch import nn
 
 from .adapters import Adapter, get_adapter
 from .adapters.calls import LayerParameters, attention_function, layer_parameters
-from .errors import SavedModelError
+from .errors import ArgumentError, SavedModelError, UnsupportedModelError
 from .projection import PositionalModule, project
 
 
@@ -47,7 +47,7 @@ class PositionalBlock(nn.Module):
         adapter = self.eigenfast_adapter
         call = adapter.layer_call(self.eigenfast_layer, args, kwargs)
         if call.position_ids is None:
-            raise ValueError(
+            raise ArgumentError(
                 "a model changed by eigenfast needs the decoder layers' position_ids; call the whole model "
                 "(transformers passes them), or pass position_ids when running a layer directly"
             )
@@ -130,7 +130,7 @@ class PositionalMLP(nn.Module):
 
 def _attribute(name: str | None) -> str | None:
     if name is not None and "." in name:
-        raise ValueError(f"an adapter's paths inside a layer must be attribute names, got {name!r}")
+        raise UnsupportedModelError(f"an adapter's paths inside a layer must be attribute names, got {name!r}")
     return name
 
 

@@ -17,10 +17,7 @@ from conftest import make_data, make_model
 
 PACKAGE = Path(eigenfast.__file__).resolve().parent
 BUILTIN_ERRORS = {name for name in dir(builtins) if name.endswith(("Error", "Exception"))}
-NOT_YET = {  # files whose own raises this suite does not hold to the rule yet, and why
-    "adapters": "the adapters mirror transformers' signatures and are being reworked for transformers 5.25; their "
-                "errors become EigenfastErrors with that work",
-    "positional.py": "reworked with the adapters",
+NOT_YET = {  # files whose own raises this suite does not hold to the rule, and why
     "hub_module.py": "copied into saves and imported by transformers without eigenfast: it can raise nothing of eigenfast's",
 }
 

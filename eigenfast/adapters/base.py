@@ -17,6 +17,7 @@ from torch import nn
 from transformers import DynamicCache, StaticCache
 from transformers.pytorch_utils import Conv1D
 
+from ..errors import ArgumentError, ArgumentTypeError
 from ..projection import PositionalModule, project
 from .calls import (
     LayerParameters, attention_function, check_attention_function, check_cache_update, check_rotary, layer_parameters,
@@ -69,7 +70,7 @@ def projection_matrix(module: nn.Module) -> torch.Tensor:
         return module.weight
     if isinstance(module, nn.Linear) or getattr(module, "linear_layout", False):
         return module.weight.T
-    raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
+    raise ArgumentTypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
 
 
 def head_matrices(A: torch.Tensor, site: Site) -> torch.Tensor:
@@ -201,7 +202,7 @@ class Adapter:
     def site(self, layer: int, component: str) -> Site:
         path = self._path(layer, component)
         if not self.has_component(layer, component):
-            raise ValueError(
+            raise ArgumentError(
                 f"layer {layer} has no {component!r} matrix any more: circuit extraction removed it; "
                 "leave the layer out (layers=None skips removed components)"
             )
@@ -216,13 +217,13 @@ class Adapter:
 
     def _path(self, layer: int, component: str) -> str:
         if component not in COMPONENTS:
-            raise ValueError(f"unknown component {component!r}; choose from {COMPONENTS}")
+            raise ArgumentError(f"unknown component {component!r}; choose from {COMPONENTS}")
         if component not in self.projections:
-            raise ValueError(
+            raise ArgumentError(
                 f"{self.family} models have no {component!r} matrix; available: {self.components()}"
             )
         if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer} out of range: the model has {self.n_layers} layers")
+            raise ArgumentError(f"layer {layer} out of range: the model has {self.n_layers} layers")
         return f"{self.layer_path(layer)}.{self.projections[component]}"
 
     def has_component(self, layer: int, component: str) -> bool:
@@ -268,7 +269,7 @@ class Adapter:
         """Name the arguments a decoder layer was called with, by its class's parameter names (``parameters``,
         read off the installed transformers: eigenfast/adapters/calls.py)."""
         if len(args) > len(parameters.positional):
-            raise TypeError(f"a decoder layer takes {len(parameters.positional) + 1} arguments by position, got {len(args) + 1}")
+            raise ArgumentTypeError(f"a decoder layer takes {len(parameters.positional) + 1} arguments by position, got {len(args) + 1}")
         rest = {**dict(zip(parameters.positional, args)), **kwargs}
         return LayerCall(
             attention_mask=rest.pop(parameters.attention_mask, None),

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers.models.gpt2 import modeling_gpt2
 
+from ..errors import UnsupportedModelError
 from ..projection import project
 from .base import Adapter, LayerCall, contiguous_heads
 from .calls import LayerParameters
@@ -46,7 +47,7 @@ class GPT2Adapter(Adapter):
         encoder = call.kwargs.pop("encoder_hidden_states", None)
         call.kwargs.pop("encoder_attention_mask", None)
         if encoder is not None:
-            raise NotImplementedError("eigenfast does not support GPT-2 cross-attention (encoder_hidden_states)")
+            raise UnsupportedModelError("eigenfast does not support GPT-2 cross-attention (encoder_hidden_states): use a decoder-only GPT-2")
         return call
 
     @classmethod
