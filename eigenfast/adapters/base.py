@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..projection import project
+from .projection import project
 
 COMPONENTS = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
 HEAD_OUTPUT_COMPONENTS = ("q", "k", "v")  # each head owns some output columns
@@ -238,7 +238,7 @@ class Adapter:
         """
         return {"num_key_value_groups": n_heads // n_kv_heads}
 
-    # --- the positional forward (eigenfast/positional.py) ----------------
+    # --- the positional forward (eigenfast/rewrite/positional.py) ----------------
     # Class methods: they describe how one module of the family computes, whatever model it is in.
     @classmethod
     def layer_call(cls, args: tuple, kwargs: dict[str, Any]) -> LayerCall:

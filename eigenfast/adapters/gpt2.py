@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from transformers.models.gpt2 import modeling_gpt2
 
-from ..projection import project
 from .base import Adapter, LayerCall, contiguous_heads
+from .projection import project
 
 
 class GPT2Adapter(Adapter):

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..data.splits import TRAINING_ATTRIBUTE, read_training_record
+from ..data.task_data import TaskData
 from ..errors import MissingFilesError, ModelLoadError
-from ..splits import TRAINING_ATTRIBUTE, read_training_record
-from ..data import TaskData
 
 BUILTIN_MODELS: dict[str, str] = {
     "int_sum_gpt2": "4-layer GPT-2 (d_model 128) trained on the int_sum train split; "
@@ -64,8 +64,8 @@ def load_builtin(name: str = "int_sum_gpt2") -> tuple[PreTrainedModel, PreTraine
 
 def heldout_task(name: str, task: str, tokenizer: Any) -> TaskData:
     """A task's examples that the built-in model ``name`` never trained on (the pruning table uses only these)."""
-    from eigenfast.data import TASKS
-    from eigenfast.tasks import induction
+    from eigenfast.data.task_data import TASKS
+    from eigenfast.data.tasks import induction
 
     if name == "int_sum_gpt2":
         from .train import int_sum_split

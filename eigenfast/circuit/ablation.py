@@ -19,11 +19,10 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter, get_adapter
-from ..forward import model_device
-from ..modules import EXTRAPOLATE
-from ..positions import PositionTracker
-from ..projection import PositionalModule
-from ..modules import extend_rows, table_positions
+from ..adapters.projection import PositionalModule
+from ..rewrite.position_tables import EXTRAPOLATE, extend_rows, table_positions
+from ..runtime.forward import model_device
+from ..runtime.position_tracker import PositionTracker
 from .means import ComponentMeans
 
 ABLATIONS = ("mean", "zero")

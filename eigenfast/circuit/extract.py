@@ -11,17 +11,22 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
-from ..data import TaskData, as_task_data, check_fits_model
+from ..data.task_data import TaskData, as_task_data, check_fits_model
 from ..errors import ArgumentError
-from ..forward import evaluate
-from ..sizes import count_parameters
+from ..runtime.forward import evaluate
+from ..runtime.sizes import count_parameters
 from .ablation import check_components
 from .discovery import Step, discover_with
 from .means import ComponentMeans
 from .options import CircuitOptions
 from .removal import remove_components
 from .report import (
-    LATENCY_BATCHES, CircuitReport, HeadRates, Latency, latency_batch, median_latency,
+    LATENCY_BATCHES,
+    CircuitReport,
+    HeadRates,
+    Latency,
+    latency_batch,
+    median_latency,
 )
 
 
@@ -38,7 +43,7 @@ class CircuitResult:
 
     def save(self, directory: str | Path) -> Path:
         """safetensors + JSON (with the kept-component masks); reload with :func:`eigenfast.load`."""
-        from ..serialization import save_model
+        from ..saving.serialization import save_model
 
         n_layers = self.report.n_layers
         heads = torch.zeros(n_layers, self.report.n_heads_total // n_layers, dtype=torch.uint8)

@@ -16,10 +16,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .. import distributed
 from ..adapters import Adapter, get_adapter, head_inputs, head_matrices, projection_matrix
-from ..data import TaskData, as_task_data
-from ..forward import eval_mode, model_device
+from ..data.task_data import TaskData, as_task_data
+from ..runtime import distributed
+from ..runtime.forward import eval_mode, model_device
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A head's contribution to the residual stream is ``z_h W_O^h``, so removing it means
 dropping its Q/K/V output columns and its rows of O. Under mean ablation its mean
 contribution at each true position joins the output projection's bias, which becomes
-a position-indexed table (:class:`~eigenfast.modules.TokenBiasLinear`); under zero
+a position-indexed table (:class:`~eigenfast.rewrite.position_tables.TokenBiasLinear`); under zero
 ablation the original bias is all that is left. A layer with no head left, or a
 pruned MLP, becomes a stand-in that returns the mean (or constant) output and never
 reads its input, so the norm feeding it goes as well unless another reader shares it.
@@ -14,7 +14,7 @@ kept once, in its weights and in the KV cache. HF attention repeats each KV head
 kept query heads that repeat still works. When the kept groups are uneven (say 2 and
 1), the attention records which KV slot each query slot reads (``eigenfast_kv_slots``,
 saved with the model's attributes) and its forward pads Q to the largest group with
-copies of query heads, dropping their outputs afterwards (eigenfast/positional.py).
+copies of query heads, dropping their outputs afterwards (eigenfast/rewrite/positional.py).
 The alternative, gathering K/V out to one head per query head, copies the whole cache
 at every decode step, which transformers' SDPA avoids for even groups.
 
@@ -27,142 +27,26 @@ GPT-2 projection that became an ``nn.Linear`` would read its fewer bytes more sl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..adapters import Adapter, get_adapter, projection_matrix
-from ..modules import (
-    ATTRIBUTES,
+from ..rewrite.position_tables import (
     EXTRAPOLATE,
-    MODULE_KINDS,
     PositionTable,
     TokenBiasLinear,
     bias_table,
     extend_rows,
-    register_kind,
     resample_table,
-    replace_module,
-    set_attributes,
     stores_linear_layout,
 )
-from ..positional import KV_SLOTS, install
-from ..projection import PositionalModule
+from ..rewrite.positional import KV_SLOTS, install
+from ..rewrite.stand_ins import ConstantOutput, PlainConv1D, PlainLinear, PositionMean, RemovedAttention, RemovedNorm
+from ..rewrite.surgery import ATTRIBUTES, replace_module, set_attributes
 from .ablation import ABLATIONS
 from .means import ComponentMeans
-
-@register_kind
-class PlainLinear(nn.Linear):
-    """A projection cut down to the kept heads; records its size so a saved model can be rebuilt."""
-
-    kind = "linear"
-
-    def spec(self) -> dict[str, Any]:
-        return {"d_in": self.in_features, "d_out": self.out_features, "bias": self.bias is not None}
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "PlainLinear":
-        return cls(spec["d_in"], spec["d_out"], bias=spec["bias"])
-
-
-@register_kind
-class PlainConv1D(Conv1D):
-    """A GPT-2 projection cut down to the kept heads, still in Conv1D's (d_in, d_out) layout."""
-
-    kind = "conv1d"
-
-    def spec(self) -> dict[str, Any]:
-        return {"d_in": self.nx, "d_out": self.nf}
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "PlainConv1D":
-        return cls(spec["d_out"], spec["d_in"])
-
-
-@register_kind
-class PositionMean(PositionTable):
-    """Stands in for a removed component under mean ablation: returns ``table[pos]``, whatever its input."""
-
-    kind = "position_mean"
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.table.to(x.dtype)[self.read_at(positions, x.shape[:-1])]
-
-    def spec(self) -> dict[str, Any]:
-        return {"dim": self.table.shape[1], **self.spec_fields()}
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "PositionMean":
-        return cls(spec["calib_len"], spec["dim"], spec["extrapolate"])
-
-
-@register_kind
-class ConstantOutput(PositionalModule):
-    """Stands in for a removed component under zero ablation: returns a constant (a leftover bias, or zeros)."""
-
-    kind = "constant_output"
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.register_buffer("value", torch.zeros(dim))
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.value.to(x.dtype).expand(*x.shape[:-1], self.value.shape[0])
-
-    def spec(self) -> dict[str, Any]:
-        return {"dim": self.value.shape[0]}
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "ConstantOutput":
-        return cls(spec["dim"])
-
-
-@register_kind
-class RemovedAttention(PositionalModule):
-    """An attention layer with every head removed: returns its stand-in's output as attention does, ``(out, None)``.
-
-    It still appends a one-wide placeholder to its KV-cache entry, because transformers
-    reads the sequence length during generation off the cache (layer 0 first).
-    """
-
-    kind = "removed_attention"
-
-    def __init__(self, output: nn.Module, layer_idx: int) -> None:
-        super().__init__()
-        self.output = output
-        self.layer_idx = layer_idx
-
-    def forward(
-        self, hidden_states: torch.Tensor, positions: torch.Tensor, attention_mask: Any, cache: Any, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, None]:
-        if cache is not None:
-            placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
-            cache.update(placeholder, placeholder, self.layer_idx)
-        return self.output(hidden_states, positions), None
-
-    def spec(self) -> dict[str, Any]:
-        return {"layer_idx": self.layer_idx, "output": {"kind": self.output.kind, "spec": self.output.spec()}}
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "RemovedAttention":
-        output = MODULE_KINDS[spec["output"]["kind"]].from_spec(spec["output"]["spec"])
-        return cls(output, spec["layer_idx"])
-
-
-@register_kind
-class RemovedNorm(nn.Identity):
-    """Where a norm fed only removed components: nothing reads its output any more."""
-
-    kind = "removed_norm"
-
-    def spec(self) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "RemovedNorm":
-        return cls()
 
 
 @dataclass(frozen=True)
@@ -304,7 +188,7 @@ def _shrink_attention(
     attention = adapter.attention(layer)
     if layout.group is not None:
         set_attributes(attention, adapter.head_count_attributes(len(layout.q_heads), len(layout.kv_heads)))
-    else:  # the forward pads Q out to the largest group for every KV head (eigenfast/positional.py)
+    else:  # the forward pads Q out to the largest group for every KV head (eigenfast/rewrite/positional.py)
         widest = max(layout.kv_slots.count(slot) for slot in range(len(layout.kv_heads)))
         attributes = adapter.head_count_attributes(widest * len(layout.kv_heads), len(layout.kv_heads))
         set_attributes(attention, {**attributes, KV_SLOTS: list(layout.kv_slots)})

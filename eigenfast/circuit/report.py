@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
-from ..data import TaskData
-from ..forward import Evaluation, last_logits
-from ..sizes import ParameterCount
+from ..data.task_data import TaskData
+from ..runtime.forward import Evaluation, last_logits
+from ..runtime.sizes import ParameterCount
 from .synthetic import head_rates
 
 LATENCY_BATCHES = (1, 32)

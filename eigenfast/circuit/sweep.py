@@ -8,8 +8,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .. import distributed, figures
-from ..data import TaskData
+from ..data.task_data import TaskData
+from ..runtime import distributed, figures
 from .extract import extract_circuit
 
 

@@ -6,7 +6,7 @@ import math
 from typing import Callable, TypeVar
 
 from ..adapters import COMPONENTS
-from ..splits import Part
+from ..data.splits import Part
 
 MODEL_HELP = "built-in model name (int_sum_gpt2), eigenfast save, or Hugging Face model folder with its tokenizer"
 T = TypeVar("T")

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .. import distributed
-from ..loading import load_model
-from ..data import TASKS, TaskData, load_task
-from ..table import Row, default_settings, markdown, plot, run_table
-from ..tasks import induction
+from ..data.task_data import TASKS, TaskData, load_task
+from ..data.tasks import induction
+from ..eigenprune.table import Row, default_settings, markdown, plot, run_table
+from ..runtime import distributed
+from ..saving.loading import load_model
 from .arguments import comma_list, component, fraction
 
 TABLE_TASKS = (*TASKS, "induction")

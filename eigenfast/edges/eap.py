@@ -13,9 +13,9 @@ import time
 import torch
 from torch import nn
 
-from ..data import TaskData, as_task_data
-from ..forward import eval_mode, frozen_parameters
-from ..progress import progress
+from ..data.task_data import TaskData, as_task_data
+from ..runtime.forward import eval_mode, frozen_parameters
+from ..runtime.progress import progress
 from .evaluate import EdgeCircuit, evaluate_circuit, prepare_batches
 from .masked_forward import EdgeForward, Prepared
 

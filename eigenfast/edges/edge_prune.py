@@ -6,11 +6,11 @@ import time
 import torch
 from torch import nn
 
-from .. import distributed
-from ..circuit.discovery import kl_divergence
-from ..data import TaskData, as_task_data
-from ..forward import eval_mode, frozen_parameters
-from ..progress import progress_bar
+from ..data.task_data import TaskData, as_task_data
+from ..runtime import distributed
+from ..runtime.forward import eval_mode, frozen_parameters
+from ..runtime.metrics import kl_divergence
+from ..runtime.progress import progress_bar
 from . import hard_concrete
 from .evaluate import EdgeCircuit, evaluate_circuit
 from .masked_forward import EdgeForward

@@ -14,9 +14,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..circuit.discovery import kl_divergence
-from ..data import TaskData, as_task_data
-from ..forward import eval_mode
+from ..data.task_data import TaskData, as_task_data
+from ..runtime.forward import eval_mode
+from ..runtime.metrics import kl_divergence
 from .graph import EdgeGraph
 from .masked_forward import EdgeForward, Prepared
 

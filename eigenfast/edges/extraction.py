@@ -15,7 +15,7 @@ from ..adapters import get_adapter
 from ..circuit.ablation import ABLATIONS
 from ..circuit.extract import remove_pruned
 from ..circuit.means import component_means
-from ..data import TaskData
+from ..data.task_data import TaskData
 
 
 def extract_nodes(

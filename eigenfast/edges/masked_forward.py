@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter, get_adapter, head_matrices, projection_matrix
-from ..data import TaskData
-from ..forward import last_logits, model_device
+from ..data.task_data import TaskData
+from ..runtime.forward import last_logits, model_device
 from .graph import EdgeGraph
 
 QKV = ("q", "k", "v")
