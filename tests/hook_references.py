@@ -12,9 +12,9 @@ import torch
 
 from eigenfast.adapters import get_adapter, projection_matrix
 from eigenfast.circuit import ablated, component_means
-from eigenfast.circuit.removal import remove_components
 from eigenfast.data.task_data import TaskData
 from eigenfast.rewrite.position_tables import TokenBiasLinear
+from eigenfast.rewrite.removal import remove_components
 
 # Layer 0 loses every head; layer 1 keeps heads 0, 2 and 3. With 2 KV heads (llama, qwen2)
 # that keeps 1 and 2 query heads of the two groups: uneven, so K/V are gathered per query head.

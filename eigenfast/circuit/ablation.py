@@ -20,12 +20,10 @@ from torch import nn
 
 from ..adapters import Adapter, get_adapter
 from ..adapters.projection import PositionalModule
-from ..rewrite.position_tables import EXTRAPOLATE, extend_rows, table_positions
+from ..rewrite.position_tables import extend_rows, table_positions
+from ..rewrite.removal import ComponentMeans, check_ablation
 from ..runtime.forward import model_device
 from ..runtime.position_tracker import PositionTracker
-from .means import ComponentMeans
-
-ABLATIONS = ("mean", "zero")
 
 
 @dataclass(frozen=True)
@@ -41,14 +39,6 @@ class Ablation:
     def at(self, layer: int) -> tuple[tuple[int, ...], bool]:
         """The ablated heads of ``layer`` (sorted) and whether its MLP is ablated."""
         return tuple(sorted(h for l, h in self.heads if l == layer)), layer in self.mlps
-
-
-def check_ablation(ablation: str, extrapolate: str) -> None:
-    """The one check of the ablation kind and of the rule for positions past the means' calibration length."""
-    if ablation not in ABLATIONS:
-        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    if extrapolate not in EXTRAPOLATE:
-        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -40,12 +40,13 @@ from torch import nn
 from ..adapters import Adapter, get_adapter
 from ..data.task_data import TaskData, as_task_data
 from ..rewrite.position_tables import table_positions
+from ..rewrite.removal import ComponentMeans
 from ..runtime import distributed
 from ..runtime.forward import eval_mode, last_logits, model_device
+from ..runtime.means import component_means
 from ..runtime.metrics import kl_divergence
 from ..runtime.progress import progress as progress_bar
 from .ablation import Ablation, Patcher
-from .means import ComponentMeans, component_means
 from .options import CircuitOptions
 
 

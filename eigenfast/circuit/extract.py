@@ -1,7 +1,6 @@
 """``eigenfast.extract_circuit``: find a task's circuit (Algorithm 1), then physically cut out everything else."""
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +12,12 @@ from torch import nn
 from ..adapters import get_adapter
 from ..data.task_data import TaskData, as_task_data, check_fits_model
 from ..errors import ArgumentError
+from ..rewrite.removal import remove_pruned
 from ..runtime.forward import evaluate
 from ..runtime.sizes import count_parameters
 from .ablation import check_components
 from .discovery import Step, discover_with
-from .means import ComponentMeans
 from .options import CircuitOptions
-from .removal import remove_components
 from .report import (
     LATENCY_BATCHES,
     CircuitReport,
@@ -54,24 +52,6 @@ class CircuitResult:
         tensors = {"circuit.heads": heads, "circuit.mlps": mlps}
         report = self.report.as_dict()
         return save_model(self.model, directory, kind="circuit", report=report, tensors=tensors, tokenizer=self.tokenizer)
-
-
-def remove_pruned(
-    model: nn.Module,
-    pruned_heads: Iterable[tuple[int, int]],
-    pruned_mlps: Iterable[int],
-    means: "ComponentMeans | None",
-    ablation: str = "mean",
-    extrapolate: str = "mean",
-    inplace: bool = False,
-) -> nn.Module:
-    """``model`` (or a copy, unless ``inplace``) with the pruned heads and MLPs physically removed."""
-    target = model if inplace else copy.deepcopy(model)
-    heads_removed: dict[int, list[int]] = {}
-    for layer, head in sorted(pruned_heads):
-        heads_removed.setdefault(layer, []).append(head)
-    remove_components(target, heads_removed, sorted(pruned_mlps), means, ablation, extrapolate)
-    return target
 
 
 def extract_circuit(

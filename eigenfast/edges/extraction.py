@@ -12,10 +12,9 @@ from typing import Any
 from torch import nn
 
 from ..adapters import get_adapter
-from ..circuit.ablation import ABLATIONS
-from ..circuit.extract import remove_pruned
-from ..circuit.means import component_means
 from ..data.task_data import TaskData
+from ..rewrite.removal import ABLATIONS, remove_pruned
+from ..runtime.means import component_means
 
 
 def extract_nodes(

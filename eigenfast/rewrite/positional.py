@@ -74,7 +74,7 @@ Q_UNPAD = "eigenfast_q_unpad"  # query slot -> its padded slot
 class PositionalAttention(nn.Module):
     """Mixin for a HF attention module: Q/K/V and O projections get the positions.
 
-    After extraction with uneven GQA groups (eigenfast/circuit/removal.py) the layer keeps
+    After extraction with uneven GQA groups (eigenfast/rewrite/removal.py) the layer keeps
     each KV head once (weights and cache) and has ``num_key_value_groups`` set to the
     largest kept group. Before the attention function, Q is padded to that many heads
     per KV head with copies of a query head of the same group; after it, the copies'

@@ -1,4 +1,4 @@
-"""Stand-ins for what circuit extraction removed or cut (eigenfast/circuit/removal.py).
+"""Stand-ins for what circuit extraction removed or cut (eigenfast/rewrite/removal.py).
 
 A cut projection keeps its source's memory layout (``PlainLinear`` or ``PlainConv1D``);
 a removed component's output becomes a per-position mean (``PositionMean``, mean

@@ -14,9 +14,9 @@ from torch import nn
 from ..adapters import get_adapter
 from ..circuit.ablation import ablated
 from ..circuit.discovery import Component
-from ..circuit.means import component_means
 from ..data.task_data import TaskData, as_task_data
 from ..runtime.forward import last_logits
+from ..runtime.means import component_means
 from ..runtime.metrics import kl_divergence
 
 

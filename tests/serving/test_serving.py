@@ -213,7 +213,7 @@ def test_a_saved_token_bias_linear_without_a_layout_has_nn_linear_layout():
 def test_kv_cache_bytes_are_what_a_static_cache_holds(family, kind):
     """Counted per layer off the projections: a shrunk layer's KV heads (a duplicated one per copy, uneven
     GQA groups on Llama), nothing for a removed attention (its one-wide placeholder is not read)."""
-    from test_circuit_removal import HEADS
+    from hook_references import HEADS
     from transformers import StaticCache
 
     from eigenfast.rewrite.stand_ins import RemovedAttention

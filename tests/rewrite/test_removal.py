@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import eigenfast
 from eigenfast.adapters import get_adapter, projection_matrix
 from eigenfast.circuit import ablated, component_means
-from eigenfast.circuit.removal import head_layout, remove_components
 from eigenfast.data.task_data import TaskData, positions_from_mask
 from eigenfast.rewrite.position_tables import PositionIndexError
+from eigenfast.rewrite.removal import head_layout, remove_components
 from eigenfast.rewrite.stand_ins import PositionMean, RemovedAttention, RemovedNorm
 
 from conftest import make_data, make_model

@@ -26,14 +26,15 @@ GPT-2 projection that became an ``nn.Linear`` would read its fewer bytes more sl
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..adapters import Adapter, get_adapter, projection_matrix
-from ..rewrite.position_tables import (
+from .position_tables import (
     EXTRAPOLATE,
     PositionTable,
     TokenBiasLinear,
@@ -42,11 +43,31 @@ from ..rewrite.position_tables import (
     resample_table,
     stores_linear_layout,
 )
-from ..rewrite.positional import KV_SLOTS, install
-from ..rewrite.stand_ins import ConstantOutput, PlainConv1D, PlainLinear, PositionMean, RemovedAttention, RemovedNorm
-from ..rewrite.surgery import ATTRIBUTES, replace_module, set_attributes
-from .ablation import ABLATIONS
-from .means import ComponentMeans
+from .positional import KV_SLOTS, install
+from .stand_ins import ConstantOutput, PlainConv1D, PlainLinear, PositionMean, RemovedAttention, RemovedNorm
+from .surgery import ATTRIBUTES, replace_module, set_attributes
+
+ABLATIONS = ("mean", "zero")
+
+
+def check_ablation(ablation: str, extrapolate: str) -> None:
+    """The one check of the ablation kind and of the rule for positions past the means' calibration length."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+    if extrapolate not in EXTRAPOLATE:
+        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+
+
+@dataclass
+class ComponentMeans:
+    """Per-position mean outputs over D_a: ``heads (layers, heads, calib_len, d_model)``, ``mlps (layers, calib_len, d_model)``."""
+
+    heads: torch.Tensor
+    mlps: torch.Tensor
+
+    @property
+    def calib_len(self) -> int:
+        return int(self.heads.shape[2])
 
 
 @dataclass(frozen=True)
@@ -82,7 +103,7 @@ def remove_components(
 ) -> None:
     """Remove heads (per layer) and MLPs from an unpruned ``model`` in place (docs/MATH.md §4).
 
-    ``means`` (from :func:`eigenfast.circuit.means.component_means`) is needed for mean
+    ``means`` (from :func:`eigenfast.runtime.means.component_means`) is needed for mean
     ablation only; positions past its calibration length follow ``extrapolate``. The
     result's logits equal the hook-ablated model's (:func:`eigenfast.circuit.ablated`).
     The parameter count drops by the removed weights; under mean ablation a shrunk
@@ -281,3 +302,21 @@ def _refuse_pruned(adapter: Adapter, layers: set[int]) -> None:
                 f"layer {layer} already had components removed; remove_components works on the unpruned model, "
                 "so pass every component to remove in one call"
             )
+
+
+def remove_pruned(
+    model: nn.Module,
+    pruned_heads: Iterable[tuple[int, int]],
+    pruned_mlps: Iterable[int],
+    means: "ComponentMeans | None",
+    ablation: str = "mean",
+    extrapolate: str = "mean",
+    inplace: bool = False,
+) -> nn.Module:
+    """``model`` (or a copy, unless ``inplace``) with the pruned heads and MLPs physically removed."""
+    target = model if inplace else copy.deepcopy(model)
+    heads_removed: dict[int, list[int]] = {}
+    for layer, head in sorted(pruned_heads):
+        heads_removed.setdefault(layer, []).append(head)
+    remove_components(target, heads_removed, sorted(pruned_mlps), means, ablation, extrapolate)
+    return target

@@ -10,7 +10,6 @@ sums of the o-projection inputs and of the MLP outputs, nothing per example.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -18,20 +17,9 @@ from torch import nn
 
 from ..adapters import Adapter, get_adapter, head_inputs, head_matrices, projection_matrix
 from ..data.task_data import TaskData, as_task_data
-from ..runtime import distributed
-from ..runtime.forward import eval_mode, model_device
-
-
-@dataclass
-class ComponentMeans:
-    """Per-position mean outputs over D_a: ``heads (layers, heads, calib_len, d_model)``, ``mlps (layers, calib_len, d_model)``."""
-
-    heads: torch.Tensor
-    mlps: torch.Tensor
-
-    @property
-    def calib_len(self) -> int:
-        return int(self.heads.shape[2])
+from ..rewrite.removal import ComponentMeans
+from . import distributed
+from .forward import eval_mode, model_device
 
 
 @torch.no_grad()
