@@ -193,14 +193,6 @@ def _horizon(adapter: Adapter, layer: int, states: list[Ablation]) -> int:
     return layer
 
 
-def _last_position(module: nn.Module, args: tuple) -> tuple:
-    """The input at the last position only (and the positions, which eigenfast's modules also take)."""
-    x, *rest = args
-    if rest:
-        rest[0] = rest[0][:, -1:]
-    return (x[:, -1:], *rest)
-
-
 def _repeat(value: Any, n: int, groups: int) -> Any:
     """Tile every batch-leading tensor (leading dim ``n``) ``groups`` times; broadcast ones stay."""
     if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == n and groups > 1:

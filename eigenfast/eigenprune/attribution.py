@@ -63,8 +63,8 @@ def pass1_update(
     R, H, _ = x.shape
     project = _projector(x, U)
     step = _block_rows(H, U.shape[2])
-    # index_reduce_ rather than scatter_reduce_ with an expanded index: as fast on one
-    # thread, but the latter was ~100x slower on two contended ones.
+    # index_reduce_ rather than scatter_reduce_ with an expanded index: the latter collapses
+    # on contended threads (docs/BENCHMARKS.md, "Measured design choices").
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="index_reduce\\(\\) is in beta")
         for start in range(0, R, step):

@@ -91,10 +91,6 @@ class PositionTable(PositionalModule):
         self.extrapolate = validate_extrapolate(extrapolate)
         self.register_buffer("table", torch.zeros(calib_len + 1, dim))
 
-    def set_rows(self, rows: torch.Tensor) -> None:
-        """Fill the calibrated rows ``(calib_len, d)`` and derive the extrapolation row."""
-        self.set_table(extend_rows(rows, self.extrapolate))
-
     def set_table(self, table: torch.Tensor) -> None:
         """Fill the whole table ``(calib_len + 1, d)``, extrapolation row included."""
         with torch.no_grad():

@@ -21,8 +21,9 @@ at every decode step, which transformers' SDPA avoids for even groups.
 A cut projection keeps its source's memory layout: GPT-2's ``Conv1D`` stores ``A``
 (d_in, d_out), ``nn.Linear`` stores ``A^T``. At batch 1 a decode step is a
 matrix-vector product per projection, and on the CPU torch's BLAS streams the
-(d_in, d_out) layout 1.3-1.6x faster than the transposed one (docs/SERVING.md), so a
-GPT-2 projection that became an ``nn.Linear`` would read its fewer bytes more slowly.
+(d_in, d_out) layout faster than the transposed one (docs/BENCHMARKS.md, "Measured design
+choices"), so a GPT-2 projection that became an ``nn.Linear`` would read its fewer bytes
+more slowly.
 """
 from __future__ import annotations
 
