@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eigenfast.attribution import pass1_update, pass2_update  # noqa: E402
+from eigenfast.eigenprune.attribution import pass1_update, pass2_update
 from eigenfast.testing.reference import per_singular_value_loop  # noqa: E402
 
 T = 128  # positions: rows are R/T sequences of T tokens

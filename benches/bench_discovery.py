@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("EIGENFAST_QUIET", "1")
 
 from eigenfast.circuit import discover  # noqa: E402
-from eigenfast.data import TaskData  # noqa: E402
+from eigenfast.data.task_data import TaskData
 from eigenfast.testing.naive_discovery import naive_discover  # noqa: E402
 
 

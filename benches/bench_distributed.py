@@ -31,7 +31,7 @@ os.environ.setdefault("EIGENFAST_QUIET", "1")
 
 import eigenfast  # noqa: E402
 from eigenfast.circuit.discovery import discover  # noqa: E402
-from eigenfast.data import TaskData  # noqa: E402
+from eigenfast.data.task_data import TaskData
 
 ALL = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
 SHAPE = {"hidden_size": 256, "intermediate_size": 896, "num_hidden_layers": 4, "num_attention_heads": 8,

@@ -3,7 +3,7 @@
 1. ``step``: one Edge Pruning step (masked forward + backward through every edge mask)
    on a GPT-2-small-shaped model (12 layers x 12 heads, d_model 768, the 50257-token
    vocabulary, random weights), ours against the hook-per-edge reference of the tests
-   (``naive_run`` in tests/edges_reference.py: every reader's input mixed edge by edge in
+   (``naive_run`` in tests/edges/edges_reference.py: every reader's input mixed edge by edge in
    Python, every head's q/k/v through the full projection). Their logits must agree
    (asserted) before anything is timed.
 2. ``methods``: Edge Pruning, EAP, ACDC and Algorithm 1 side by side on the built-in
@@ -26,16 +26,17 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "edges")]
 os.environ.setdefault("EIGENFAST_QUIET", "1")
 
-from edges_reference import naive_run  # noqa: E402
-
-from eigenfast.circuit.discovery import kl_divergence  # noqa: E402
-from eigenfast.data import TaskData  # noqa: E402
+from eigenfast.data.task_data import TaskData
 from eigenfast.edges.compare import compare  # noqa: E402
 from eigenfast.edges.corrupt import corrupt_by_shuffling  # noqa: E402
-from eigenfast.edges.masked_forward import EdgeForward, frozen  # noqa: E402
+from eigenfast.edges.masked_forward import EdgeForward  # noqa: E402
+from eigenfast.runtime.forward import frozen_parameters as frozen  # noqa: E402
+from eigenfast.runtime.metrics import kl_divergence
+
+from edges_reference import naive_run  # noqa: E402
 
 
 def gpt2_small(device: str) -> torch.nn.Module:
@@ -97,7 +98,7 @@ def bench_step(args: argparse.Namespace) -> None:
 
 def bench_methods(args: argparse.Namespace) -> None:
     from eigenfast.builtin import load_builtin
-    from eigenfast.tasks import load_task
+    from eigenfast.data.tasks import load_task
 
     model, tokenizer = load_builtin("int_sum_gpt2")
     model = model.to(args.device)

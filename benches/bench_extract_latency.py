@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eigenfast.adapters import get_adapter  # noqa: E402
 from eigenfast.circuit import ablated, component_means, remove_components  # noqa: E402
 from eigenfast.circuit.report import latency_batch, time_forward  # noqa: E402
-from eigenfast.sizes import count_parameters  # noqa: E402
-from eigenfast.data import TaskData  # noqa: E402
-import eigenfast.serving  # noqa: E402,F401  (counts the token-bias op's FLOPs)
+from eigenfast.data.task_data import TaskData  # noqa: E402
+from eigenfast.runtime.sizes import count_parameters  # noqa: E402
+from eigenfast.serving.cost import register_flop_formulas  # noqa: E402
 
 # (fraction of heads removed, fraction of MLPs removed)
 CASES = [(0.5, 0.0), (0.5, 0.5), (0.75, 0.5), (0.9, 0.75)]
@@ -50,6 +50,7 @@ BATCHES = (1, 32)
 
 def flops(model: torch.nn.Module, batch: TaskData) -> tuple[int, int]:
     """FLOPs of the backbone alone and of the whole timed forward (with the last-position LM head)."""
+    register_flop_formulas()
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     with FlopCounterMode(display=False) as counter, torch.no_grad():

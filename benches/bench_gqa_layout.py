@@ -14,15 +14,15 @@ import argparse
 import copy
 
 import torch
+from bench_decode_step import median_step_s
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from bench_decode_step import median_step_s
 from eigenfast.adapters import get_adapter
 from eigenfast.circuit import component_means, remove_components
 from eigenfast.commands.arguments import comma_list, positive_int
 from eigenfast.commands.bench import SHAPES, build_models
-from eigenfast.data import TaskData
-from eigenfast.serving import decode_step_bytes, kv_cache_bytes
+from eigenfast.data.task_data import TaskData
+from eigenfast.serving.cost import decode_step_bytes, kv_cache_bytes
 
 
 def kv_slots(seed: int) -> tuple[int, int, int]:

@@ -31,7 +31,7 @@ os.environ.setdefault("EIGENFAST_QUIET", "1")
 
 import eigenfast  # noqa: E402
 from eigenfast.adapters import get_adapter  # noqa: E402
-from eigenfast.data import TaskData  # noqa: E402
+from eigenfast.data.task_data import TaskData
 from eigenfast.testing.reference import reference_pipeline  # noqa: E402
 
 

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eigenfast.svd import thin_svd  # noqa: E402
+from eigenfast.eigenprune.svd import thin_svd
 
 SHAPES = {
     "q/k/v heads 12 x (768x64)": (12, 768, 64),

@@ -28,7 +28,7 @@ step 180 "build eigenfast._C with its CUDA kernels" "$PYTHON" setup.py --quiet b
 "$PYTHON" -c 'import eigenfast.ops as o, eigenfast._C as c, sys
 sys.exit(0 if o.extension_available() and c.with_cuda else "bench-gpu: eigenfast._C was built without CUDA (is nvcc on PATH or CUDA_HOME set?)")'
 
-step 120 "GPU tests" "$PYTHON" -m pytest -q -x -m "not slow" tests/test_token_bias_op.py tests/test_attribution.py
+step 120 "GPU tests" "$PYTHON" -m pytest -q -x -m "not slow" tests/ops/test_token_bias_op.py tests/eigenprune/test_attribution.py
 step 45 "token-bias op vs nn.Linear, float32" "$PYTHON" benches/bench_token_bias.py --device cuda --min-run-time 0.5
 step 45 "token-bias op vs nn.Linear, bfloat16" "$PYTHON" benches/bench_token_bias.py --device cuda --dtype bfloat16 --min-run-time 0.5
 step 60 "attribution kernels" "$PYTHON" benches/bench_attribution.py --device cuda

@@ -10,19 +10,30 @@ Every error eigenfast raises on purpose is an ``eigenfast.EigenfastError``.
 """
 from .adapters import SUPPORTED_MODEL_TYPES, get_adapter
 from .circuit import CircuitResult, extract_circuit
-from .data import TaskData, as_task_data, from_jsonl, from_pairs, int_mult, int_sum
-from .errors import (
-    ArgumentError, ArgumentTypeError, DataError, EigenfastError, MissingFilesError, ModelLoadError,
-    OutputExistsError, PositionIndexError, PositionLimitError, SavedModelError, StateError,
-    TransformersVersionError, UnknownAttributeError, UnsupportedModelError,
-)
+from .data.task_data import TaskData, as_task_data, from_jsonl, from_pairs, int_mult, int_sum
+from .data.tasks import induction, load_task
 from .edges import acdc, eap, edge_prune
-from .forward import evaluate
-from .loading import load_model
-from .prune import PruneResult, prune
-from .scoring import score
-from .serialization import load
-from .tasks import induction, load_task
+from .eigenprune.prune import PruneResult, prune
+from .eigenprune.scoring import score
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    DataError,
+    EigenfastError,
+    MissingFilesError,
+    ModelLoadError,
+    OutputExistsError,
+    PositionIndexError,
+    PositionLimitError,
+    SavedModelError,
+    StateError,
+    TransformersVersionError,
+    UnknownAttributeError,
+    UnsupportedModelError,
+)
+from .runtime.forward import evaluate
+from .saving.loading import load_model
+from .saving.serialization import load
 
 __version__ = "0.1.0"
 

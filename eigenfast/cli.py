@@ -14,8 +14,8 @@ from typing import Sequence
 
 from .commands import COMMANDS
 from .commands.arguments import HelpFormatter
-from .distributed import launched_by_torchrun
 from .errors import EigenfastError
+from .runtime.distributed import launched_by_torchrun
 
 INTERRUPTED = 128 + signal.SIGINT  # the shell's status for a command stopped by Ctrl-C
 DESCRIPTION = "Eigenprune a Hugging Face causal LM for a task, evaluate it, or extract its circuit."

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +18,11 @@ from transformers import (
     Qwen2Config,
 )
 
-from eigenfast.data import TaskData
+from eigenfast.data.task_data import TaskData
 
 os.environ.setdefault("EIGENFAST_QUIET", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 VOCAB = 40
 IDS = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
@@ -94,3 +99,11 @@ def assert_static_cache_equals_dynamic(model: torch.nn.Module) -> None:
         )
         scores[cache] = torch.stack(out.scores, dim=1)
     torch.testing.assert_close(scores["static"], scores["dynamic"], rtol=0, atol=1e-5)
+
+
+def start_training(out: Path, steps: int, module: str = "eigenfast.builtin.train") -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen(
+        [sys.executable, "-m", module, "--out", str(out), "--steps", str(steps)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )

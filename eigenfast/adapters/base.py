@@ -18,10 +18,15 @@ from transformers import DynamicCache, StaticCache
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ArgumentError, ArgumentTypeError
-from ..projection import PositionalModule, project
 from .calls import (
-    LayerParameters, attention_function, check_attention_function, check_cache_update, check_rotary, layer_parameters,
+    LayerParameters,
+    attention_function,
+    check_attention_function,
+    check_cache_update,
+    check_rotary,
+    layer_parameters,
 )
+from .projection import PositionalModule, project
 
 COMPONENTS = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
 HEAD_OUTPUT_COMPONENTS = ("q", "k", "v")  # each head owns some output columns
@@ -262,7 +267,7 @@ class Adapter:
         """
         return {"num_key_value_groups": n_heads // n_kv_heads}
 
-    # --- the positional forward (eigenfast/positional.py) ----------------
+    # --- the positional forward (eigenfast/rewrite/positional.py) ----------------
     # Class methods: they describe how one module of the family computes, whatever model it is in.
     @classmethod
     def layer_call(cls, parameters: LayerParameters, args: tuple, kwargs: dict[str, Any]) -> LayerCall:

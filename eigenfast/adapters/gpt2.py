@@ -8,9 +8,9 @@ from torch import nn
 from transformers.models.gpt2 import modeling_gpt2
 
 from ..errors import UnsupportedModelError
-from ..projection import project
 from .base import Adapter, LayerCall, contiguous_heads
 from .calls import LayerParameters
+from .projection import project
 
 
 class GPT2Adapter(Adapter):

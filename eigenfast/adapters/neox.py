@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from transformers.models.gpt_neox import modeling_gpt_neox
 
-from ..projection import project
 from .base import Adapter, contiguous_heads
+from .projection import project
 
 
 class NeoXAdapter(Adapter):

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..data.splits import TRAINING_ATTRIBUTE, read_training_record
+from ..data.task_data import TaskData
 from ..errors import MissingFilesError, ModelLoadError
-from ..position_limit import guard_positions
-from ..progress import transformers_bars_off
-from ..splits import TRAINING_ATTRIBUTE, read_training_record
-from ..data import TaskData
+from ..rewrite.position_limit import guard_positions
+from ..runtime.progress import transformers_bars_off
 
 BUILTIN_MODELS: dict[str, str] = {
     "int_sum_gpt2": "4-layer GPT-2 (d_model 128) trained on the int_sum train split; "
@@ -67,7 +67,7 @@ def load_builtin(name: str = "int_sum_gpt2") -> tuple[PreTrainedModel, PreTraine
 
 def heldout_task(name: str, task: str, tokenizer: Any) -> TaskData:
     """A task's examples that the built-in model ``name`` never trained on (the pruning table uses only these)."""
-    from eigenfast.tasks import TASKS
+    from eigenfast.data.tasks import TASKS
 
     if name == "int_sum_gpt2":
         from .train import int_sum_split

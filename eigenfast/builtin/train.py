@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from eigenfast.builtin.tokenizer import build_tokenizer
-from eigenfast.data import TaskData, from_pairs, int_sum_pairs
-from eigenfast.forward import evaluate
+from eigenfast.data.task_data import TaskData, from_pairs, int_sum_pairs
+from eigenfast.runtime.forward import evaluate
 
 ARCHITECTURE = {
     "n_layer": 4,

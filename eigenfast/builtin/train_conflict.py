@@ -31,10 +31,18 @@ import torch
 
 from eigenfast.builtin.train import build_model, fit, make_deterministic
 from eigenfast.builtin.train_mix import (
-    ARCHITECTURE, HELDOUT_FRACTION, MULT_REPEATS, PARTITION_SEED, build_mix_tokenizer, held_out_pairs,
-    run_command_line, run_record, seen_pairs, unseen_task,
+    ARCHITECTURE,
+    HELDOUT_FRACTION,
+    MULT_REPEATS,
+    PARTITION_SEED,
+    build_mix_tokenizer,
+    held_out_pairs,
+    run_command_line,
+    run_record,
+    seen_pairs,
+    unseen_task,
 )
-from eigenfast.data import TaskData, from_pairs
+from eigenfast.data.task_data import TaskData, from_pairs
 
 ECHO_SEED = 2
 TABLE_TASKS = ("int_sum", "int_mult", "induction")

@@ -24,9 +24,9 @@ import torch
 
 from eigenfast.builtin.tokenizer import build_tokenizer
 from eigenfast.builtin.train import build_model, fit, hyperparameters, make_deterministic, versions
-from eigenfast.data import TaskData, from_pairs
+from eigenfast.data.task_data import TaskData, from_pairs
+from eigenfast.data.tasks import INDUCTION_LENGTH, induction_pairs
 from eigenfast.errors import DataError
-from eigenfast.tasks import INDUCTION_LENGTH, induction_pairs
 
 NAME = "mix_gpt2"
 ARCHITECTURE = {
@@ -101,7 +101,7 @@ def build_mix_tokenizer() -> Any:
 
 def unseen_task(task: str, tokenizer: Any) -> TaskData:
     """The table's task data for this model: the paper's prompt formats, on nothing the mix contains."""
-    from eigenfast.tasks import induction
+    from eigenfast.data.tasks import induction
 
     if task == "int_sum":
         pairs = held_out_pairs(100, 100)
@@ -146,7 +146,7 @@ def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str,
             "partition_seed": PARTITION_SEED,
             "int_sum": len(evals["int_sum"]),
             "int_mult": len(evals["int_mult"]),
-            "induction": f"{len(evals['induction'])} prompts over 0..99 (eigenfast.tasks.induction)",
+            "induction": f"{len(evals['induction'])} prompts over 0..99 (eigenfast.data.tasks.induction)",
         },
         **run_record(run, tokenizer),
     }

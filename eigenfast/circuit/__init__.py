@@ -1,7 +1,8 @@
 """Circuit extraction (docs/MATH.md §4): find the heads and MLPs a task needs, then cut the rest out."""
-from .ablation import ABLATIONS, Ablation, ablated
+from ..rewrite.removal import ABLATIONS, ComponentMeans, remove_components
+from ..runtime.means import component_means
+from .ablation import Ablation, ablated
 from .discovery import Component, Discovery, Step, discover
-from .means import ComponentMeans, component_means
 
 __all__ = [
     "ABLATIONS",
@@ -17,7 +18,6 @@ __all__ = [
 
 # Physical removal and the extraction pipeline (docs/MATH.md §4, "truly pruning").
 from .extract import CircuitResult, extract_circuit  # noqa: E402
-from .removal import remove_components  # noqa: E402
 from .report import CircuitReport  # noqa: E402
 from .sweep import Sweep, sweep  # noqa: E402
 

@@ -19,15 +19,12 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter, get_adapter
+from ..adapters.projection import PositionalModule
 from ..errors import ArgumentError
-from ..forward import model_device
-from ..modules import EXTRAPOLATE
-from ..positions import PositionTracker
-from ..projection import PositionalModule
-from ..modules import extend_rows, table_positions
-from .means import ComponentMeans
-
-ABLATIONS = ("mean", "zero")
+from ..rewrite.position_tables import extend_rows, table_positions
+from ..rewrite.removal import ComponentMeans, check_ablation
+from ..runtime.forward import model_device
+from ..runtime.position_tracker import PositionTracker
 
 
 @dataclass(frozen=True)
@@ -43,14 +40,6 @@ class Ablation:
     def at(self, layer: int) -> tuple[tuple[int, ...], bool]:
         """The ablated heads of ``layer`` (sorted) and whether its MLP is ablated."""
         return tuple(sorted(h for l, h in self.heads if l == layer)), layer in self.mlps
-
-
-def check_ablation(ablation: str, extrapolate: str) -> None:
-    """The one check of the ablation kind and of the rule for positions past the means' calibration length."""
-    if ablation not in ABLATIONS:
-        raise ArgumentError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    if extrapolate not in EXTRAPOLATE:
-        raise ArgumentError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

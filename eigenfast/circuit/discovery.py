@@ -37,14 +37,16 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from torch import nn
 
-from .. import distributed
 from ..adapters import Adapter, get_adapter
-from ..data import TaskData, model_data
-from ..forward import eval_mode, last_logits, model_device
-from ..progress import progress as progress_bar
+from ..data.task_data import TaskData, model_data
+from ..rewrite.position_tables import table_positions
+from ..rewrite.removal import ComponentMeans
+from ..runtime import distributed
+from ..runtime.forward import eval_mode, last_logits, model_device
+from ..runtime.means import component_means
+from ..runtime.metrics import kl_divergence
+from ..runtime.progress import progress as progress_bar
 from .ablation import Ablation, Patcher
-from ..modules import table_positions
-from .means import ComponentMeans, component_means
 from .options import CircuitOptions
 
 
@@ -92,15 +94,6 @@ class Discovery:
     @property
     def pruned(self) -> Ablation:
         return Ablation(frozenset(self.pruned_heads), frozenset(self.pruned_mlps))
-
-
-def kl_divergence(logp_f: torch.Tensor, logits_g: torch.Tensor, p_f: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-example KL(f‖g) from f's log-probabilities ``(B, V)`` and g's logits ``(..., B, V)``.
-
-    ``p_f`` (``logp_f.exp()``) may be passed when f is compared with many g's, to compute it once.
-    """
-    logp_g = torch.log_softmax(logits_g.float(), dim=-1)
-    return ((logp_f.exp() if p_f is None else p_f) * (logp_f - logp_g)).sum(dim=-1)
 
 
 @dataclass
@@ -198,14 +191,6 @@ def _horizon(adapter: Adapter, layer: int, states: list[Ablation]) -> int:
         if any(len(state.at(top)[0]) < adapter.n_heads for state in states):
             return top
     return layer
-
-
-def _last_position(module: nn.Module, args: tuple) -> tuple:
-    """The input at the last position only (and the positions, which eigenfast's modules also take)."""
-    x, *rest = args
-    if rest:
-        rest[0] = rest[0][:, -1:]
-    return (x[:, -1:], *rest)
 
 
 def _repeat(value: Any, n: int, groups: int) -> Any:

@@ -1,7 +1,6 @@
 """``eigenfast.extract_circuit``: find a task's circuit (Algorithm 1), then physically cut out everything else."""
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -10,18 +9,22 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
-from ..data import TaskData, model_data
+from ..data.task_data import TaskData, model_data
 from ..errors import ArgumentError
-from ..forward import evaluate
-from ..results import ModelResult, kept_masks
-from ..sizes import count_parameters
+from ..rewrite.removal import remove_pruned
+from ..runtime.forward import evaluate
+from ..runtime.sizes import count_parameters
+from ..saving.results import ModelResult, kept_masks
 from .ablation import check_components
 from .discovery import Step, discover_with
-from .means import ComponentMeans
 from .options import CircuitOptions
-from .removal import remove_components
 from .report import (
-    LATENCY_BATCHES, CircuitReport, HeadRates, Latency, latency_batch, timed_runs,
+    LATENCY_BATCHES,
+    CircuitReport,
+    HeadRates,
+    Latency,
+    latency_batch,
+    timed_runs,
 )
 
 
@@ -44,24 +47,6 @@ class CircuitResult(ModelResult):
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         n_layers = self.report.n_layers
         return kept_masks(self.heads, self.mlps, n_layers, self.report.n_heads_total // n_layers)
-
-
-def remove_pruned(
-    model: nn.Module,
-    pruned_heads: Iterable[tuple[int, int]],
-    pruned_mlps: Iterable[int],
-    means: "ComponentMeans | None",
-    ablation: str = "mean",
-    extrapolate: str = "mean",
-    inplace: bool = False,
-) -> nn.Module:
-    """``model`` (or a copy, unless ``inplace``) with the pruned heads and MLPs physically removed."""
-    target = model if inplace else copy.deepcopy(model)
-    heads_removed: dict[int, list[int]] = {}
-    for layer, head in sorted(pruned_heads):
-        heads_removed.setdefault(layer, []).append(head)
-    remove_components(target, heads_removed, sorted(pruned_mlps), means, ablation, extrapolate)
-    return target
 
 
 def extract_circuit(

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ArgumentError
-from .ablation import check_ablation
+from ..rewrite.removal import check_ablation
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
-from ..data import TaskData
-from ..forward import Evaluation, last_logits
-from ..sizes import ParameterCount
+from ..data.task_data import TaskData
+from ..runtime.forward import Evaluation, last_logits
+from ..runtime.sizes import ParameterCount
+from ..saving.results import heads_by_layer
 from .synthetic import head_rates
 
 LATENCY_BATCHES = (1, 32)
@@ -177,8 +178,3 @@ class CircuitReport:
         }
 
 
-def heads_by_layer(heads: Sequence[tuple[int, int]]) -> str:
-    layers: dict[int, list[int]] = {}
-    for layer, head in heads:
-        layers.setdefault(layer, []).append(head)
-    return " ".join(f"L{layer}:{','.join(map(str, hs))}" for layer, hs in sorted(layers.items())) or "none"

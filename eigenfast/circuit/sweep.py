@@ -8,9 +8,9 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .. import distributed, figures
-from ..data import TaskData
+from ..data.task_data import TaskData
 from ..errors import ArgumentError
+from ..runtime import distributed, figures
 from .extract import extract_circuit
 
 

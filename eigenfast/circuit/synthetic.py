@@ -16,8 +16,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..adapters import get_adapter, projection_matrix
-from ..data import TaskData
-from ..forward import last_logits
+from ..data.task_data import TaskData
+from ..runtime.forward import last_logits
 
 
 class SyntheticTask(NamedTuple):

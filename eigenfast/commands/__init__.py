@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from ..edges import cli as edges
-from . import bench, demo, eval as evaluate, extract, prune, table
+from . import bench, demo, edges, extract, prune, table
+from . import eval as evaluate
 
 COMMANDS: dict[str, ModuleType] = {"demo": demo, "prune": prune, "eval": evaluate, "extract": extract, "table": table, "edges": edges, "bench": bench}

@@ -6,8 +6,8 @@ import math
 from typing import Callable, TypeVar
 
 from ..adapters import COMPONENTS
-from ..splits import Part
-from ..tasks import TASKS
+from ..data.splits import Part
+from ..data.tasks import TASKS
 
 MODEL_HELP = "built-in model name (int_sum_gpt2), eigenfast save, or Hugging Face model folder with its tokenizer"
 T = TypeVar("T")

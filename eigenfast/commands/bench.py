@@ -31,14 +31,15 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .. import distributed, figures
 from ..adapters import get_adapter
 from ..circuit import component_means, remove_components
-from ..data import TaskData
+from ..data.task_data import TaskData
+from ..eigenprune.prune import prune
 from ..errors import ArgumentError
-from ..progress import progress
-from ..prune import prune
-from ..serving import decode, decode_step_bytes, forward_flops, onnx_decode
+from ..runtime import distributed, figures
+from ..runtime.progress import progress
+from ..serving.cost import decode_step_bytes, forward_flops
+from ..serving.decode import decode, onnx_decode
 from .arguments import comma_list, positive_int
 
 SHAPES = {  # name -> (family, config overrides); "tiny" is for smoke runs
@@ -110,8 +111,9 @@ def _forwards(models: dict[str, nn.Module], mode: str, device: str) -> dict[str,
         torch._dynamo.reset()
         kind = "reduce-overhead" if device == "cuda" else "default"
         return {name: torch.compile(m, fullgraph=True, mode=kind) for name, m in models.items()}
-    from ..export import decoder_to_onnx  # onnxruntime is optional
     import onnxruntime
+
+    from ..serving.export import decoder_to_onnx
 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     options = onnxruntime.SessionOptions()

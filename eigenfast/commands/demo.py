@@ -4,7 +4,7 @@ The defaults are one cell of the eigenpruning table (docs/EIGENPRUNING_TABLE.md)
 strongest case its fixed protocol found: a built-in model's never-trained-on examples
 split into thirds, scoring reads the first, p is chosen on the second (val) and
 accuracy is reported on the third (test). Any other model is split as
-:func:`eigenfast.splits.task_parts` says.
+:func:`eigenfast.data.splits.task_parts` says.
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import argparse
 from typing import Sequence
 
 from ..builtin import BUILTIN_MODELS, heldout_task
-from ..loading import LoadedModel, load_model
-from ..prune import DEFAULT_CANDIDATES, PruneResult, prune
-from ..attribution import REDUCE
-from ..splits import Part, task_parts
-from ..table import protocol_splits
-from ..tasks import load_task
+from ..data.splits import Part, task_parts
+from ..data.tasks import load_task
+from ..eigenprune.attribution import REDUCE
+from ..eigenprune.prune import DEFAULT_CANDIDATES, PruneResult, prune
+from ..eigenprune.table import protocol_splits
+from ..saving.loading import LoadedModel, load_model
 from .arguments import TASK_HELP, add_model_options, comma_list, component, fraction, print_parts
 
 # The strongest case of the eigenpruning tables (docs/EIGENPRUNING_TABLE.md): v all/mean on conflict3_gpt2,

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..forward import evaluate
-from ..loading import check_model_name, load_model
-from ..splits import task_parts
-from ..tasks import check_task, load_task
+from ..data.splits import task_parts
+from ..data.tasks import check_task, load_task
+from ..runtime.forward import evaluate
+from ..saving.loading import check_model_name, load_model
 from .arguments import TASK_HELP, add_model_options
 
 SPLITS = ("train", "val", "test", "unseen", "all")

@@ -11,16 +11,16 @@ import argparse
 
 import torch
 
-from ..circuit.ablation import ABLATIONS
 from ..circuit.extract import extract_circuit
 from ..circuit.sweep import sweep
-from ..data import TaskData
+from ..data.splits import Part, task_parts
+from ..data.task_data import TaskData
+from ..data.tasks import check_task, load_task
 from ..errors import DataError
-from ..loading import check_model_name, load_model
-from ..modules import EXTRAPOLATE
-from ..serialization import check_output_directory, check_writable_directory
-from ..splits import Part, task_parts
-from ..tasks import check_task, load_task
+from ..rewrite.position_tables import EXTRAPOLATE
+from ..rewrite.removal import ABLATIONS
+from ..saving.loading import check_model_name, load_model
+from ..saving.serialization import check_output_directory, check_writable_directory
 from .arguments import TASK_HELP, add_model_options, comma_list, non_negative_float, positive_int, print_parts
 
 

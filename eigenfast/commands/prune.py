@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import argparse
 
-from ..attribution import REDUCE
-from ..loading import check_model_name, load_model
-from ..modules import EXTRAPOLATE
-from ..prune import DEFAULT_CANDIDATES, prune
-from ..serialization import check_output_directory
-from ..splits import task_parts
-from ..tasks import check_task, load_task
+from ..data.splits import task_parts
+from ..data.tasks import check_task, load_task
+from ..eigenprune.attribution import REDUCE
+from ..eigenprune.prune import DEFAULT_CANDIDATES, prune
+from ..rewrite.position_tables import EXTRAPOLATE
+from ..saving.loading import check_model_name, load_model
+from ..saving.serialization import check_output_directory
 from .arguments import (
-    TASK_HELP, add_model_options, comma_list, component, fraction, p_or_auto, print_parts,
+    TASK_HELP,
+    add_model_options,
+    comma_list,
+    component,
+    fraction,
+    p_or_auto,
+    print_parts,
 )
 
 

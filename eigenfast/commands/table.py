@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .. import distributed
-from ..loading import load_model
-from ..data import TaskData
-from ..table import Row, default_settings, markdown, plot, run_table
-from ..tasks import TASKS, load_task
+from ..data.task_data import TaskData
+from ..data.tasks import TASKS, load_task
+from ..eigenprune.table import Row, default_settings, markdown, plot, run_table
+from ..runtime import distributed
+from ..saving.loading import load_model
 from .arguments import comma_list, component, fraction, positive_int
 
 TABLE_TASKS = tuple(TASKS)

@@ -5,8 +5,8 @@
     smaller = eigenfast.edges.extract_nodes(model, circuit, corrupted)   # smaller.model, smaller.save(folder)
 """
 from .acdc import acdc
-from .eap import eap
 from .corrupt import corrupt_by_shuffling
+from .eap import eap
 from .edge_prune import edge_prune
 from .evaluate import EdgeCircuit, EdgeReport, evaluate_circuit, roc_auc, true_edges
 from .extraction import NodeCircuitResult, extract_nodes

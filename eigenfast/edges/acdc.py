@@ -13,11 +13,11 @@ import time
 import torch
 from torch import nn
 
-from ..circuit.discovery import kl_divergence
-from ..data import TaskData, model_data
+from ..data.task_data import TaskData, model_data
 from ..errors import ArgumentError
-from ..forward import eval_mode
-from ..progress import progress_bar
+from ..runtime.forward import eval_mode
+from ..runtime.metrics import kl_divergence
+from ..runtime.progress import progress_bar
 from .evaluate import EdgeCircuit, evaluate_circuit, prepare_batches
 from .graph import EdgeGraph
 from .masked_forward import EdgeForward, Prepared

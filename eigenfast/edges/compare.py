@@ -8,10 +8,10 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .. import distributed, figures
 from ..circuit.discovery import discover
-from ..data import TaskData
+from ..data.task_data import TaskData
 from ..errors import ArgumentError
+from ..runtime import distributed, figures
 from .acdc import acdc
 from .eap import eap
 from .edge_prune import edge_prune

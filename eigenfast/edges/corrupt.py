@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data import TaskData
+from ..data.task_data import TaskData
 
 
 def corrupt_by_shuffling(data: TaskData, seed: int = 0) -> TaskData:

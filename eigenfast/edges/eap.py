@@ -13,10 +13,10 @@ import time
 import torch
 from torch import nn
 
-from ..data import TaskData, model_data
+from ..data.task_data import TaskData, model_data
 from ..errors import ArgumentError
-from ..forward import eval_mode, frozen_parameters
-from ..progress import progress
+from ..runtime.forward import eval_mode, frozen_parameters
+from ..runtime.progress import progress
 from .evaluate import EdgeCircuit, evaluate_circuit, prepare_batches
 from .masked_forward import EdgeForward, Prepared
 

@@ -6,12 +6,12 @@ import time
 import torch
 from torch import nn
 
-from .. import distributed
-from ..circuit.discovery import kl_divergence
-from ..data import TaskData, model_data
+from ..data.task_data import TaskData, model_data
 from ..errors import ArgumentError, DataError
-from ..forward import eval_mode, frozen_parameters
-from ..progress import progress_bar
+from ..runtime import distributed
+from ..runtime.forward import eval_mode, frozen_parameters
+from ..runtime.metrics import kl_divergence
+from ..runtime.progress import progress_bar
 from . import hard_concrete
 from .evaluate import EdgeCircuit, evaluate_circuit
 from .masked_forward import EdgeForward

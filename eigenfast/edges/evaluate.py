@@ -14,10 +14,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..circuit.discovery import kl_divergence
-from ..data import TaskData, model_data
+from ..data.task_data import TaskData, model_data
 from ..errors import ArgumentError, DataError
-from ..forward import eval_mode
+from ..runtime.forward import eval_mode
+from ..runtime.metrics import kl_divergence
 from .graph import EdgeGraph
 from .masked_forward import EdgeForward, Prepared
 

@@ -14,14 +14,12 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
-from ..circuit.ablation import check_ablation
-from ..circuit.extract import remove_pruned
-from ..circuit.means import component_means
-from ..circuit.report import heads_by_layer
-from ..data import TaskData
+from ..data.task_data import TaskData
 from ..errors import ArgumentError
-from ..results import ModelResult, kept_masks
-from ..sizes import ParameterCount, count_parameters
+from ..rewrite.removal import check_ablation, remove_pruned
+from ..runtime.means import component_means
+from ..runtime.sizes import ParameterCount, count_parameters
+from ..saving.results import ModelResult, heads_by_layer, kept_masks
 
 
 @dataclass

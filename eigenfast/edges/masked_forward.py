@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter, get_adapter, head_matrices, projection_matrix
-from ..data import TaskData
+from ..data.task_data import TaskData
 from ..errors import ArgumentError, DataError, UnsupportedModelError
-from ..forward import last_logits, model_device
+from ..runtime.forward import last_logits, model_device
 from .graph import EdgeGraph
 
 QKV = ("q", "k", "v")

@@ -13,10 +13,11 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..circuit.ablation import ablated
-from ..circuit.discovery import Component, kl_divergence
-from ..circuit.means import component_means
-from ..data import TaskData, as_task_data
-from ..forward import last_logits
+from ..circuit.discovery import Component
+from ..data.task_data import TaskData, as_task_data
+from ..runtime.forward import last_logits
+from ..runtime.means import component_means
+from ..runtime.metrics import kl_divergence
 
 
 class NaiveDiscovery(NamedTuple):

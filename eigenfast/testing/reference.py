@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..adapters import Site, get_adapter, head_inputs, head_matrices, head_outputs, projection_matrix
-from ..data import TaskData
+from ..data.task_data import TaskData
 from ..errors import DataError
 
 
@@ -37,7 +37,7 @@ def pair_statistics(
     weight: torch.Tensor | None = None,
     reduce: str = "max",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(pmax, pmin, score)`` of ``eigenfast.attribution`` from every pair, in float64.
+    """``(pmax, pmin, score)`` of ``eigenfast.eigenprune.attribution`` from every pair, in float64.
 
     x (R, H, d_in), g (R, H, d_out), U (H, d_in, r), V (H, r, d_out), s (H, r), pos (R,).
     "all" (partner None): every row at the same position is a partner (the row itself

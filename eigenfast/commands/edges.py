@@ -1,0 +1,73 @@
+"""Edge Pruning, EAP, ACDC and Algorithm 1 side by side on a task; a table and a PNG."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..data.splits import task_parts
+from ..data.tasks import check_task, load_task
+from ..edges.compare import METHODS, compare
+from ..edges.corrupt import corrupt_by_shuffling
+from ..errors import DataError
+from ..saving.loading import check_model_name, load_model
+from ..saving.serialization import check_writable_directory
+from .arguments import MODEL_HELP, TASK_HELP, positive_int
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one number")
+    return values
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's options (the CLI registers the command itself)."""
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--task", required=True, help=TASK_HELP)
+    parser.add_argument("--methods", type=_methods, default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    parser.add_argument("--n", type=positive_int, default=64,
+                        help="examples drawn from the task; each is paired with a shuffled same-length counterfactual")
+    parser.add_argument("--sparsities", type=_floats, default="0.9,0.95", help="edge sparsities for edge pruning and EAP")
+    parser.add_argument("--steps", type=positive_int, default=300, help="edge-pruning optimisation steps")
+    parser.add_argument("--acdc-thresholds", type=_floats, default="0.01", help="ACDC's KL thresholds τ")
+    parser.add_argument("--alg1-thresholds", type=_floats, default="0.01", help="Algorithm 1's KL thresholds α")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="examples per forward")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the example draw and the shuffling")
+    parser.add_argument("--out", default="edges-out", help="directory for edges.json and edges.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.n < 2:
+        raise DataError(f"--n must be >= 2 (examples need counterfactual partners), got {args.n}")
+    check_model_name(args.model)
+    check_task(args.task)
+    check_writable_directory(args.out)
+    loaded = load_model(args.model)
+    model = loaded.model
+    # Only examples the model never trained on (the built-in models record their training split).
+    unseen = task_parts(args.task, load_task(args.task, loaded.tokenizer), loaded.training, args.seed)["unseen"]
+    data = unseen.data
+    if args.n > len(data):
+        raise DataError(f"--n {args.n} exceeds the {len(data)} examples of {unseen.origin}")
+    print(f"data    {args.n} examples drawn (seed {args.seed}) from {unseen.origin}")
+    clean = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.n])
+    corrupted = corrupt_by_shuffling(clean, args.seed)
+    result = compare(model, clean, corrupted, args.methods, args.sparsities, args.acdc_thresholds,
+                     args.alg1_thresholds, args.steps, args.batch_size)
+    print(result.table())
+    table, plot = result.save(args.out)
+    print(f"wrote {table} and {plot}")
+    return 0

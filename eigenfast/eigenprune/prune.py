@@ -1,0 +1,236 @@
+"""``eigenfast.prune``: score, choose p (or sweep it), freeze, report."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..adapters import get_adapter
+from ..data.task_data import TaskData, model_data
+from ..errors import ArgumentError
+from ..rewrite.position_tables import EXTRAPOLATE
+from ..runtime import distributed
+from ..runtime.forward import Evaluation, evaluate
+from ..runtime.sizes import ParameterCount, count_parameters
+from ..saving.results import ModelResult
+from .freezing import check_foldable_in_place, freeze, select_frozen, validate_fraction
+from .scoring import Key, attribute, select_sites
+
+DEFAULT_CANDIDATES = (0.01, 0.05, 0.10, 0.30)
+
+
+@dataclass
+class Candidate:
+    """One value of p tried: how much it froze and how the pruned model did on held-out data."""
+
+    p: float
+    frozen: dict[str, int]
+    evaluation: Evaluation | None = None
+    test: Evaluation | None = None
+
+
+@dataclass
+class PruneReport:
+    p: float
+    components: tuple[str, ...]
+    pairs: str
+    calib_len: int
+    baseline: Evaluation | None
+    candidates: list[Candidate]
+    baseline_test: Evaluation | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    size_before: ParameterCount | None = None
+    size_after: ParameterCount | None = None  # the kept model: its bias tables are buffers the forward reads
+
+    def table(self) -> str:
+        """One row per p: what it froze, held-out accuracy/loss (chooses p) and test accuracy/loss (reported only)."""
+        lines = [f"{'p':>6}  {'frozen':<28} {'val acc':>8} {'val loss':>9} {'test acc':>9} {'test loss':>10}"]
+        lines.append(f"{'base':>6}  {'-':<28} {_cells(self.baseline)} {_cells(self.baseline_test, 1)}")
+        for cand in self.candidates:
+            frozen = ", ".join(f"{c}:{n}" for c, n in cand.frozen.items())
+            mark = "  <- kept" if cand.p == self.p and len(self.candidates) > 1 else ""
+            lines.append(f"{cand.p:>6.2f}  {frozen:<28} {_cells(cand.evaluation)} {_cells(cand.test, 1)}{mark}")
+        if self.size_before is not None and self.size_after is not None:
+            lines.append(f"size before  {self.size_before.describe()}")
+            lines.append(f"size after   {self.size_after.describe()}")
+            lines.append(f"             {self.size_change()}")
+        return "\n".join(lines)
+
+    def size_change(self) -> str:
+        """Why the size moved: eigenpruning folds frozen terms into biases, it removes no weights."""
+        before, after = self.size_before, self.size_after
+        assert before is not None and after is not None
+        why = "eigenpruning keeps every matrix whole (frozen terms fold into biases)"
+        if after.total == before.total:
+            return f"the same size: {why}"
+        return (
+            f"{after.total - before.total:+,} elements: {why}; each pruned projection's bias became a position table "
+            f"of {self.calib_len + 1} rows ({self.calib_len} scored positions + 1 for later ones): "
+            f"{after.parameters - before.parameters:+,} parameters, {after.buffers - before.buffers:+,} buffer elements"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "p": self.p,
+            "components": list(self.components),
+            "pairs": self.pairs,
+            "calib_len": self.calib_len,
+            "baseline": _as_dict(self.baseline),
+            "baseline_test": _as_dict(self.baseline_test),
+            "candidates": [
+                {"p": c.p, "frozen": c.frozen, "evaluation": _as_dict(c.evaluation), "test": _as_dict(c.test)}
+                for c in self.candidates
+            ],
+            "timings": self.timings,
+            "size_before": None if self.size_before is None else self.size_before.as_dict(),
+            "size_after": None if self.size_after is None else self.size_after.as_dict(),
+        }
+
+
+def _cells(ev: Evaluation | None, pad: int = 0) -> str:
+    if ev is None:
+        return f"{'-':>{8 + pad}} {'-':>{9 + pad}}"
+    return f"{ev.accuracy:>{8 + pad}.2%} {ev.loss:>{9 + pad}.4f}"
+
+
+def _as_dict(ev: Evaluation | None) -> dict[str, float] | None:
+    return None if ev is None else ev.as_dict()
+
+
+@dataclass
+class PruneResult(ModelResult):
+    """The eigenpruned model (same class as the input, ready to use) and how it was made; ``.save(folder)``."""
+
+    kind = "eigenpruned"
+    model: nn.Module
+    scores: dict[Key, torch.Tensor]
+    frozen: dict[Key, torch.Tensor]
+    report: PruneReport
+    tokenizer: Any = None
+
+    def saved_report(self) -> dict[str, Any]:
+        return self.report.as_dict()
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"scores.{l}.{c}": v for (l, c), v in self.scores.items()}
+        tensors.update({f"frozen.{l}.{c}": v.to(torch.uint8) for (l, c), v in self.frozen.items()})
+        return tensors
+
+
+def prune(
+    model: nn.Module,
+    data: "TaskData | dict",
+    p: "float | str" = 0.05,
+    components: Sequence[str] = ("k",),
+    pairs: str = "all",
+    batch_size: int = 32,
+    extrapolate: str = "mean",
+    candidates: Sequence[float] = DEFAULT_CANDIDATES,
+    val_data: "TaskData | dict | None" = None,
+    test_data: "TaskData | dict | None" = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    backend: str = "auto",
+    inplace: bool = False,
+    tokenizer: Any = None,
+    progress_bar: bool = True,
+    reduce: str = "max",
+) -> PruneResult:
+    """Eigenprune ``model`` for the task in ``data`` (docs/MATH.md §2, §3).
+
+    ``p`` is the fraction of each component type's singular values to freeze, or
+    ``"auto"``: score once, try every candidate p (plus the defaults) on held-out
+    data (``val_data``, else a seeded ``val_fraction`` split of ``data``) and keep
+    the most accurate. ``test_data``, if given, is evaluated for the report only,
+    never to choose p. ``reduce`` is how scores pool over pairs ("max" or "mean",
+    see :func:`eigenfast.score`). The input model is left untouched unless ``inplace``.
+    """
+    if extrapolate not in EXTRAPOLATE:
+        raise ArgumentError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+    auto = isinstance(p, str)
+    if auto and p != "auto":
+        raise ArgumentError(f"p must be a fraction in [0, 1] or 'auto', got {p!r}")
+    if not auto:
+        p = validate_fraction(p)
+    elif inplace:
+        raise ArgumentError("inplace=True needs a fixed p: p='auto' builds one pruned copy per candidate")
+    get_adapter(model)  # fail early on an unsupported architecture
+    if distributed.is_sharded(model):
+        if not inplace:
+            raise ArgumentError(
+                "the model is sharded by FSDP2, which cannot deep-copy it (prune copies the model unless inplace): "
+                "pass inplace=True and a fixed p to prune the sharded model itself"
+            )
+        check_foldable_in_place(model, [site.path for site in select_sites(get_adapter(model), components, None)])
+    tried = sorted({validate_fraction(c, "candidate p") for c in candidates}) if auto else [p]
+    if not tried:
+        raise ArgumentError("p='auto' needs at least one candidate p; pass candidates=(0.01, 0.05, ...) or a fixed p")
+    data = model_data(data, model)
+    if val_data is not None:
+        val_data = model_data(val_data, model)
+    elif auto:
+        data, val_data = data.split(1.0 - val_fraction, seed=seed)
+    test_data = None if test_data is None else model_data(test_data, model)
+
+    size_before = count_parameters(model)  # before an inplace prune changes it
+    started = time.perf_counter()
+    attribution = attribute(
+        model, data, components, pairs, batch_size, backend=backend, progress_bar=progress_bar, reduce=reduce
+    )
+    timings = {"score": time.perf_counter() - started, **attribution.timings}
+    scores = attribution.scores
+
+    started = time.perf_counter()
+    baseline = _maybe_evaluate(model, val_data, batch_size, progress_bar and "evaluate base model")
+    baseline_test = _maybe_evaluate(model, test_data, batch_size, progress_bar and "test base model")
+    timings["evaluate"] = time.perf_counter() - started
+
+    results: list[Candidate] = []
+    best: tuple[nn.Module, dict[Key, torch.Tensor], Candidate] | None = None
+    for value in tried:
+        started = time.perf_counter()
+        frozen = select_frozen(scores, value)
+        target = model if inplace else copy.deepcopy(model)
+        freeze(target, attribution, frozen, extrapolate)
+        timings["freeze"] = timings.get("freeze", 0.0) + time.perf_counter() - started
+        started = time.perf_counter()
+        candidate = Candidate(
+            value,
+            _count_by_component(frozen),
+            _maybe_evaluate(target, val_data, batch_size, progress_bar and f"evaluate p={value:g}"),
+            _maybe_evaluate(target, test_data, batch_size, progress_bar and f"test p={value:g}"),
+        )
+        timings["evaluate"] += time.perf_counter() - started
+        results.append(candidate)
+        if best is None or _better(candidate, best[2]):
+            best = (target, frozen, candidate)
+
+    assert best is not None  # tried is never empty (checked above)
+    pruned, frozen, chosen = best
+    report = PruneReport(
+        chosen.p, tuple(dict.fromkeys(components)), pairs, attribution.calib_len, baseline, results, baseline_test, timings,
+        size_before, count_parameters(pruned),
+    )
+    return PruneResult(pruned, scores, frozen, report, tokenizer)
+
+
+def _maybe_evaluate(model: nn.Module, data: TaskData | None, batch_size: int, desc: "str | bool") -> Evaluation | None:
+    return None if data is None else evaluate(model, data, batch_size, desc=desc or None)
+
+
+def _better(a: Candidate, b: Candidate) -> bool:
+    """Higher held-out accuracy wins; ties go to the lower loss, then to the smaller p."""
+    if a.evaluation is None or b.evaluation is None:
+        return False
+    return (a.evaluation.accuracy, -a.evaluation.loss) > (b.evaluation.accuracy, -b.evaluation.loss)
+
+
+def _count_by_component(frozen: dict[Key, torch.Tensor]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for (_, component), mask in frozen.items():
+        counts[component] = counts.get(component, 0) + int(mask.sum())
+    return counts

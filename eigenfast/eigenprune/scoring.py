@@ -1,0 +1,496 @@
+"""Attribution scores of every rank-one term (docs/MATH.md §2), streamed in two passes.
+
+Pass 1 (forward only, stops after the highest selected layer) reduces, per
+token position, the max/min of every U-projection and the sum of each site's
+inputs (for the freezing means). Pass 2 (forward + backward of activation
+gradients only, stopping below the lowest selected layer) combines each batch's
+U-projections with its gradient projections and max-reduces (or, for
+``reduce="mean"``, sums) into ``(heads, r)``. Only O(positions × heads × rank)
+statistics outlive a batch.
+
+The per-batch loop never waits on the device: batches move to it before the loop,
+padding rows are processed like real ones but land in a trash position row and
+carry weight 0 in pass 2, so no boolean-mask indexing, ``nonzero`` or ``.item()``
+happens per batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..adapters import COMPONENTS, Adapter, Site, get_adapter, head_inputs, head_outputs, projection_matrix
+from ..data.task_data import TaskData, model_data
+from ..errors import ArgumentError
+from ..runtime import distributed
+from ..runtime.forward import eval_mode, frozen_parameters, last_logits, model_device
+from ..runtime.progress import progress
+from .attribution import REDUCE, pass1_update, pass2_update
+from .graph_budget import graph_budget
+from .svd import Factors, site_factors
+
+PAIRS = ("all", "shift")
+Key = tuple[int, str]
+
+
+@dataclass
+class SiteStats:
+    site: Site
+    factors: Factors  # float64, exact: freezing uses these
+    work: Factors  # float32 on the site's device (its weight's): the kernels use these
+    heads: Site  # ``site`` with its head indices on the site's device (no host copy per batch)
+    pmax: torch.Tensor | None  # (calib_len + 1, heads, r): the last row collects padding
+    pmin: torch.Tensor | None
+    scores: torch.Tensor  # (heads, r): running max, or running weighted sum for reduce="mean"
+    pmean: torch.Tensor | None = None  # (calib_len + 1, heads, r): u_i · x̄[t], all-pairs mean only
+
+
+@dataclass
+class Attribution:
+    """Everything the two passes learned: scores, SVD factors and per-position mean inputs."""
+
+    stats: dict[Key, SiteStats]
+    input_sums: dict[str, torch.Tensor]  # module path -> (calib_len, d_in_total)
+    counts: torch.Tensor  # (calib_len,) real tokens seen at each position
+    pairs: str
+    reduce: str = "max"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def calib_len(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def scores(self) -> dict[Key, torch.Tensor]:
+        return {key: st.scores.cpu() for key, st in self.stats.items()}
+
+    def mean_input(self, key: Key) -> torch.Tensor:
+        """x̄[t]: the mean activation entering the site's module at each position, ``(calib_len, d_in_total)``."""
+        total = self.input_sums[self.stats[key].site.path]
+        return total.double() / self.counts.to(total.device).double().unsqueeze(1)
+
+
+def score(
+    model: nn.Module,
+    data: "TaskData | dict",
+    components: Sequence[str] = ("k",),
+    pairs: str = "all",
+    batch_size: int = 32,
+    layers: Sequence[int] | None = None,
+    backend: str = "auto",
+    progress_bar: bool = True,
+    reduce: str = "max",
+) -> dict[Key, torch.Tensor]:
+    """ΔL of every rank-one term: ``{(layer, component): (heads, rank)}``, singular values descending.
+
+    ``reduce="max"`` (the paper's) takes the max over examples, positions and partners;
+    ``reduce="mean"`` the mean over all those (example, position, partner) pairs.
+    """
+    # Scores alone need pass 1 only for the all-pairs statistics, never for the means.
+    return attribute(
+        model, data, components, pairs, batch_size, layers, backend, progress_bar, need_means=False, reduce=reduce
+    ).scores
+
+
+def attribute(
+    model: nn.Module,
+    data: "TaskData | dict",
+    components: Sequence[str] = ("k",),
+    pairs: str = "all",
+    batch_size: int = 32,
+    layers: Sequence[int] | None = None,
+    backend: str = "auto",
+    progress_bar: bool = True,
+    need_means: bool = True,
+    reduce: str = "max",
+) -> Attribution:
+    """Run both passes and keep the statistics (``prune`` needs the means as well as the scores)."""
+    if pairs not in PAIRS:
+        raise ArgumentError(f"pairs must be one of {PAIRS}, got {pairs!r}")
+    if reduce not in REDUCE:
+        raise ArgumentError(f"reduce must be one of {REDUCE} ('max': the paper's score, 'mean': mean over pairs), got {reduce!r}")
+    if batch_size < 1:
+        raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
+    data = model_data(data, model)
+    adapter = get_adapter(model)
+    sites = select_sites(adapter, components, layers)
+    device = model_device(model)
+    calib_len = data.max_length
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    factors = site_factors(adapter.model, sites)
+    stats = {site.key: _new_stats(adapter, site, f, calib_len, pairs, reduce) for site, f in zip(sites, factors)}
+    timings["svd"] = time.perf_counter() - start
+    # Row calib_len of every per-position buffer is the trash row padding lands in, so no
+    # batch ever selects its real rows with a boolean mask (a host synchronisation).
+    # Per-site statistics live where the site's weight does (layers may sit on different
+    # devices); batches and counts on the device of the model's first parameter.
+    counts = torch.zeros(calib_len + 1, dtype=torch.long, device=device)
+    input_sums = {
+        site.path: torch.zeros(calib_len + 1, _fan_in(module), device=module.weight.device)
+        for site in sites
+        for module in [adapter.model.get_submodule(site.path)]
+    }
+    batches = [_DeviceBatch.of(batch, calib_len, device) for batch in distributed.local_batches(data, batch_size, model)]
+    total = torch.zeros((), device=device)  # the mean's denominator: the weight of all pairs
+
+    scorer = _Pass2(adapter, stats, pairs, reduce, backend)
+    graphs: list[_Graph | None] = [None] * len(batches)
+    with eval_mode(model):
+        if pairs == "all" or need_means:
+            start = time.perf_counter()
+            desc = "pass 1: forward statistics" if progress_bar else None
+            ranges = pairs == "all" and reduce == "max"
+            budget, kept = graph_budget(device), 0
+            for i, batch in enumerate(progress(batches, len(batches), desc)):
+                graphs[i] = _pass1_batch(
+                    adapter, batch, stats, input_sums, counts, ranges, backend, scorer if kept < budget else None
+                )
+                kept += 0 if graphs[i] is None else graphs[i].nbytes
+            distributed.all_max_(st.pmax for st in stats.values())
+            distributed.all_min_(st.pmin for st in stats.values())
+            distributed.all_sum_([counts, *input_sums.values()])
+            timings["pass1"] = time.perf_counter() - start
+        if pairs == "all" and reduce == "mean":
+            _set_mean_projections(stats, input_sums, counts)
+        start = time.perf_counter()
+        desc = "pass 2: forward+backward scores" if progress_bar else None
+        for i, batch in enumerate(progress(batches, len(batches), desc)):
+            weight = _pass2_weight(batch, pairs, reduce, counts)
+            if reduce == "mean":
+                total += weight.sum()
+            _pass2_batch(scorer, batch, weight, graphs[i])
+            graphs[i] = None  # frees the graph's activations
+        if reduce == "max":
+            distributed.all_max_(st.scores for st in stats.values())
+        else:  # sums of weighted gains and of weights
+            distributed.all_sum_([total, *(st.scores for st in stats.values())])
+        timings["pass2"] = time.perf_counter() - start
+    if reduce == "mean":
+        for st in stats.values():
+            st.scores /= total.to(st.scores.device)
+    for st in stats.values():
+        st.pmax, st.pmin, st.pmean = (None if t is None else t[:calib_len] for t in (st.pmax, st.pmin, st.pmean))
+    input_sums = {path: t[:calib_len] for path, t in input_sums.items()}
+    return Attribution(stats, input_sums, counts[:calib_len], pairs, reduce, timings)
+
+
+def select_sites(adapter: Adapter, components: Sequence[str], layers: Sequence[int] | None) -> list[Site]:
+    if isinstance(components, str):
+        components = (components,)
+    if not components:
+        raise ArgumentError("components is empty; choose from " + ", ".join(adapter.components()))
+    for component in components:
+        if component not in COMPONENTS:
+            raise ArgumentError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
+        if component not in adapter.components():
+            raise ArgumentError(f"{adapter.family} models have no {component!r} matrix; "
+                                f"available: {', '.join(adapter.components())}")
+    if layers is not None and any(not 0 <= layer < adapter.n_layers for layer in layers):
+        raise ArgumentError(f"layers {sorted(layers)} go past the model's {adapter.n_layers} layers (0..{adapter.n_layers - 1})")
+    if layers is None:  # every layer, less what circuit extraction removed
+        pairs = [(layer, c) for layer in range(adapter.n_layers) for c in dict.fromkeys(components)]
+        sites = [adapter.site(layer, c) for layer, c in pairs if adapter.has_component(layer, c)]
+        if not sites:
+            raise ArgumentError(f"the model has no {'/'.join(components)} matrix left (circuit extraction removed them all)")
+        return sites
+    return [adapter.site(layer, c) for layer in sorted(set(layers)) for c in dict.fromkeys(components)]
+
+
+def _fan_in(module: nn.Module) -> int:
+    return projection_matrix(module).shape[0]
+
+
+def _new_stats(
+    adapter: Adapter, site: Site, factors: Factors, calib_len: int, pairs: str, reduce: str
+) -> SiteStats:
+    device = adapter.model.get_submodule(site.path).weight.device
+    heads, rank = factors.s.shape
+    need_range = pairs == "all" and reduce == "max"
+    shape = (calib_len + 1, heads, rank)
+    return SiteStats(
+        site=site,
+        factors=factors,
+        work=factors.to(device),
+        heads=replace(
+            site,
+            out_index=None if site.out_index is None else site.out_index.to(device),
+            in_index=None if site.in_index is None else site.in_index.to(device),
+        ),
+        pmax=torch.full(shape, -torch.inf, device=device) if need_range else None,
+        pmin=torch.full(shape, torch.inf, device=device) if need_range else None,
+        scores=torch.full((heads, rank), -torch.inf if reduce == "max" else 0.0, device=device),
+    )
+
+
+@dataclass
+class _DeviceBatch:
+    """One batch moved to the model's device before the loop, with its row bookkeeping:
+    ``pos`` sends padding to the trash row ``calib_len``, ``real`` is 1.0 on real tokens."""
+
+    data: TaskData
+    pos: torch.Tensor  # (B*T,) int64
+    real: torch.Tensor  # (B, T) float32
+    padded: bool  # known on the host: batches without padding skip the row weights
+
+    @classmethod
+    def of(cls, batch: TaskData, calib_len: int, device: torch.device) -> "_DeviceBatch":
+        mask = batch.mask.bool()
+        pos = batch.position_ids.masked_fill(~mask, calib_len).reshape(-1)
+        on_device = TaskData(
+            batch.input_ids.to(device),
+            batch.labels.to(device),
+            None if batch.attention_mask is None else batch.attention_mask.to(device),
+        )
+        return cls(on_device, pos.to(device), mask.float().to(device), batch.attention_mask is not None)
+
+
+def _pass2_weight(batch: _DeviceBatch, pairs: str, reduce: str, counts: torch.Tensor) -> torch.Tensor | None:
+    """Row weights for pass 2: which rows count (max), or how many pairs each row stands for (mean)."""
+    real = batch.real
+    if pairs == "shift":
+        # The partner of example b is example b-1 of the same batch (the reference code's roll).
+        real = real * real.roll(1, dims=0)
+    if reduce == "max":
+        return real.reshape(-1) if batch.padded else None
+    if pairs == "shift":
+        return real.reshape(-1)
+    # A row at position t stands for its n_t partners there (itself included): the pass-2
+    # gain against the mean partner, times n_t, is the sum over those pairs.
+    return counts.index_select(0, batch.pos).float() * real.reshape(-1)
+
+
+@torch.no_grad()
+def _set_mean_projections(
+    stats: dict[Key, SiteStats], input_sums: dict[str, torch.Tensor], counts: torch.Tensor
+) -> None:
+    """``pmean[t] = u_i · x̄[t]`` per head, from pass 1's input sums (trash row: 0)."""
+    n = counts.clamp_min(1).float().unsqueeze(1)
+    n[-1] = torch.inf
+    for st in stats.values():
+        total = input_sums[st.site.path]
+        mean = head_inputs(total / n.to(total.device), st.heads)
+        st.pmean = torch.einsum("thk,hki->thi", mean, st.work.U).contiguous()
+
+
+class _StopForward(Exception):
+    """Raised after the highest selected layer: pass 1 needs nothing above it."""
+
+
+def _sites_by_module(stats: dict[Key, SiteStats]) -> dict[str, list[SiteStats]]:
+    grouped: dict[str, list[SiteStats]] = defaultdict(list)
+    for st in stats.values():
+        grouped[st.site.path].append(st)
+    return grouped
+
+
+@dataclass
+class _Graph:
+    """One batch's forward with its autograd graph, waiting for pass 2's backward. The
+    gradient hooks read ``weight`` (pass 2's row weights) when the backward reaches them."""
+
+    loss: torch.Tensor | None = None
+    nbytes: int = 0  # activations the graph keeps alive
+    weight: torch.Tensor | None = None
+
+
+@dataclass
+class _Pass2:
+    """Pass 2's setting: what the gradient hooks fold each batch into."""
+
+    adapter: Adapter
+    stats: dict[Key, SiteStats]
+    pairs: str
+    reduce: str
+    backend: str
+    weights: frozenset[int] = frozenset()  # storages of the model's tensors, not counted as graph memory
+
+    def __post_init__(self) -> None:
+        model = self.adapter.model
+        # An FSDP2-sharded parameter is a DTensor: its storage is its local shard's.
+        tensors = [getattr(t, "_local_tensor", t) for t in (*model.parameters(), *model.buffers())]
+        self.weights = frozenset(t.untyped_storage().data_ptr() for t in tensors)
+
+    def forward(self, batch: _DeviceBatch, on_input=None) -> _Graph:
+        """The loss of ``batch`` with gradient hooks on every site (and ``on_input`` on their inputs)."""
+        graph = _Graph()
+        pos = batch.pos
+
+        def on_grad(sites: list[SiteStats], x: torch.Tensor, g: torch.Tensor) -> None:
+            # The batch's row bookkeeping follows the activation to its layer's device (a no-op on one device).
+            at = x.device
+            weight = None if graph.weight is None else graph.weight.to(at)
+            rows_x = x.reshape(-1, x.shape[-1])
+            rows_g = g.reshape(-1, g.shape[-1])
+            partner = x.roll(1, dims=0).reshape(-1, x.shape[-1]) if self.pairs == "shift" else None
+            for st in sites:
+                w = st.work
+                pass2_update(
+                    head_inputs(rows_x, st.heads),
+                    head_outputs(rows_g, st.heads),
+                    w.U,
+                    w.V,
+                    w.s,
+                    pos.to(at),
+                    st.pmax,
+                    st.pmin,
+                    st.scores,
+                    partner=None if partner is None else head_inputs(partner, st.heads),
+                    weight=weight,
+                    reduce=self.reduce,
+                    pmean=st.pmean,
+                    backend=self.backend,
+                )
+
+        adapter = self.adapter
+        bottom = adapter.layers()[min(st.site.layer for st in self.stats.values())]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(frozen_parameters(adapter.model))
+            saved = _SavedBytes(self.weights)
+            stack.enter_context(saved)
+            stack.enter_context(_grad_hooks(adapter, self.stats, on_grad, saved))
+            stack.enter_context(_grad_from(bottom))
+            if on_input is not None:
+                stack.enter_context(_input_hooks(adapter, self.stats, on_input))
+            logits = last_logits(adapter, batch.data)
+            # Summed, not averaged: each example's gradient is its own loss's, whatever the batch.
+            labels = batch.data.labels.to(logits.device)  # the head may sit on another device than the batch
+            graph.loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        graph.nbytes = saved.nbytes
+        return graph
+
+
+def _pass1_batch(
+    adapter: Adapter,
+    batch: _DeviceBatch,
+    stats: dict[Key, SiteStats],
+    input_sums: dict[str, torch.Tensor],
+    counts: torch.Tensor,
+    ranges: bool,
+    backend: str,
+    keep: _Pass2 | None,
+) -> _Graph | None:
+    """Fold one batch into the pass-1 statistics. With ``keep``, the forward runs to the
+    loss with pass 2's hooks and its graph is returned; otherwise it stops after the
+    highest selected layer and keeps nothing."""
+    pos = batch.pos
+    counts.index_add_(0, pos, torch.ones_like(pos))
+
+    @torch.no_grad()
+    def on_input(sites: list[SiteStats], x: torch.Tensor) -> None:
+        rows, at = x.reshape(-1, x.shape[-1]), pos.to(x.device)
+        input_sums[sites[0].site.path].index_add_(0, at, rows.float())
+        if ranges:
+            for st in sites:
+                pass1_update(head_inputs(rows, st.heads), st.work.U, at, st.pmax, st.pmin, backend=backend)
+
+    if keep is not None:
+        return keep.forward(batch, on_input)
+    top = max(st.site.layer for st in stats.values())
+    with torch.no_grad(), _input_hooks(adapter, stats, on_input), _stop_after(adapter.layers()[top]):
+        try:
+            adapter.backbone()(**batch.data.model_inputs(), use_cache=False)
+        except _StopForward:
+            pass
+    return None
+
+
+def _pass2_batch(scorer: _Pass2, batch: _DeviceBatch, weight: torch.Tensor | None, graph: _Graph | None) -> None:
+    """Backward of one batch (its forward too, unless pass 1 kept the graph): the hooks fold it into the scores."""
+    graph = scorer.forward(batch) if graph is None else graph
+    graph.weight = weight
+    graph.loss.backward()
+
+
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes of the distinct storages a forward saves for its backward,
+    leaving out ``shared`` ones (the model's weights: they are alive anyway)."""
+
+    def __init__(self, shared: frozenset[int] = frozenset()) -> None:
+        self.storages: dict[int, int] = {}
+        self.shared = shared
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            self.add(t)
+            # A detached alias, not ``t``: a saved output returned as itself would make a
+            # reference cycle through its grad_fn, freed only by the garbage collector.
+            return t.detach()
+
+        super().__init__(pack, lambda t: t)
+
+    def add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.shared:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+
+@contextlib.contextmanager
+def _input_hooks(adapter: Adapter, stats: dict[Key, SiteStats], callback) -> Iterator[None]:
+    handles = []
+    for path, sites in _sites_by_module(stats).items():
+        def hook(module, args, _sites=sites):
+            callback(_sites, args[0].detach())
+
+        handles.append(adapter.model.get_submodule(path).register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _grad_hooks(adapter: Adapter, stats: dict[Key, SiteStats], callback, saved: _SavedBytes) -> Iterator[None]:
+    handles = []
+    for path, sites in _sites_by_module(stats).items():
+        def hook(module, args, output, _sites=sites):
+            x = args[0].detach()
+            saved.add(x)  # kept alive by the hook until the backward reaches it
+            output.register_hook(lambda g: callback(_sites, x, g.detach()))
+
+        handles.append(adapter.model.get_submodule(path).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _stop_after(layer: nn.Module) -> Iterator[None]:
+    def hook(module, args, output):
+        raise _StopForward
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _grad_from(layer: nn.Module) -> Iterator[None]:
+    """Make the residual stream entering ``layer`` the leaf of the graph: backward stops there."""
+
+    def hook(module, args, kwargs):
+        if args:
+            return (args[0].detach().requires_grad_(), *args[1:]), kwargs
+        kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_()
+        return args, kwargs
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+

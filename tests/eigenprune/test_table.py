@@ -1,0 +1,107 @@
+"""``eigenfast table``: end to end on a tiny setting; its numbers are prune + evaluate's."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eigenfast import evaluate
+from eigenfast.builtin import heldout_task, load_builtin
+from eigenfast.cli import main
+from eigenfast.commands.table import page
+from eigenfast.eigenprune import prune
+from eigenfast.eigenprune.table import Row, Setting, default_settings, protocol_splits
+
+from conftest import start_training
+
+
+def test_protocol_splits_are_disjoint_thirds_that_move_with_the_seed():
+    _, tokenizer = load_builtin("int_sum_gpt2")
+    data = heldout_task("int_sum_gpt2", "int_mult", tokenizer)
+    score, val, test = protocol_splits(data, seed=0)
+    assert len(score) + len(val) + len(test) == len(data)
+    assert min(len(score), len(val), len(test)) >= len(data) // 3 - 1
+    parts = [set(part.prompts) for part in (score, val, test)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert set(protocol_splits(data, seed=1)[2].prompts) != parts[2]
+
+
+def test_default_settings_cover_k_scoring_choices_and_every_component():
+    settings = default_settings(("q", "k", "v", "o", "mlp_in", "mlp_out"))
+    k = {(s.pairs, s.reduce) for s in settings if s.components == ("k",)}
+    assert k == {("shift", "max"), ("shift", "mean"), ("all", "max"), ("all", "mean")}
+    assert {s.components for s in settings} == {(c,) for c in ("q", "k", "v", "o", "mlp_in", "mlp_out")}
+
+
+def test_table_cell_is_a_direct_prune_and_evaluate(tmp_path):
+    out = tmp_path / "t" / "table.md"
+    code = main(["table", "--models", "int_sum_gpt2", "--tasks", "int_sum", "--seeds", "1",
+                 "--candidates", "0.3", "--components", "mlp_in", "--out", str(out)])
+    assert code == 0
+    record = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    assert out.with_suffix(".png").stat().st_size > 0 and "| int_sum_gpt2 | int_sum |" in out.read_text()
+    # Both aggregations of mlp_in were tabled; this checks the paper's max.
+    assert sorted(r["reduce"] for r in record["rows"]) == ["max", "mean"]
+    row = next(r for r in record["rows"] if r["reduce"] == "max")
+    assert Row.from_dict(row).as_dict() == row  # the page can be rendered again from the record alone
+    assert out.read_text() == page(record, "table.png")
+    cell = row["cells"][0]
+
+    model, tokenizer = load_builtin("int_sum_gpt2")
+    score, _, test = protocol_splits(heldout_task("int_sum_gpt2", "int_sum", tokenizer), seed=1)
+    pruned = prune(model, score, p=0.3, components=("mlp_in",), progress_bar=False).model
+    assert cell["test"]["0.3"] == evaluate(pruned, test).accuracy
+    assert cell["base_test"] == evaluate(model, test).accuracy
+    assert cell["test"]["0.3"] != cell["base_test"]  # p=0.3 of mlp_in moves this model: the cell is not a copy of base
+
+
+def test_table_rejects_unknown_task(capsys):
+    assert main(["table", "--tasks", "nope", "--out", "unused.md"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["eigenfast.builtin.train_mix", "eigenfast.builtin.train_conflict",
+                                    "eigenfast.builtin.train_conflict2", "eigenfast.builtin.train_conflict3"])
+def test_mix_training_is_deterministic(tmp_path, module):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    runs = [start_training(out, steps=2, module=module) for out in outs]
+    for run in runs:
+        log, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, log
+    first, second = (load_file(out / "model.safetensors") for out in outs)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    record = json.loads((outs[0] / "training.json").read_text(encoding="utf-8"))
+    assert record["steps"] == 2 and record["held_out"]["int_sum"] == 3000
+
+
+def test_demo_reproduces_its_table_cell(capsys):
+    from eigenfast.commands.demo import DEMO_COMPONENTS, DEMO_MODEL, DEMO_PAIRS, DEMO_REDUCE, DEMO_TASK, run_demo
+    from eigenfast.eigenprune.table import run_cell
+
+    report = run_demo(candidates=(0.05, 0.3), seed=2).report
+    printed = capsys.readouterr().out
+    model, tokenizer = load_builtin(DEMO_MODEL)
+    cell = run_cell(model, heldout_task(DEMO_MODEL, DEMO_TASK, tokenizer),
+                    Setting(DEMO_COMPONENTS, DEMO_PAIRS, DEMO_REDUCE), seed=2, candidates=(0.05, 0.3))
+    assert report.p == cell.chosen_p and report.baseline_test.accuracy == cell.base_test
+    assert {c.p: c.test.accuracy for c in report.candidates} == cell.test
+    assert f"{100 * cell.base_test:.2f}% -> {100 * cell.test[cell.chosen_p]:.2f}%" in printed
+    assert ("no improvement" in printed) == (cell.test[cell.chosen_p] <= cell.base_test)
+
+
+def test_works_needs_a_point_of_gain_above_twice_its_spread():
+    from eigenfast.eigenprune.table import Cell
+
+    def row(gains):
+        cells = [Cell(seed, 0.5, 0.10, {0.1: 0.5}, {0.1: 0.10 + g}, 0.1) for seed, g in enumerate(gains)]
+        return Row("m", "t", Setting(("v",), "all", "mean"), 30, cells)
+
+    assert row([0.03, 0.04, 0.035]).works()
+    assert row([0.03, 0.04, 0.035]).gains() == pytest.approx([0.03, 0.04, 0.035])
+    assert not row([0.005, 0.005, 0.005]).works()  # steady, but under one point
+    assert not row([0.10, -0.02, 0.0]).works()  # a point on average, but within the seeds' spread
+    assert not row([-0.03, -0.04, -0.035]).works()
