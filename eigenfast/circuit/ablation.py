@@ -24,6 +24,7 @@ from ..errors import ArgumentError
 from ..rewrite.position_tables import extend_rows, table_positions
 from ..rewrite.removal import ComponentMeans, check_ablation
 from ..runtime.forward import model_device
+from ..runtime.hooks import Hooks, hidden_states
 from ..runtime.position_tracker import PositionTracker
 
 
@@ -158,16 +159,13 @@ class Patcher:
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
         """Install the hooks for the block (they do nothing in layers without a plan); removed on exit."""
-        with contextlib.ExitStack() as stack:
-            def add(handle) -> None:
-                stack.callback(handle.remove)
-
+        with Hooks(self.adapter.model) as hooks:
             for layer, site in enumerate(self.sites):
-                o_proj = self.adapter.model.get_submodule(site.path)
-                add(o_proj.register_forward_pre_hook(self._o_input_hook(layer)))
-                add(o_proj.register_forward_hook(self._o_output_hook(layer)))
+                o_proj = hooks.module(site)
+                hooks.replace_input(o_proj, self._o_input(layer))
+                hooks.replace_output(o_proj, self._o_output(layer))
                 mlp = self.adapter.mlp(layer)
-                add(mlp.register_forward_hook(self._mlp_hook(layer)))
+                hooks.replace_output(mlp, self._mlp_output(layer))
                 if self.skip and self.skippable_attention[layer]:
                     attention = self.adapter.attention(layer)
                     # What a block with no head left outputs before the means: the o-projection of
@@ -176,11 +174,11 @@ class Patcher:
                         d_o = self.head_columns[layer].shape[1]
                         bias = o_proj.forward(torch.zeros(1, 1, d_o, device=self.device, dtype=self.dtype))
                     off = lambda plan: plan.attention_off  # noqa: E731
-                    add(attention.register_forward_pre_hook(self._one_row_hook(layer, off), with_kwargs=True))
-                    add(attention.register_forward_hook(self._skipped_attention_hook(layer, bias)))
+                    hooks.pre(attention, self._one_row_hook(layer, off), with_kwargs=True)
+                    hooks.replace_output(attention, self._skipped_attention_output(layer, bias))
                 if self.skip:
                     off = lambda plan: plan.mlp_all_off  # noqa: E731
-                    add(mlp.register_forward_pre_hook(self._one_row_hook(layer, off), with_kwargs=True))
+                    hooks.pre(mlp, self._one_row_hook(layer, off), with_kwargs=True)
             yield
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,14 +197,14 @@ class Patcher:
             plan = self.plans.get(layer)
             if plan is None or not off(plan):
                 return None
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = hidden_states(args, kwargs)
             self._skipped_rows = len(hidden)
             return _one_row(args, len(hidden)), _one_row(kwargs, len(hidden))
 
         return hook
 
-    def _skipped_attention_hook(self, layer: int, bias: torch.Tensor):
-        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    def _skipped_attention_output(self, layer: int, bias: torch.Tensor):
+        def replace(output: Any) -> Any:
             if not self._skipping(layer, attention=True):
                 return None
             value = bias.expand(self._skipped_rows, 1, -1)
@@ -216,28 +214,28 @@ class Patcher:
                 value = value + means.expand(self.groups, *means.shape[1:]).flatten(0, 1)
             return (value, *output[1:]) if isinstance(output, tuple) else value
 
-        return hook
+        return replace
 
-    def _o_input_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple) -> tuple | None:
+    def _o_input(self, layer: int):
+        def replace(args: tuple) -> tuple | None:
             plan = self.plans.get(layer)
             if plan is None or plan.keep is None or self._skipping(layer, attention=True):
                 return None
             return ((self._grouped(args[0]) * plan.keep[:, None, None, :]).flatten(0, 1), *args[1:])
 
-        return hook
+        return replace
 
-    def _o_output_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    def _o_output(self, layer: int):
+        def replace(output: torch.Tensor) -> torch.Tensor | None:
             plan = self.plans.get(layer)
             if plan is None or plan.head_rows is None or self._skipping(layer, attention=True):
                 return None
             return (self._grouped(output) + self._means_at_rows(plan.head_rows).to(output.dtype)).flatten(0, 1)
 
-        return hook
+        return replace
 
-    def _mlp_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    def _mlp_output(self, layer: int):
+        def replace(output: torch.Tensor) -> torch.Tensor | None:
             plan = self.plans.get(layer)
             if plan is None or plan.mlp_off is None:
                 return None
@@ -253,7 +251,7 @@ class Patcher:
             mean = self._means_at_rows(self.mlp_rows[layer].unsqueeze(0)).to(output.dtype)
             return torch.where(off, mean, out).flatten(0, 1)
 
-        return hook
+        return replace
 
 
 def _one_row(value: Any, rows: int) -> Any:
@@ -313,9 +311,7 @@ def ablated(
         adapter, means, ablation, extrapolate, lambda: table_positions(tracker.current(), calib_len, extrapolate)
     )
     patcher.set([components])
-    with contextlib.ExitStack() as stack:
+    with Hooks(model) as hooks, patcher.hooks():
         if ablation == "mean" and components:
-            handle = adapter.backbone().register_forward_pre_hook(tracker, with_kwargs=True)
-            stack.callback(handle.remove)
-        stack.enter_context(patcher.hooks())
+            hooks.pre(adapter.backbone(), tracker, with_kwargs=True)
         yield model

@@ -43,6 +43,7 @@ from ..rewrite.position_tables import table_positions
 from ..rewrite.removal import ComponentMeans
 from ..runtime import distributed
 from ..runtime.forward import eval_mode, last_logits, model_device
+from ..runtime.hooks import Hooks
 from ..runtime.means import component_means
 from ..runtime.metrics import kl_divergence
 from ..runtime.progress import progress as progress_bar
@@ -166,23 +167,21 @@ class _Runner:
         separately, so this is exact; the residual additions broadcast the
         result over the (then meaningless) earlier positions.
         """
-        with contextlib.ExitStack() as stack:
+        with Hooks(self.adapter.model) as hooks:
             for layer in range(self.adapter.n_layers):
-                o_proj = self.adapter.model.get_submodule(self.adapter.site(layer, "o").path)
-                for module in (o_proj, self.adapter.mlp(layer)):
+                for where in (self.adapter.site(layer, "o"), self.adapter.mlp(layer)):
                     # prepend: run before the ablation hooks, so they see what the module will.
-                    handle = module.register_forward_pre_hook(self._last_position_hook(layer), prepend=True)
-                    stack.callback(handle.remove)
+                    hooks.replace_input(where, self._last_position_input(layer), prepend=True)
             yield
 
-    def _last_position_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple) -> tuple | None:
+    def _last_position_input(self, layer: int):
+        def replace(args: tuple) -> tuple | None:
             if layer < self.horizon:
                 return None
             # eigenfast's modules (a pruned model) also take the positions (B or 1, T): cut them alike.
             return tuple(a[:, -1:] if i < 2 and isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
 
-        return hook
+        return replace
 
 
 def _horizon(adapter: Adapter, layer: int, states: list[Ablation]) -> int:
@@ -231,13 +230,14 @@ def _cache(
             inputs.append(hidden)
             calls.append((rest, kwargs))
 
-        with contextlib.ExitStack() as stack:
+        with Hooks(adapter.model) as hooks:
             for layer in layers:
-                stack.callback(layer.register_forward_pre_hook(capture, with_kwargs=True).remove)
-            stack.callback(layers[-1].register_forward_hook(lambda *_: order.append(None)).remove)
+                hooks.pre(layer, capture, with_kwargs=True)
+            # The tail is what runs after the last layer: record the order the backbone's children run in.
+            hooks.on_output(layers[-1], lambda _: order.append(None))
             for child in adapter.backbone().children():
                 if child is not layers:
-                    stack.callback(child.register_forward_hook(lambda m, *_: order.append(m)).remove)
+                    hooks.post(child, lambda m, *_: order.append(m))
             logp_f = torch.log_softmax(last_logits(adapter, batch), dim=-1)
         positions = batch.position_ids.to(device)
         rows = table_positions(positions, calib_len, extrapolate) if means is not None else positions

@@ -27,6 +27,7 @@ from ..adapters import Adapter, get_adapter, head_matrices, projection_matrix
 from ..data.task_data import TaskData
 from ..errors import ArgumentError, DataError, UnsupportedModelError
 from ..runtime.forward import last_logits, model_device
+from ..runtime.hooks import Hooks, hidden_states
 from .graph import EdgeGraph
 
 QKV = ("q", "k", "v")
@@ -130,7 +131,7 @@ class EdgeForward:
         embeddings: list[torch.Tensor] = []
 
         def take_embeddings(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            embeddings.append(args[0] if args else kwargs["hidden_states"])
+            embeddings.append(hidden_states(args, kwargs))
 
         def take_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             kwargs = dict(kwargs)
@@ -139,11 +140,10 @@ class EdgeForward:
                 kwargs.pop("hidden_states")
             calls.append((tuple(args[1:]), kwargs, by_keyword))
 
-        with contextlib.ExitStack() as stack:
-            stack.callback(adapter.layers()[0].register_forward_pre_hook(take_embeddings, with_kwargs=True).remove)
+        with Hooks(adapter.model) as hooks:
+            hooks.pre(adapter.layers()[0], take_embeddings, with_kwargs=True)
             for layer in range(adapter.n_layers):
-                hook = adapter.attention(layer).register_forward_pre_hook(take_call, with_kwargs=True)
-                stack.callback(hook.remove)
+                hooks.pre(adapter.attention(layer), take_call, with_kwargs=True)
             logits = last_logits(adapter, batch)
         device = model_device(self.model)
         return Context(embeddings[0], calls, logits, batch.labels.to(device))

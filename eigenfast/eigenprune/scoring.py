@@ -19,7 +19,7 @@ import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from ..data.task_data import TaskData, model_data
 from ..errors import ArgumentError
 from ..runtime import distributed
 from ..runtime.forward import eval_mode, frozen_parameters, last_logits, model_device
+from ..runtime.hooks import Hooks
 from ..runtime.progress import progress
 from .attribution import REDUCE, pass1_update, pass2_update
 from .graph_budget import graph_budget
@@ -279,10 +280,6 @@ def _set_mean_projections(
         st.pmean = torch.einsum("thk,hki->thi", mean, st.work.U).contiguous()
 
 
-class _StopForward(Exception):
-    """Raised after the highest selected layer: pass 1 needs nothing above it."""
-
-
 def _sites_by_module(stats: dict[Key, SiteStats]) -> dict[str, list[SiteStats]]:
     grouped: dict[str, list[SiteStats]] = defaultdict(list)
     for st in stats.values():
@@ -354,10 +351,11 @@ class _Pass2:
             stack.enter_context(frozen_parameters(adapter.model))
             saved = _SavedBytes(self.weights)
             stack.enter_context(saved)
-            stack.enter_context(_grad_hooks(adapter, self.stats, on_grad, saved))
-            stack.enter_context(_grad_from(bottom))
+            hooks = stack.enter_context(Hooks(adapter.model))
+            _on_grads(hooks, self.stats, on_grad, saved)
+            _grad_from(hooks, bottom)
             if on_input is not None:
-                stack.enter_context(_input_hooks(adapter, self.stats, on_input))
+                _on_inputs(hooks, self.stats, on_input)
             logits = last_logits(adapter, batch.data)
             # Summed, not averaged: each example's gradient is its own loss's, whatever the batch.
             labels = batch.data.labels.to(logits.device)  # the head may sit on another device than the batch
@@ -393,11 +391,10 @@ def _pass1_batch(
     if keep is not None:
         return keep.forward(batch, on_input)
     top = max(st.site.layer for st in stats.values())
-    with torch.no_grad(), _input_hooks(adapter, stats, on_input), _stop_after(adapter.layers()[top]):
-        try:
-            adapter.backbone()(**batch.data.model_inputs(), use_cache=False)
-        except _StopForward:
-            pass
+    with torch.no_grad(), Hooks(adapter.model) as hooks:
+        _on_inputs(hooks, stats, on_input)
+        hooks.stop_after(adapter.layers()[top])  # pass 1 needs nothing above the highest selected layer
+        adapter.backbone()(**batch.data.model_inputs(), use_cache=False)
     return None
 
 
@@ -434,52 +431,21 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
         return sum(self.storages.values())
 
 
-@contextlib.contextmanager
-def _input_hooks(adapter: Adapter, stats: dict[Key, SiteStats], callback) -> Iterator[None]:
-    handles = []
+def _on_inputs(hooks: Hooks, stats: dict[Key, SiteStats], callback) -> None:
     for path, sites in _sites_by_module(stats).items():
-        def hook(module, args, _sites=sites):
-            callback(_sites, args[0].detach())
-
-        handles.append(adapter.model.get_submodule(path).register_forward_pre_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+        hooks.on_input(path, lambda x, _sites=sites: callback(_sites, x.detach()))
 
 
-@contextlib.contextmanager
-def _grad_hooks(adapter: Adapter, stats: dict[Key, SiteStats], callback, saved: _SavedBytes) -> Iterator[None]:
-    handles = []
+def _on_grads(hooks: Hooks, stats: dict[Key, SiteStats], callback, saved: _SavedBytes) -> None:
     for path, sites in _sites_by_module(stats).items():
-        def hook(module, args, output, _sites=sites):
-            x = args[0].detach()
+        def at_forward(x: torch.Tensor, _sites=sites):
             saved.add(x)  # kept alive by the hook until the backward reaches it
-            output.register_hook(lambda g: callback(_sites, x, g.detach()))
+            return lambda g: callback(_sites, x, g)
 
-        handles.append(adapter.model.get_submodule(path).register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+        hooks.on_backward(path, at_forward)
 
 
-@contextlib.contextmanager
-def _stop_after(layer: nn.Module) -> Iterator[None]:
-    def hook(module, args, output):
-        raise _StopForward
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
-def _grad_from(layer: nn.Module) -> Iterator[None]:
+def _grad_from(hooks: Hooks, layer: nn.Module) -> None:
     """Make the residual stream entering ``layer`` the leaf of the graph: backward stops there."""
 
     def hook(module, args, kwargs):
@@ -488,9 +454,4 @@ def _grad_from(layer: nn.Module) -> Iterator[None]:
         kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_()
         return args, kwargs
 
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
+    hooks.pre(layer, hook, with_kwargs=True)

@@ -9,9 +9,6 @@ sums of the o-projection inputs and of the MLP outputs, nothing per example.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 from torch import nn
 
@@ -21,6 +18,7 @@ from ..errors import ArgumentError
 from ..rewrite.removal import ComponentMeans
 from . import distributed
 from .forward import eval_mode, model_device
+from .hooks import Hooks
 
 
 @torch.no_grad()
@@ -52,7 +50,10 @@ def component_means(model: nn.Module, patch_data: "TaskData | dict", batch_size:
             def add(sums: torch.Tensor, x: torch.Tensor) -> None:
                 sums.index_add_(0, pos, torch.where(real, x.reshape(-1, x.shape[-1]).double(), 0.0))
 
-            with _collect(adapter, o_paths, lambda l, z: add(z_sums[l], z), lambda l, y: add(mlp_sums[l], y)):
+            with Hooks(adapter.model) as hooks:
+                for layer, path in enumerate(o_paths):
+                    hooks.on_input(path, lambda z, _l=layer: add(z_sums[_l], z))
+                    hooks.on_output(adapter.mlp(layer), lambda y, _l=layer: add(mlp_sums[_l], y))
                 adapter.backbone()(**batch.model_inputs(device), use_cache=False)
 
     distributed.all_sum_([z_sums, mlp_sums, counts])
@@ -69,19 +70,3 @@ def _head_contributions(adapter: Adapter, layer: int, z_mean: torch.Tensor) -> t
     A = head_matrices(projection_matrix(adapter.model.get_submodule(site.path)).double(), site)
     return torch.einsum("thd,hdm->htm", head_inputs(z_mean, site), A)
 
-
-@contextlib.contextmanager
-def _collect(adapter: Adapter, o_paths: list[str], on_z, on_mlp) -> Iterator[None]:
-    handles = []
-    for layer, path in enumerate(o_paths):
-        handles.append(adapter.model.get_submodule(path).register_forward_pre_hook(
-            lambda module, args, _l=layer: on_z(_l, args[0])
-        ))
-        handles.append(adapter.mlp(layer).register_forward_hook(
-            lambda module, args, output, _l=layer: on_mlp(_l, output)
-        ))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -23,6 +23,7 @@ from torch import nn
 from ..adapters import Site, get_adapter, head_inputs, head_matrices, head_outputs, projection_matrix
 from ..data.task_data import TaskData
 from ..errors import DataError
+from ..runtime.hooks import Hooks
 
 
 def pair_statistics(
@@ -96,17 +97,16 @@ def per_singular_value_loop(
 def capture(model: nn.Module, data: TaskData, path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Input x (N, T, d_in) and output gradient g (N, T, d_out) of one module, whole data at once,
     each example's gradient that of its own (summed) loss."""
-    module = model.get_submodule(path)
     seen = {}
 
-    def hook(mod, args, out):
-        seen["x"] = args[0].detach()
-        out.register_hook(lambda g: seen.__setitem__("g", g.detach()))
+    def at_forward(x):
+        seen["x"] = x
+        return lambda g: seen.__setitem__("g", g)
 
-    handle = module.register_forward_hook(hook)
-    logits = model(**data.model_inputs()).logits[:, -1]
-    torch.nn.functional.cross_entropy(logits, data.labels, reduction="sum").backward()
-    handle.remove()
+    with Hooks(model) as hooks:
+        hooks.on_backward(path, at_forward)
+        logits = model(**data.model_inputs()).logits[:, -1]
+        torch.nn.functional.cross_entropy(logits, data.labels, reduction="sum").backward()
     model.zero_grad(set_to_none=True)
     return seen["x"].double(), seen["g"].double()
 
@@ -181,6 +181,7 @@ def reference_pipeline(
     for batch in data.batches(batch_size):
         cache, grads = {}, {}
 
+        # Every module, kept undetached, as run_with_cache does: not Hooks.on_backward's pattern.
         def save(name):
             def hook(module, args, out):
                 if isinstance(out, torch.Tensor):
@@ -192,12 +193,13 @@ def reference_pipeline(
 
             return hook
 
-        handles = [m.register_forward_hook(save(n)) for n, m in model.named_modules() if n]
-        model.zero_grad()
-        logits = model(**batch.model_inputs()).logits
-        torch.nn.functional.cross_entropy(logits[:, -1], batch.labels).backward()
-        for h in handles:
-            h.remove()
+        with Hooks(model) as hooks:
+            for name, module in model.named_modules():
+                if name:
+                    hooks.post(module, save(name))
+            model.zero_grad()
+            logits = model(**batch.model_inputs()).logits
+            torch.nn.functional.cross_entropy(logits[:, -1], batch.labels).backward()
         B, T = batch.input_ids.shape
         for site in sites:
             x = cache[site.path + ".in"].detach()
