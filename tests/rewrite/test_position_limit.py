@@ -5,15 +5,15 @@ import json
 
 import pytest
 import torch
-from test_circuit_removal import removed
 
 import eigenfast
+from eigenfast.adapters.position_table import position_limit
 from eigenfast.builtin import load_builtin
 from eigenfast.cli import main
-from eigenfast.adapters.position_table import position_limit
 from eigenfast.rewrite.position_limit import LimitedPositionEmbedding, guard_positions
 
 from conftest import make_data, make_model
+from hook_references import removed
 
 LIMIT = 32  # conftest's gpt2 n_positions
 
