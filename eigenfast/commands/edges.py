@@ -1,8 +1,4 @@
-"""Edge Pruning, EAP, ACDC and Algorithm 1 side by side on a task; a table and a PNG.
-
-Algorithm 1 (a node-level method of ``circuit/``) joins the edge methods' registry
-here, in the command layer, so ``edges/`` never imports another feature.
-"""
+"""Edge Pruning, EAP, ACDC and Algorithm 1 side by side on a task; a table and a PNG."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +26,8 @@ def _algorithm_1(task: PreparedTask, options: EdgeOptions) -> Found:
     return Found(kept, kept.float())
 
 
+# Algorithm 1 (a node-level method of eigenfast.circuit) joins the edge methods' registry here, in the
+# command layer, so eigenfast.edges never imports another feature.
 ALGORITHM_1 = EdgeMethod("algorithm1", "Algorithm 1", "threshold", "α", _algorithm_1, reads_batches=False)
 METHODS = {**registry.METHODS, ALGORITHM_1.name: ALGORITHM_1}
 # Which option lists each method's settings: the edge sparsities are shared, the KL thresholds are each method's own.

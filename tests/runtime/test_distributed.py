@@ -42,6 +42,9 @@ SUMS = {"rtol": 1e-6, "atol": 1e-7}
 # Edge pruning's masks follow an Adam trajectory, not a sum: each step's gradient is the one-process
 # gradient up to float32 summation order, and a dozen steps carry that to ~1e-5 relative.
 LEARNED = {"rtol": 2e-5, "atol": 1e-7}
+# ACDC's scores are differences of small KLs, each a float32 difference of log-probabilities from GEMMs of
+# other shapes on each rank: they agree to float32's resolution of the logs (1.3e-7 measured), not relative.
+KL_DIFFERENCES = {"rtol": 1e-6, "atol": 1e-6}
 
 
 def workload() -> dict[str, torch.Tensor]:
@@ -176,6 +179,8 @@ def _assert_equal_runs(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
             assert torch.equal(got[name], value), name
         elif name.startswith("edges."):
             torch.testing.assert_close(got[name], value, **LEARNED, msg=name)
+        elif name.startswith("acdc."):
+            torch.testing.assert_close(got[name], value, **KL_DIFFERENCES, msg=name)
         else:
             torch.testing.assert_close(got[name], value, **SUMS, msg=name)
     if "edges.kl" not in want:
