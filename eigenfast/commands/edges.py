@@ -5,14 +5,36 @@ import argparse
 
 import torch
 
+from ..circuit.discovery import discover
 from ..data.splits import task_parts
 from ..data.tasks import check_task, load_task
-from ..edges.compare import METHODS, compare
+from ..edges import registry
+from ..edges.compare import compare
 from ..edges.corrupt import corrupt_by_shuffling
+from ..edges.evaluate import PreparedTask
+from ..edges.options import EdgeOptions
+from ..edges.runner import EdgeMethod, Found
 from ..errors import DataError
 from ..saving.loading import check_model_name, load_model
 from ..saving.serialization import check_writable_directory
 from .arguments import MODEL_HELP, TASK_HELP, positive_int
+
+
+def _algorithm_1(task: PreparedTask, options: EdgeOptions) -> Found:
+    """Algorithm 1's heads and MLPs as the edges out of them (it has no edge scores: the kept flags rank)."""
+    # Its means come from the corrupted inputs: the same counterfactual as the edge methods'.
+    found = discover(task.model, task.corrupted, task.clean, options.threshold, ablation="mean", include_mlps=True,
+                     batch_size=options.batch_size, progress=options.progress)
+    kept = task.graph.edges_of_nodes(found.heads, found.mlps)
+    return Found(kept, kept.float())
+
+
+# Algorithm 1 (a node-level method of eigenfast.circuit) joins the edge methods' registry here, in the
+# command layer, so eigenfast.edges never imports another feature.
+ALGORITHM_1 = EdgeMethod("algorithm1", "Algorithm 1", "threshold", "α", _algorithm_1, reads_batches=False)
+METHODS = {**registry.METHODS, ALGORITHM_1.name: ALGORITHM_1}
+# Which option lists each method's settings: the edge sparsities are shared, the KL thresholds are each method's own.
+SETTINGS = {"edge_prune": "sparsities", "eap": "sparsities", "acdc": "acdc_thresholds", "algorithm1": "alg1_thresholds"}
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -50,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options = EdgeOptions(batch_size=args.batch_size, steps=args.steps)
+    settings = {m: getattr(args, SETTINGS[m]) for m in args.methods}
     if args.n < 2:
         raise DataError(f"--n must be >= 2 (examples need counterfactual partners), got {args.n}")
     check_model_name(args.model)
@@ -65,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"data    {args.n} examples drawn (seed {args.seed}) from {unseen.origin}")
     clean = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.n])
     corrupted = corrupt_by_shuffling(clean, args.seed)
-    result = compare(model, clean, corrupted, args.methods, args.sparsities, args.acdc_thresholds,
-                     args.alg1_thresholds, args.steps, args.batch_size)
+    result = compare(model, clean, corrupted, settings, options, methods=METHODS)
     print(result.table())
     table, plot = result.save(args.out)
     print(f"wrote {table} and {plot}")

@@ -1,6 +1,7 @@
 """Edge-level circuit discovery (docs/EDGES.md): one edge graph, Edge Pruning, EAP and ACDC, one evaluation.
 
     circuit = eigenfast.edge_prune(model, clean, corrupted, target_sparsity=0.95, steps=300)
+    circuit = eigenfast.edges.run(model, clean, corrupted, "eap", EdgeOptions(target_sparsity=0.9))
     circuit.edges, circuit.heads, circuit.mlps, circuit.report
     smaller = eigenfast.edges.extract_nodes(model, circuit, corrupted)   # smaller.model, smaller.save(folder)
 """
@@ -12,13 +13,17 @@ from .evaluate import EdgeCircuit, EdgeReport, evaluate_circuit, roc_auc, true_e
 from .extraction import NodeCircuitResult, extract_nodes
 from .graph import EdgeGraph, ReaderGroup
 from .masked_forward import EdgeForward
+from .options import EdgeOptions
+from .registry import METHODS, run
 
 __all__ = [
     "EdgeCircuit",
     "EdgeForward",
     "EdgeGraph",
+    "EdgeOptions",
     "EdgeReport",
     "NodeCircuitResult",
+    "METHODS",
     "ReaderGroup",
     "acdc",
     "corrupt_by_shuffling",
@@ -27,5 +32,6 @@ __all__ = [
     "evaluate_circuit",
     "extract_nodes",
     "roc_auc",
+    "run",
     "true_edges",
 ]

@@ -8,19 +8,18 @@ resumes the masked forward at ``l`` from the cached writer differences below it.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
-from ..data.task_data import TaskData, model_data
-from ..errors import ArgumentError
-from ..runtime.forward import eval_mode
+from ..data.task_data import TaskData
+from ..runtime import distributed
 from ..runtime.metrics import kl_divergence
 from ..runtime.progress import progress_bar
-from .evaluate import EdgeCircuit, evaluate_circuit, prepare_batches
+from .evaluate import EdgeCircuit, PreparedTask
 from .graph import EdgeGraph
 from .masked_forward import EdgeForward, Prepared
+from .options import EdgeOptions
+from .runner import EdgeMethod, Found, run_method
 
 
 def reverse_topological(graph: EdgeGraph) -> list[tuple[int, int]]:
@@ -35,6 +34,7 @@ def reverse_topological(graph: EdgeGraph) -> list[tuple[int, int]]:
 @torch.no_grad()
 def mean_kl(forward: EdgeForward, batches: list[Prepared], edges: torch.Tensor, start_layer: int = 0,
             prefixes: list[torch.Tensor] | None = None) -> float:
+    """KL(f‖circuit) per example over the batches of every rank (the same number on each)."""
     total, n = 0.0, 0
     for i, batch in enumerate(batches):
         prefix = None
@@ -43,7 +43,42 @@ def mean_kl(forward: EdgeForward, batches: list[Prepared], edges: torch.Tensor, 
         logits = forward.logits(batch, edges, start_layer=start_layer, prefix=prefix)
         total += float(kl_divergence(torch.log_softmax(batch.clean.logits, -1), logits).sum())
         n += len(logits)
-    return total / n
+    total, n = distributed.summed(torch.tensor([total, n], dtype=torch.float64))  # alike on every rank
+    return float(total / n)
+
+
+@torch.no_grad()
+def search(task: PreparedTask, options: EdgeOptions) -> Found:
+    """ACDC over the edge graph with KL threshold τ = ``options.threshold``; one masked forward per edge."""
+    forward, graph, batches = task.forward, task.graph, task.batches
+    prefixes = [forward.differences(b) for b in batches]
+    device = batches[0].clean.logits.device
+    edges = torch.ones(graph.n_edges, device=device)
+    scores = torch.zeros(graph.n_edges)
+    kl = 0.0  # KL(f‖f)
+    trace = []
+    order = reverse_topological(graph)
+    bar = progress_bar(len(order), "ACDC: edges" if options.progress else None)
+    for edge, layer in order:
+        edges[edge] = 0.0
+        kl_after = mean_kl(forward, batches, edges, layer, prefixes)
+        delta = kl_after - kl
+        scores[edge] = delta
+        removed = delta < options.threshold
+        trace.append({"edge": edge, "kl_before": kl, "kl_after": kl_after, "removed": float(removed)})
+        if removed:
+            kl = kl_after
+        else:
+            edges[edge] = 1.0
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(kl=f"{kl:.4f}", kept=int(edges.sum()))
+    if bar is not None:
+        bar.close()
+    return Found(edges.bool().cpu(), scores, trace)
+
+
+METHOD = EdgeMethod("acdc", "ACDC", "threshold", "τ", search)
 
 
 def acdc(
@@ -56,40 +91,5 @@ def acdc(
     evaluate: bool = True,
 ) -> EdgeCircuit:
     """ACDC over the edge graph with KL threshold τ = ``threshold``; one masked forward per edge."""
-    if not threshold >= 0:  # NaN fails this too
-        raise ArgumentError(f"threshold must be >= 0, got {threshold}")
-    clean, corrupted = model_data(clean_data, model), model_data(corrupted_data, model)
-    start = time.perf_counter()
-    forward = EdgeForward(model)
-    graph = forward.graph
-    with eval_mode(model):
-        batches = prepare_batches(forward, clean, corrupted, batch_size)
-        prefixes = [forward.differences(b) for b in batches]
-        device = batches[0].clean.logits.device
-        edges = torch.ones(graph.n_edges, device=device)
-        scores = torch.zeros(graph.n_edges)
-        kl = 0.0  # KL(f‖f)
-        trace = []
-        order = reverse_topological(graph)
-        bar = progress_bar(len(order), "ACDC: edges" if progress else None)
-        for edge, layer in order:
-            edges[edge] = 0.0
-            kl_after = mean_kl(forward, batches, edges, layer, prefixes)
-            delta = kl_after - kl
-            scores[edge] = delta
-            removed = delta < threshold
-            trace.append({"edge": edge, "kl_before": kl, "kl_after": kl_after, "removed": float(removed)})
-            if removed:
-                kl = kl_after
-            else:
-                edges[edge] = 1.0
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(kl=f"{kl:.4f}", kept=int(edges.sum()))
-        if bar is not None:
-            bar.close()
-    kept = edges.bool().cpu()
-    circuit = EdgeCircuit("ACDC", graph, kept, scores, time.perf_counter() - start, trace)
-    if evaluate:
-        circuit.report = evaluate_circuit(model, circuit, clean, corrupted, batch_size=batch_size)
-    return circuit
+    options = EdgeOptions(batch_size=batch_size, threshold=threshold, progress=progress, evaluate=evaluate)
+    return run_method(model, clean_data, corrupted_data, METHOD, options)

@@ -8,21 +8,20 @@ the full model is zero with zero gradient at the full model, so it ranks nothing
 """
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
-from ..data.task_data import TaskData, model_data
-from ..errors import ArgumentError
-from ..runtime.forward import eval_mode, frozen_parameters
+from ..data.task_data import TaskData
+from ..runtime import distributed
 from ..runtime.progress import progress
-from .evaluate import EdgeCircuit, evaluate_circuit, prepare_batches
+from .evaluate import EdgeCircuit, PreparedTask
 from .masked_forward import EdgeForward, Prepared
+from .options import EdgeOptions
+from .runner import EdgeMethod, Found, run_method
 
 
 def edge_attributions(forward: EdgeForward, batches: list[Prepared], desc: str | None = None) -> torch.Tensor:
-    """Mean ``(ỹ − y)·∂L/∂x`` per edge ``(E,)`` over the batches' examples."""
+    """Mean ``(ỹ − y)·∂L/∂x`` per edge ``(E,)`` over the batches' examples (of every rank)."""
     total, n = torch.zeros(forward.graph.n_edges, dtype=torch.float64), 0
     for batch in progress(batches, len(batches), desc):
         edges = torch.ones(forward.graph.n_edges, device=batch.clean.logits.device, requires_grad=True)
@@ -31,7 +30,20 @@ def edge_attributions(forward: EdgeForward, batches: list[Prepared], desc: str |
         (grad,) = torch.autograd.grad(loss, edges)
         total -= grad.double().cpu()
         n += len(batch.clean.labels)
-    return total / n
+    return distributed.summed(total) / distributed.sum_number(n)
+
+
+def search(task: PreparedTask, options: EdgeOptions) -> Found:
+    """Keep the ``(1 − target_sparsity)`` fraction of edges with the largest ``|attribution|``."""
+    attributions = edge_attributions(task.forward, task.batches, "EAP: batches" if options.progress else None)
+    scores = attributions.abs().float()
+    k = int(round((1.0 - options.target_sparsity) * task.graph.n_edges))
+    kept = torch.zeros(task.graph.n_edges, dtype=torch.bool)
+    kept[torch.argsort(scores, descending=True, stable=True)[:k]] = True
+    return Found(kept, scores)
+
+
+METHOD = EdgeMethod("eap", "EAP", "target_sparsity", "s", search)
 
 
 def eap(
@@ -44,19 +56,6 @@ def eap(
     evaluate: bool = True,
 ) -> EdgeCircuit:
     """EAP: keep the ``(1 − target_sparsity)`` fraction of edges with the largest ``|attribution|``."""
-    if not 0.0 <= target_sparsity <= 1.0:
-        raise ArgumentError(f"target_sparsity must be in [0, 1], got {target_sparsity}")
-    clean, corrupted = model_data(clean_data, model), model_data(corrupted_data, model)
-    start = time.perf_counter()
-    forward = EdgeForward(model)
-    with eval_mode(model), frozen_parameters(model):
-        batches = prepare_batches(forward, clean, corrupted, batch_size)
-        attributions = edge_attributions(forward, batches, "EAP: batches" if progress else None)
-    scores = attributions.abs().float()
-    k = int(round((1.0 - target_sparsity) * forward.graph.n_edges))
-    kept = torch.zeros(forward.graph.n_edges, dtype=torch.bool)
-    kept[torch.argsort(scores, descending=True, stable=True)[:k]] = True
-    circuit = EdgeCircuit("EAP", forward.graph, kept, scores, time.perf_counter() - start)
-    if evaluate:
-        circuit.report = evaluate_circuit(model, circuit, clean, corrupted, batch_size=batch_size)
-    return circuit
+    options = EdgeOptions(batch_size=batch_size, target_sparsity=target_sparsity, progress=progress,
+                          evaluate=evaluate)
+    return run_method(model, clean_data, corrupted_data, METHOD, options)

@@ -8,6 +8,7 @@ matter are the positives (see :func:`true_edges`) for TPR, FPR and ROC AUC.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from ..data.task_data import TaskData, model_data
 from ..errors import ArgumentError, DataError
+from ..runtime import distributed
 from ..runtime.forward import eval_mode
 from ..runtime.metrics import kl_divergence
 from .graph import EdgeGraph
@@ -137,54 +139,80 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+@dataclass
+class PreparedTask:
+    """One task's clean and corrupted forwards, run once: what every method and the evaluation read.
+
+    ``batches`` are this rank's rows of each batch of ``batch_size`` (the whole batch in
+    one process); ``batch_sizes`` are the batches' sizes over every rank, so sums over
+    rows divided by them are the one-process means once summed over ranks.
+    """
+
+    model: nn.Module
+    forward: EdgeForward
+    clean: TaskData
+    corrupted: TaskData
+    batches: list[Prepared]
+    batch_sizes: list[int]
+    seconds: float  # the wall time of the forwards
+
+    @property
+    def graph(self) -> EdgeGraph:
+        return self.forward.graph
+
+
 def prepare_batches(forward: EdgeForward, clean: TaskData, corrupted: TaskData, batch_size: int) -> list[Prepared]:
-    """Pair the clean and corrupted data batch by batch and run both once (f's logits, ỹ)."""
+    """Pair the clean and corrupted data batch by batch and run both once (f's logits, ỹ): this rank's rows."""
+    return _prepare_rows(forward, clean, corrupted, batch_size)[0]
+
+
+def _prepare_rows(forward: EdgeForward, clean: TaskData, corrupted: TaskData,
+                  batch_size: int) -> tuple[list[Prepared], list[int]]:
+    """This rank's rows of each batch, prepared, and each batch's size over every rank."""
     if len(clean) != len(corrupted):
         raise DataError(f"clean ({len(clean)}) and corrupted ({len(corrupted)}) data must pair up one to one")
-    if batch_size < 1:
-        raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
-    return [
-        forward.prepare(clean.subset(range(i, min(i + batch_size, len(clean)))),
-                        corrupted.subset(range(i, min(i + batch_size, len(clean)))))
-        for i in range(0, len(clean), batch_size)
-    ]
+    rows = distributed.local_rows(len(clean), batch_size, "the edge methods' data")
+    return [forward.prepare(clean.subset(r), corrupted.subset(r)) for r, _ in rows], [n for _, n in rows]
+
+
+def prepare(model: nn.Module, clean: TaskData, corrupted: TaskData, batch_size: int) -> PreparedTask:
+    """The masked forward of ``model`` and the batches' clean and corrupted forwards, each run once."""
+    start = time.perf_counter()
+    forward = EdgeForward(model)
+    with eval_mode(model):
+        batches, sizes = _prepare_rows(forward, clean, corrupted, batch_size)
+    return PreparedTask(model, forward, clean, corrupted, batches, sizes, time.perf_counter() - start)
 
 
 @torch.no_grad()
 def circuit_quality(forward: EdgeForward, batches: Sequence[Prepared], kept: torch.Tensor) -> tuple[float, float, float]:
-    """(KL(f‖circuit), the circuit's accuracy, the full model's accuracy) over the batches."""
-    kl = correct = full = n = 0.0
+    """(KL(f‖circuit), the circuit's accuracy, the full model's accuracy) over the batches of every rank."""
+    sums = torch.zeros(4, dtype=torch.float64)  # KL, circuit correct, full correct, examples
     for batch in batches:
         logits = forward.logits(batch, kept.float())
         labels = batch.clean.labels
-        kl += float(kl_divergence(torch.log_softmax(batch.clean.logits, -1), logits).sum())
-        correct += float((logits.argmax(-1) == labels).sum())
-        full += float((batch.clean.logits.argmax(-1) == labels).sum())
-        n += len(labels)
+        sums += torch.tensor([
+            float(kl_divergence(torch.log_softmax(batch.clean.logits, -1), logits).sum()),
+            float((logits.argmax(-1) == labels).sum()),
+            float((batch.clean.logits.argmax(-1) == labels).sum()),
+            len(labels),
+        ], dtype=torch.float64)
+    kl, correct, full, n = distributed.summed(sums).tolist()
     return kl / n, correct / n, full / n
 
 
-def evaluate_circuit(
-    model: nn.Module,
+def judge(
+    task: PreparedTask,
     circuit: Any,
-    clean_data: "TaskData | dict",
-    corrupted_data: "TaskData | dict",
     method: str | None = None,
     seconds: float | None = None,
     true_heads: Sequence[tuple[int, int]] | None = None,
-    batch_size: int = 32,
 ) -> EdgeReport:
-    """Judge any method's circuit (an :class:`EdgeCircuit`, or Algorithm 1's result with ``.heads``/``.mlps``).
-
-    ``seconds`` defaults to the circuit's own; ``true_heads`` (a known circuit) adds TPR,
-    FPR and, when the circuit has edge scores, ROC AUC over the edges.
-    """
-    clean, corrupted = model_data(clean_data, model), model_data(corrupted_data, model)
-    forward = EdgeForward(model)
-    graph = forward.graph
+    """:func:`evaluate_circuit` on batches already prepared: no clean or corrupted forward runs again."""
+    graph = task.graph
     kept = kept_edges(graph, circuit)
-    with eval_mode(model):
-        kl, accuracy, full_accuracy = circuit_quality(forward, prepare_batches(forward, clean, corrupted, batch_size), kept)
+    with eval_mode(task.model):
+        kl, accuracy, full_accuracy = circuit_quality(task.forward, task.batches, kept)
     heads, mlps = graph.nodes_of(kept)
     tpr = fpr = auc = None
     if true_heads is not None:
@@ -201,5 +229,26 @@ def evaluate_circuit(
         edges_kept=int(kept.sum()), n_edges=graph.n_edges,
         heads_kept=len(heads), n_heads=graph.n_layers * graph.n_heads,
         mlps_kept=len(mlps), n_layers=graph.n_layers,
-        seconds=seconds, n=len(clean), tpr=tpr, fpr=fpr, auc=auc,
+        seconds=seconds, n=len(task.clean), tpr=tpr, fpr=fpr, auc=auc,
     )
+
+
+def evaluate_circuit(
+    model: nn.Module,
+    circuit: Any,
+    clean_data: "TaskData | dict",
+    corrupted_data: "TaskData | dict",
+    method: str | None = None,
+    seconds: float | None = None,
+    true_heads: Sequence[tuple[int, int]] | None = None,
+    batch_size: int = 32,
+) -> EdgeReport:
+    """Judge any method's circuit (an :class:`EdgeCircuit`, or Algorithm 1's result with ``.heads``/``.mlps``).
+
+    ``seconds`` defaults to the circuit's own; ``true_heads`` (a known circuit) adds TPR,
+    FPR and, when the circuit has edge scores, ROC AUC over the edges. The edge methods
+    judge their circuits on the batches they prepared (:func:`judge`); this runs the
+    clean and corrupted forwards for a circuit found elsewhere.
+    """
+    task = prepare(model, model_data(clean_data, model), model_data(corrupted_data, model), batch_size)
+    return judge(task, circuit, method, seconds, true_heads)

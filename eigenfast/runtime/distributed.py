@@ -239,6 +239,15 @@ def sum_number(value: float) -> float:
     return float(total.item())
 
 
+def summed(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` summed over ranks, where it was (it travels by the collectives' device)."""
+    if not is_distributed():
+        return tensor
+    total = tensor.to(_collective_device(), copy=True)
+    dist.all_reduce(total)
+    return total.to(tensor.device)
+
+
 def max_number(value: float) -> float:
     """A Python number maxed over ranks: for choices every rank must make alike."""
     if not is_distributed():

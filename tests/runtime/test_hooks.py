@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_data, make_model
 from eigenfast.adapters import get_adapter
 from eigenfast.runtime.forward import last_logits
 from eigenfast.runtime.hooks import Hooks
+
+from conftest import make_data, make_model
 
 
 def hook_count(model: nn.Module) -> int:

@@ -1,0 +1,83 @@
+"""The one runner: options checked once, the registry, and the clean and corrupted forwards run once per run."""
+from __future__ import annotations
+
+from typing import Iterator
+from unittest import mock
+
+import pytest
+import torch
+
+import eigenfast
+from eigenfast.edges import METHODS, EdgeOptions, run
+from eigenfast.edges.compare import compare
+from eigenfast.edges.masked_forward import EdgeForward
+from eigenfast.errors import ArgumentError
+
+from conftest import make_data, make_model
+
+WRAPPERS = {"edge_prune": dict(steps=3), "eap": dict(target_sparsity=0.5), "acdc": dict(threshold=0.01)}
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_model("gpt2"), make_data(5, 5, seed=0), make_data(5, 5, seed=1)
+
+
+@pytest.fixture
+def forwards() -> Iterator[list[int]]:
+    """The rows of every ordinary model forward the edge machinery runs (clean or corrupted)."""
+    rows: list[int] = []
+    original = EdgeForward.context
+
+    def counting(self: EdgeForward, batch):
+        rows.append(len(batch))
+        return original(self, batch)
+
+    with mock.patch.object(EdgeForward, "context", counting):
+        yield rows
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_run_with_its_evaluation_runs_each_forward_once(task, forwards, method):
+    model, clean, corrupted = task
+    circuit = getattr(eigenfast, method)(model, clean, corrupted, batch_size=2, progress=False, **WRAPPERS[method])
+    assert circuit.report is not None
+    assert forwards == [2, 2, 2, 2, 1, 1]  # three batches, clean and corrupted each once
+
+
+def test_compare_prepares_once_for_every_method_and_setting(task, forwards):
+    model, clean, corrupted = task
+    result = compare(model, clean, corrupted, {"eap": (0.5, 0.9), "acdc": (0.01,)},
+                     EdgeOptions(batch_size=5, progress=False))
+    assert forwards == [5, 5]
+    assert [r.method for _, r in result.reports] == ["EAP s=0.5", "EAP s=0.9", "ACDC τ=0.01"]
+    assert result.reports[0][1].edges_kept > result.reports[1][1].edges_kept
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_wrappers_are_the_runner(task, method):
+    model, clean, corrupted = task
+    wrapped = getattr(eigenfast, method)(model, clean, corrupted, batch_size=2, progress=False, **WRAPPERS[method])
+    direct = run(model, clean, corrupted, method, EdgeOptions(batch_size=2, progress=False, **WRAPPERS[method]))
+    assert torch.equal(wrapped.kept, direct.kept) and torch.equal(wrapped.scores, direct.scores)
+    assert wrapped.method == direct.method == METHODS[method].label
+    assert wrapped.report.kl == direct.report.kl
+
+
+@pytest.mark.parametrize("field, value", [
+    ("batch_size", 0), ("batch_size", 2.5), ("target_sparsity", 1.5), ("target_sparsity", float("nan")),
+    ("threshold", -1.0), ("threshold", float("nan")), ("steps", 0), ("ramp", 0.0), ("lr", 0.0),
+    ("lambda_lr", float("inf")), ("init_log_alpha", float("nan")),
+])
+def test_every_bad_option_names_its_field(field, value):
+    with pytest.raises(ArgumentError, match=field):
+        EdgeOptions(**{field: value})
+
+
+def test_unknown_methods_and_settings_are_refused_before_any_work(task, forwards):
+    model, clean, corrupted = task
+    with pytest.raises(ArgumentError, match="unknown method 'magic'; choose from edge_prune, eap, acdc"):
+        run(model, clean, corrupted, "magic")
+    with pytest.raises(ArgumentError, match="target_sparsity"):
+        compare(model, clean, corrupted, {"eap": (0.5, 2.0)}, EdgeOptions(progress=False))
+    assert forwards == []
