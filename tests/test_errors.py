@@ -54,7 +54,7 @@ def test_bad_arguments_are_eigenfast_errors():
                                                                                evaluate=False), data, ablation="x"),
         "target_sparsity must be in": lambda: eigenfast.edge_prune(model, data, data, target_sparsity=1.5),
         "target_sparsity must be in ": lambda: eigenfast.eap(model, data, data, target_sparsity=1.5),
-        "threshold must be >= 0": lambda: eigenfast.acdc(model, data, data, threshold=-1),
+        "threshold must be a number >= 0": lambda: eigenfast.acdc(model, data, data, threshold=-1),
         "at least one candidate": lambda: eigenfast.prune(model, data, p="auto", candidates=(), progress_bar=False),
         "pairs must be one of": lambda: eigenfast.score(model, data, pairs="every"),
     }
