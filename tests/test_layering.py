@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "rewrite": {"adapters", "errors", "ops"},
     "data": {"adapters", "errors"},
     "runtime": {"adapters", "data", "errors", "rewrite"},
-    "serving": {"adapters", "errors", "ops", "runtime"},
+    "serving": {"adapters", "errors", "ops", "rewrite", "runtime"},
     "builtin": {"adapters", "data", "errors", "rewrite", "runtime"},
     "saving": {"adapters", "builtin", "data", "errors", "rewrite", "runtime"},
     "eigenprune": FEATURE,

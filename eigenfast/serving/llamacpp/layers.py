@@ -1,0 +1,151 @@
+"""What each decoder layer of a Llama-family model holds, read off the model as llama.cpp's ``deci``
+graph needs it: the kept heads and their KV slots, the kept MLP, and the constants removed
+components leave.
+
+Extraction (eigenfast/rewrite/removal.py) leaves, per layer: an attention cut down to its kept
+heads (query slots, each kept KV head once, and the KV slot each query slot reads,
+``eigenfast_kv_slots``, when the groups are uneven) or a ``RemovedAttention`` around its stand-in;
+an MLP or its stand-in. A stand-in, and a position table on a projection, is a constant only when
+its every row is the same (zero ablation leaves a leftover bias or zeros); a position-indexed one
+is something GGUF cannot hold, and :func:`read_layers` refuses it before anything is written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...adapters import Adapter, projection_matrix
+from ...errors import UnsupportedModelError
+from ...rewrite.position_tables import PositionTable
+from ...rewrite.positional import KV_SLOTS
+from ...rewrite.stand_ins import ConstantOutput, PositionMean, RemovedAttention, RemovedNorm
+
+CONSTANT_TOLERANCE = 1e-6  # relative: rows this close are one constant
+REFUSED_TABLE = (
+    "{what} adds a different vector at each token position (a position-indexed table: mean ablation or eigenpruning "
+    "leaves one), and GGUF has no per-position bias. Extract with ablation='zero' for llama.cpp, or serve this model "
+    "with eigenfast.serving.to_onnx / export, which keep the table"
+)
+
+
+@dataclass
+class Attention:
+    """A kept attention, HF orientation (``(d_out, d_in)`` weights): Q/K/V rows per slot, O's columns per query slot."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    q_bias: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+    o_bias: torch.Tensor | None
+    kv_slots: list[int]  # the KV slot each query slot reads
+    norm: torch.Tensor
+
+
+@dataclass
+class Mlp:
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_bias: torch.Tensor | None
+    up_bias: torch.Tensor | None
+    down_bias: torch.Tensor | None
+    norm: torch.Tensor
+
+
+@dataclass
+class Layer:
+    """One decoder layer: each part kept, or the constant its stand-in adds to the residual stream."""
+
+    attention: Attention | None
+    attention_constant: torch.Tensor | None  # set when the attention was removed
+    mlp: Mlp | None
+    mlp_constant: torch.Tensor | None  # set when the MLP was removed
+
+
+def _constant(module: nn.Module, what: str) -> torch.Tensor | None:
+    """A position table's row when every row is the same (to float rounding: a mean of equal rows may
+    differ from them in the last bit); a refusal otherwise."""
+    if not isinstance(module, PositionTable):
+        return None
+    table = module.table.detach()
+    if (table - table[:1]).abs().max() > CONSTANT_TOLERANCE * table.abs().max():
+        raise UnsupportedModelError(REFUSED_TABLE.format(what=what))
+    return table.mean(dim=0)
+
+
+def _stand_in_output(module: nn.Module, what: str) -> torch.Tensor:
+    if isinstance(module, ConstantOutput):
+        return module.value.detach()
+    if isinstance(module, PositionMean):
+        return _constant(module, what)
+    raise UnsupportedModelError(f"{what} is a {type(module).__name__}, which the GGUF export does not know: "
+                                "export the model with eigenfast.serving.to_onnx instead")
+
+
+def _bias(module: nn.Module, what: str) -> torch.Tensor | None:
+    constant = _constant(module, what)
+    if constant is not None:
+        return constant
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach()
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    return projection_matrix(module).detach().T
+
+
+def _norm(module: nn.Module, what: str) -> torch.Tensor:
+    if isinstance(module, RemovedNorm):
+        raise UnsupportedModelError(f"{what} was removed although a kept component reads it; the model is inconsistent")
+    return module.weight.detach()
+
+
+def _attention(adapter: Adapter, layer: int) -> Attention:
+    attention = adapter.attention(layer)
+    prefix = f"layer {layer}'s attention"
+    parts = {c: attention.get_submodule(adapter.projections[c].split(".", 1)[1]) for c in ("q", "k", "v", "o")}
+    q, k = _weight(parts["q"]), _weight(parts["k"])
+    n_q, n_kv = q.shape[0] // adapter.d_head, k.shape[0] // adapter.d_head
+    slots = getattr(attention, KV_SLOTS, None)
+    kv_slots = list(slots) if slots is not None else [slot // (n_q // n_kv) for slot in range(n_q)]
+    return Attention(
+        q=q, k=k, v=_weight(parts["v"]), o=_weight(parts["o"]),
+        q_bias=_bias(parts["q"], f"{prefix} q_proj"), k_bias=_bias(parts["k"], f"{prefix} k_proj"),
+        v_bias=_bias(parts["v"], f"{prefix} v_proj"), o_bias=_bias(parts["o"], f"{prefix} o_proj"),
+        kv_slots=kv_slots, norm=_norm(adapter.attn_norm(layer), f"layer {layer}'s {adapter.attn_norm_path}"),
+    )
+
+
+def _mlp(adapter: Adapter, layer: int) -> Mlp:
+    mlp = adapter.mlp(layer)
+    parts = {c: mlp.get_submodule(adapter.projections[c].split(".", 1)[1]) for c in ("mlp_gate", "mlp_in", "mlp_out")}
+    norm = adapter.model.get_submodule(f"{adapter.layer_path(layer)}.{adapter.mlp_norm_path}")
+    return Mlp(
+        gate=_weight(parts["mlp_gate"]), up=_weight(parts["mlp_in"]), down=_weight(parts["mlp_out"]),
+        gate_bias=_bias(parts["mlp_gate"], f"layer {layer}'s gate_proj"),
+        up_bias=_bias(parts["mlp_in"], f"layer {layer}'s up_proj"),
+        down_bias=_bias(parts["mlp_out"], f"layer {layer}'s down_proj"),
+        norm=_norm(norm, f"layer {layer}'s {adapter.mlp_norm_path}"),
+    )
+
+
+def read_layers(adapter: Adapter) -> list[Layer]:
+    """Every decoder layer of ``adapter.model``, checked: raises before any file is written."""
+    layers = []
+    for layer in range(adapter.n_layers):
+        attention = adapter.attention(layer)
+        removed = isinstance(attention, RemovedAttention)
+        mlp = adapter.mlp(layer)
+        mlp_removed = isinstance(mlp, (ConstantOutput, PositionMean))
+        layers.append(Layer(
+            attention=None if removed else _attention(adapter, layer),
+            attention_constant=_stand_in_output(attention.output, f"layer {layer}'s removed attention") if removed else None,
+            mlp=None if mlp_removed else _mlp(adapter, layer),
+            mlp_constant=_stand_in_output(mlp, f"layer {layer}'s removed MLP") if mlp_removed else None,
+        ))
+    return layers
