@@ -25,13 +25,29 @@ RELEASED_WITH_TRANSFORMERS := transformers tokenizers huggingface-hub hf-xet ker
 VERSIONS := import sys, importlib.metadata as m; \
     print("versions: python " + sys.version.split()[0], *(f"{n} {next((d.version for d in m.distributions(name=n)), None)}" for n in ("torch", "transformers", "triton")), sep=", ")
 
+# The [gguf] extra (GGUF export, llama.cpp through llama-cpp-python): llama-cpp-python has no
+# wheel on PyPI, so pip builds llama.cpp from source, CPU backend only and none of its programs,
+# once, into a wheel in $(WHEELS) that every environment here (.venv, .venv-oldest) installs
+# from. The build is the slow step of a first `make` (minutes; docs/SERVING.md has the
+# measured time). GGUF=0 leaves the extra out: the tests that need it then skip.
+GGUF ?= 1
+WHEELS := $(CURDIR)/.wheels
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DGGML_CCACHE=OFF -DLLAVA_BUILD=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
+LLAMA_WHEEL := $(WHEELS)/.built-$(shell grep -i '^llama.cpp.python==' $(CONSTRAINTS) 2>/dev/null | cut -d= -f3)
+comma := ,
+EXTRAS := $(if $(filter 1,$(GGUF)),test$(comma)gguf,test)
+WHEEL_DEPS := $(if $(filter 1,$(GGUF)),$(LLAMA_WHEEL))
+
 # $(call install,PYTHON,PIP CONSTRAINT OPTIONS,SOURCE TREE,EXTRA REQUIREMENTS): setuptools
 # and wheel (the build runs without isolation), torch when the environment has none (the
-# extension compiles against it), then the tree, editable, with its test extras.
+# extension compiles against it), then the tree, editable, with its extras (llama-cpp-python
+# from the wheel built here).
 define install
 	$(1) -c "import setuptools, wheel" 2>/dev/null || $(1) -m pip install --quiet $(2) --upgrade setuptools wheel
 	$(1) -c "import torch" 2>/dev/null || $(1) -m pip install --quiet $(2) $(TORCH_PIP_ARGS) torch
-	$(1) -m pip install --quiet $(2) --no-build-isolation -e "$(3)[test]" $(4)
+	$(1) -m pip install --quiet $(2) --find-links $(WHEELS) --no-build-isolation -e "$(3)[$(EXTRAS)]" $(4)
 	$(1) -c '$(VERSIONS)'
 endef
 
@@ -62,8 +78,16 @@ $(PYTHON):
 	$(PYTHON) -m pip install --quiet $(PIN) --upgrade pip setuptools wheel
 endif
 
-$(STAMP): pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*)
+$(STAMP): pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*) $(WHEEL_DEPS)
 	$(call install,$(PYTHON),$(PIN),.,)
+	touch $@
+
+# The llama-cpp-python wheel, built once per pinned release (its build prints its seconds).
+$(LLAMA_WHEEL): $(PYTHON)
+	mkdir -p $(WHEELS)
+	start=$$(date +%s); CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(PYTHON) -m pip wheel --quiet --no-deps $(PIN) -w $(WHEELS) llama-cpp-python \
+	    && echo "llama-cpp-python wheel built in $$(( $$(date +%s) - start )) s"
 	touch $@
 
 .PHONY: install demo test test-oldest test-latest bench bench-gpu
@@ -78,7 +102,7 @@ test: $(STAMP)
 
 # The fast tests on the oldest transformers pyproject.toml allows, in a fresh .venv-oldest:
 # the pinned set, except what is released with transformers.
-test-oldest:
+test-oldest: $(WHEEL_DEPS)
 	$(call fresh_venv,.venv-oldest)
 	grep -viE '^($(subst $() ,|,$(RELEASED_WITH_TRANSFORMERS)))==' $(CONSTRAINTS) > .venv-oldest/constraints.txt
 	$(call install,$(CURDIR)/.venv-oldest/bin/python,-c $(CURDIR)/.venv-oldest/constraints.txt,$(CURDIR)/.venv-oldest/src,"transformers==$(OLDEST_TRANSFORMERS)")

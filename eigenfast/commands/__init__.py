@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import bench, demo, edges, extract, prune, table
+from . import bench, demo, edges, export, extract, prune, table
 from . import eval as evaluate
 
-COMMANDS: dict[str, ModuleType] = {"demo": demo, "prune": prune, "eval": evaluate, "extract": extract, "table": table, "edges": edges, "bench": bench}
+COMMANDS: dict[str, ModuleType] = {"demo": demo, "prune": prune, "eval": evaluate, "extract": extract, "table": table, "edges": edges, "bench": bench,
+                                   "export": export}

@@ -1,4 +1,4 @@
-"""GGUF export, read back: the file's ``deci`` forward (tests/serving/deci_reference.py) equals the eager
+"""GGUF export, read back: the file's ``deci`` forward (tests/deci_reference.py) equals the eager
 extracted model; the GQA regrouping is exact and minimal; what the format cannot hold is refused before any
 file exists. (llama.cpp itself runs the files in test_gguf_llamacpp.py.)"""
 from __future__ import annotations
