@@ -14,6 +14,11 @@ through the decoding), prefill against the cut in FLOPs of a forward over the pr
 (attention included, the LM head at the last position); "efficiency" is measured cut / ideal cut (the
 target is >= 0.8). On a CPU shared with other jobs, --clock cpu times with the process's
 CPU time, which such load barely moves.
+
+--engine llamacpp times llama.cpp instead (the [gguf] extra): a random Llama (--shape llama-bench,
+or llama-tiny for smoke runs) and its circuit, a seeded half of the heads and of the MLPs removed
+under zero ablation, both written to GGUF in each of --dtypes and timed at batch 1 with each of
+--threads, the decode speed-up judged against the cut in weight bytes a step reads.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from ..runtime import distributed, figures
 from ..runtime.progress import progress
 from ..serving.cost import decode_step_bytes, forward_flops
 from ..serving.decode import decode, onnx_decode
+from . import bench_llamacpp
 from .arguments import comma_list, positive_int
 
 SHAPES = {  # name -> (family, config overrides); "tiny" is for smoke runs
@@ -51,6 +57,7 @@ SHAPES = {  # name -> (family, config overrides); "tiny" is for smoke runs
                               "max_position_embeddings": 1024}),
 }
 MODES = ("eager", "compiled", "onnx")
+ENGINES = ("torch", "llamacpp")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 KINDS = ("base", "eigenpruned", "extracted")
 
@@ -72,7 +79,9 @@ class Row:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shape", choices=tuple(SHAPES), default="small", help="model shape (random weights)")
+    parser.add_argument("--engine", choices=ENGINES, default="torch", help="what runs the models")
+    parser.add_argument("--shape", choices=(*SHAPES, *bench_llamacpp.SHAPES), default=None,
+                        help="model shape (random weights); default: small for torch, llama-bench for llamacpp")
     parser.add_argument("--batches", type=comma_list(positive_int), default="1,32", help="batch sizes")
     parser.add_argument("--prompts", type=comma_list(positive_int), default="16,512", help="prompt lengths")
     parser.add_argument("--new-tokens", type=positive_int, default=128, help="tokens generated per run")
@@ -82,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="wall time, or the process's CPU time (CPU only: steadier on a shared machine)")
+    parser.add_argument("--threads", type=comma_list(positive_int), default="1,2", help="llamacpp: CPU threads")
+    parser.add_argument("--dtypes", type=comma_list(str), default="f32,q8_0", help="llamacpp: GGUF storage types")
     parser.add_argument("--out", type=Path, default=None, help="write the table (.md), rows (.json) and a PNG here")
 
 
@@ -206,7 +217,35 @@ def plot(rows: list[Row], path: Path) -> None:
     figures.save(fig, path, dpi=120)
 
 
+def run_llamacpp(args: argparse.Namespace) -> int:
+    from ..serving.llamacpp.engine import require
+    from ..serving.llamacpp.writer import DTYPES
+
+    require("gguf"), require("llama_cpp")
+    shape = args.shape or "llama-bench"
+    if shape not in bench_llamacpp.SHAPES:
+        raise ArgumentError(f"--engine llamacpp runs the Llama shapes {tuple(bench_llamacpp.SHAPES)}, not {shape!r}")
+    unknown = [d for d in args.dtypes if d not in DTYPES]
+    if unknown:
+        raise ArgumentError(f"unknown GGUF dtype(s) {unknown}; choose from {', '.join(DTYPES)}")
+    rows = bench_llamacpp.measure(bench_llamacpp.build_models(shape), args.dtypes, args.threads, args.prompts,
+                                  args.new_tokens, args.repeats)
+    table = bench_llamacpp.markdown(rows)
+    summary = f"llama.cpp (llama-cpp-python), CPU, wall clock; shape {shape}, batch 1, {args.new_tokens} new tokens, medians of {args.repeats}"
+    print(f"{summary}\n{table}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(f"{summary}.\n\n{table}\n")
+        args.out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "llamacpp":
+        return run_llamacpp(args)
+    args.shape = args.shape or "small"
+    if args.shape not in SHAPES:
+        raise ArgumentError(f"--shape {args.shape} is for --engine llamacpp; the torch engine runs {tuple(SHAPES)}")
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         raise ArgumentError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")

@@ -3,14 +3,23 @@ argmax in f16, greedy tokens equal to ``generate()``'s, the word-level tokenizer
 Skipped where llama-cpp-python is not installed, except under .ci/run (gguf_cases.REQUIRE_ENV)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+import eigenfast
+from eigenfast.adapters import get_adapter
+from eigenfast.builtin import BUILTIN_MODELS, load_builtin
 from eigenfast.builtin.tokenizer import build_tokenizer
-from eigenfast.data.task_data import int_sum_pairs
+from eigenfast.cli import main
+from eigenfast.commands.bench_llamacpp import build_models
+from eigenfast.data.task_data import TaskData, int_sum, int_sum_pairs
+from eigenfast.edges import eap, extract_nodes
 from eigenfast.serving import to_gguf
 from eigenfast.serving.llamacpp import engine
+from eigenfast.serving.llamacpp.speed import decode_weight_bytes
 
 from gguf_cases import CONFIGS, base_model, extracted, prompt, requires
 
@@ -77,3 +86,57 @@ def test_word_level_tokenizer_splits_as_hf(tmp_path):
         hf = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=False) == hf, text
     assert llm.detokenize(tokenizer(" 19", add_special_tokens=False)["input_ids"]).decode().strip() == "19"
+
+
+def test_edge_extracted_circuit(tmp_path):
+    """An edge method's circuit, cut down to its nodes (extract_nodes), runs in llama.cpp as eager runs it."""
+    model = base_model("llama")
+    g = torch.Generator().manual_seed(0)
+
+    def data(seed: int) -> TaskData:
+        g.manual_seed(seed)
+        return TaskData(torch.randint(3, 96, (8, 6), generator=g), torch.randint(3, 96, (8,), generator=g))
+
+    edges = eap(model, data(1), data(2), target_sparsity=0.97, progress=False, evaluate=False)
+    nodes = extract_nodes(model, edges, None, ablation="zero")
+    assert len(nodes.heads) < 20, "the edge circuit should drop some heads"
+    llm = engine.load(to_gguf(nodes.model, tmp_path / "m.gguf"))
+    ids = prompt(12)
+    assert np.abs(engine.logits(llm, ids) - _eager(nodes.model, ids)).max() < 1e-3
+
+
+def test_builtin_llama_circuit_greedy_equals_eager(tmp_path):
+    """The trained built-in Llama-family model, extracted on its task, served by llama.cpp with its tokenizer."""
+    if "int_sum_llama" not in BUILTIN_MODELS:
+        pytest.skip("the built-in int_sum_llama model is not on this branch yet")
+    model, tokenizer = load_builtin("int_sum_llama")
+    data = int_sum(tokenizer)
+    val = TaskData(data.input_ids[::50], data.labels[::50], data.attention_mask[::50])
+    circuit = eigenfast.extract_circuit(model, None, val, threshold=0.01, ablation="zero", include_mlps=True,
+                                        progress=False, latency_repeats=0)
+    assert len(circuit.heads) < get_adapter(model).n_layers * get_adapter(model).n_heads
+    llm = engine.load(to_gguf(circuit.model, tmp_path / "circuit.gguf", tokenizer=tokenizer))
+    prompts, _ = int_sum_pairs()
+    for text in prompts[::500]:
+        ids = llm.tokenize(text.encode(), add_bos=False)
+        assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            hf = circuit.model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        assert engine.greedy(llm, ids, 3)[: len(hf)] == hf, text
+
+
+def test_bench_command_writes_its_table(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--engine", "llamacpp", "--shape", "llama-tiny", "--threads", "1", "--dtypes", "f32,q8_0",
+                 "--prompts", "8", "--new-tokens", "4", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert len(rows) == 4 and {r["kind"] for r in rows} == {"base", "extracted"}
+    models = build_models("llama-tiny")
+    for dtype in ("f32", "q8_0"):
+        sizes = {kind: decode_weight_bytes(to_gguf(models[kind], tmp_path / f"{kind}.gguf", dtype=dtype))
+                 for kind in models}
+        row = next(r for r in rows if r["kind"] == "extracted" and r["dtype"] == dtype)
+        assert row["byte_cut"] == pytest.approx(1 - sizes["extracted"] / sizes["base"])
+        assert row["decode_speedup"] > 0 and row["prefill_tokens_per_s"] > 0
+    assert "decode eff." in capsys.readouterr().out
