@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from eigenfast.serving import to_gguf
 from eigenfast.serving.llamacpp.heads import even_groups, regroup
 
 import deci_reference
-from gguf_cases import CONFIGS, base_model, extracted, prompt, requires
+from gguf_cases import CONFIGS, REQUIRE_ENV, base_model, extracted, prompt, requires
 
 
 @pytest.fixture(autouse=True)
@@ -170,3 +171,15 @@ def test_every_uneven_layout_exact(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(deci_reference.logits(path, ids), model(torch.tensor([ids])).logits[0],
                                        atol=1e-4, rtol=1e-4)
+
+
+def test_missing_package_skips_only_outside_ci(monkeypatch):
+    """.ci/run sets REQUIRE_ENV: there a missing optional package fails the test instead of skipping it."""
+    monkeypatch.setenv(REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="install failed"):
+        requires("eigenfast_no_such_package")
+    monkeypatch.delenv(REQUIRE_ENV)
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        requires("eigenfast_no_such_package")
+    ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
+    assert f"export {REQUIRE_ENV}=1" in ci
