@@ -79,12 +79,8 @@ def _constant(module: nn.Module, what: str) -> torch.Tensor | None:
 
 
 def _stand_in_output(module: nn.Module, what: str) -> torch.Tensor:
-    if isinstance(module, ConstantOutput):
-        return module.value.detach()
-    if isinstance(module, PositionMean):
-        return _constant(module, what)
-    raise UnsupportedModelError(f"{what} is a {type(module).__name__}, which the GGUF export does not know: "
-                                "export the model with eigenfast.serving.to_onnx instead")
+    """What a removed part's stand-in adds: a ``ConstantOutput``'s value, or a ``PositionMean``'s one row."""
+    return module.value.detach() if isinstance(module, ConstantOutput) else _constant(module, what)
 
 
 def _bias(module: nn.Module, what: str) -> torch.Tensor | None:
