@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..data.task_data import TaskData, as_task_data
+from ..runtime.deprecation import renamed_keywords
 from ..runtime.forward import eval_mode
 from ..runtime.metrics import kl_divergence
 from ..runtime.progress import progress_bar
@@ -45,10 +46,11 @@ def mean_kl(forward: EdgeForward, batches: list[Prepared], edges: torch.Tensor, 
     return total / n
 
 
+@renamed_keywords(clean_data="clean", corrupted_data="corrupted")
 def acdc(
     model: nn.Module,
-    clean_data: "TaskData | dict",
-    corrupted_data: "TaskData | dict",
+    clean: "TaskData | dict",
+    corrupted: "TaskData | dict",
     threshold: float = 0.01,
     batch_size: int = 32,
     progress: bool = True,
@@ -57,7 +59,7 @@ def acdc(
     """ACDC over the edge graph with KL threshold τ = ``threshold``; one masked forward per edge."""
     if not threshold >= 0:  # NaN fails this too
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    clean, corrupted = as_task_data(clean_data), as_task_data(corrupted_data)
+    clean, corrupted = as_task_data(clean), as_task_data(corrupted)
     start = time.perf_counter()
     forward = EdgeForward(model)
     graph = forward.graph

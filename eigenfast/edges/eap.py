@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..data.task_data import TaskData, as_task_data
+from ..runtime.deprecation import renamed_keywords
 from ..runtime.forward import eval_mode, frozen_parameters
 from ..runtime.progress import progress
 from .evaluate import EdgeCircuit, evaluate_circuit, prepare_batches
@@ -33,10 +34,11 @@ def edge_attributions(forward: EdgeForward, batches: list[Prepared], desc: str |
     return total / n
 
 
+@renamed_keywords(clean_data="clean", corrupted_data="corrupted")
 def eap(
     model: nn.Module,
-    clean_data: "TaskData | dict",
-    corrupted_data: "TaskData | dict",
+    clean: "TaskData | dict",
+    corrupted: "TaskData | dict",
     target_sparsity: float = 0.95,
     batch_size: int = 32,
     progress: bool = True,
@@ -45,7 +47,7 @@ def eap(
     """EAP: keep the ``(1 − target_sparsity)`` fraction of edges with the largest ``|attribution|``."""
     if not 0.0 <= target_sparsity <= 1.0:
         raise ValueError(f"target_sparsity must be in [0, 1], got {target_sparsity}")
-    clean, corrupted = as_task_data(clean_data), as_task_data(corrupted_data)
+    clean, corrupted = as_task_data(clean), as_task_data(corrupted)
     start = time.perf_counter()
     forward = EdgeForward(model)
     with eval_mode(model), frozen_parameters(model):

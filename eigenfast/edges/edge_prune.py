@@ -8,6 +8,7 @@ from torch import nn
 
 from ..data.task_data import TaskData, as_task_data
 from ..runtime import distributed
+from ..runtime.deprecation import renamed_keywords
 from ..runtime.forward import eval_mode, frozen_parameters
 from ..runtime.metrics import kl_divergence
 from ..runtime.progress import progress_bar
@@ -24,10 +25,11 @@ def round_masks(edges: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return kept
 
 
+@renamed_keywords(clean_data="clean", corrupted_data="corrupted")
 def edge_prune(
     model: nn.Module,
-    clean_data: "TaskData | dict",
-    corrupted_data: "TaskData | dict",
+    clean: "TaskData | dict",
+    corrupted: "TaskData | dict",
     target_sparsity: float = 0.95,
     steps: int = 300,
     batch_size: int = 32,
@@ -47,7 +49,7 @@ def edge_prune(
     ``ramp`` fraction of ``steps``, and λ rises by gradient ascent (``lambda_lr``).
     Edges and (with ``node_masks``) writer nodes each carry a mask; an edge counts as
     present when both do. At the end the expected masks are rounded so the kept
-    fraction equals their mean. ``clean_data`` and ``corrupted_data`` pair up row by
+    fraction equals their mean. ``clean`` and ``corrupted`` pair up row by
     row (same lengths and padding); the corrupted run supplies the counterfactual
     activations. With ``evaluate`` the result carries a report on the same data.
     """
@@ -57,7 +59,7 @@ def edge_prune(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 < ramp <= 1.0:
         raise ValueError(f"ramp (the fraction of steps over which the target rises) must be in (0, 1], got {ramp}")
-    clean, corrupted = as_task_data(clean_data), as_task_data(corrupted_data)
+    clean, corrupted = as_task_data(clean), as_task_data(corrupted)
     start = time.perf_counter()
     forward = EdgeForward(model)
     graph = forward.graph

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..data.task_data import TaskData, as_task_data
+from ..runtime.deprecation import renamed_keywords
 from ..runtime.forward import eval_mode
 from ..runtime.metrics import kl_divergence
 from .graph import EdgeGraph
@@ -163,11 +164,12 @@ def circuit_quality(forward: EdgeForward, batches: Sequence[Prepared], kept: tor
     return kl / n, correct / n, full / n
 
 
+@renamed_keywords(clean_data="clean", corrupted_data="corrupted")
 def evaluate_circuit(
     model: nn.Module,
     circuit: Any,
-    clean_data: "TaskData | dict",
-    corrupted_data: "TaskData | dict",
+    clean: "TaskData | dict",
+    corrupted: "TaskData | dict",
     method: str | None = None,
     seconds: float | None = None,
     true_heads: Sequence[tuple[int, int]] | None = None,
@@ -178,7 +180,7 @@ def evaluate_circuit(
     ``seconds`` defaults to the circuit's own; ``true_heads`` (a known circuit) adds TPR,
     FPR and, when the circuit has edge scores, ROC AUC over the edges.
     """
-    clean, corrupted = as_task_data(clean_data), as_task_data(corrupted_data)
+    clean, corrupted = as_task_data(clean), as_task_data(corrupted)
     forward = EdgeForward(model)
     graph = forward.graph
     kept = kept_edges(graph, circuit)

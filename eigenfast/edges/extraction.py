@@ -13,7 +13,7 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..data.task_data import TaskData
-from ..rewrite.removal import ABLATIONS, remove_pruned
+from ..rewrite.removal import check_ablation, remove_pruned
 from ..runtime.means import component_means
 
 
@@ -27,8 +27,7 @@ def extract_nodes(
     inplace: bool = False,
 ) -> nn.Module:
     """``model`` cut down to ``circuit.heads`` and ``circuit.mlps`` (any method's result), everything else removed."""
-    if ablation not in ABLATIONS:
-        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+    check_ablation(ablation, extrapolate)
     if ablation == "mean" and patch_data is None:
         raise ValueError("mean ablation needs patch_data for the removed nodes' means (e.g. the corrupted data)")
     adapter = get_adapter(model)

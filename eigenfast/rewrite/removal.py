@@ -35,13 +35,13 @@ from torch import nn
 
 from ..adapters import Adapter, get_adapter, projection_matrix
 from .position_tables import (
-    EXTRAPOLATE,
     PositionTable,
     TokenBiasLinear,
     bias_table,
     extend_rows,
     resample_table,
     stores_linear_layout,
+    validate_extrapolate,
 )
 from .positional import KV_SLOTS, install
 from .stand_ins import ConstantOutput, PlainConv1D, PlainLinear, PositionMean, RemovedAttention, RemovedNorm
@@ -54,8 +54,7 @@ def check_ablation(ablation: str, extrapolate: str) -> None:
     """The one check of the ablation kind and of the rule for positions past the means' calibration length."""
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    if extrapolate not in EXTRAPOLATE:
-        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+    validate_extrapolate(extrapolate)
 
 
 @dataclass
@@ -111,8 +110,7 @@ def remove_components(
     """
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    if extrapolate not in EXTRAPOLATE:
-        raise ValueError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+    validate_extrapolate(extrapolate)
     if ablation == "mean" and means is None:
         raise ValueError("mean ablation needs the components' means: pass means=component_means(model, patch_data)")
     adapter = get_adapter(model)

@@ -86,5 +86,36 @@ def test_bad_inputs_are_refused_before_any_work():
         eigenfast.acdc(model, clean, clean, threshold=-1, progress=False)
     with pytest.raises(ValueError, match="threshold"):
         eigenfast.acdc(model, clean, clean, threshold=float("nan"), progress=False)
+    circuit = eigenfast.eap(model, clean, clean, progress=False, evaluate=False)
     with pytest.raises(ValueError, match="patch_data"):
-        extract_nodes(model, eigenfast.eap(model, clean, clean, progress=False, evaluate=False), None)
+        extract_nodes(model, circuit, None)
+    with pytest.raises(eigenfast.ArgumentError, match="extrapolate must be one of"):
+        extract_nodes(model, circuit, clean, extrapolate="clamp")
+
+
+@pytest.mark.parametrize("method", ["edge_prune", "eap", "acdc"])
+def test_old_data_keywords_warn_and_give_the_same_circuit(method):
+    model = make_model("gpt2")
+    clean, corrupted = make_data(4, 5, seed=1), make_data(4, 5, seed=2)
+    run = getattr(eigenfast, method)
+    options = {"progress": False, "evaluate": False}
+    if method == "edge_prune":
+        options["steps"] = 3
+    new = run(model, clean=clean, corrupted=corrupted, **options)
+    with pytest.warns(DeprecationWarning, match=r"clean_data=.*use clean="):
+        old = run(model, clean_data=clean, corrupted_data=corrupted, **options)
+    assert old.edges == new.edges
+    torch.testing.assert_close(old.scores, new.scores, rtol=0, atol=0)
+    with pytest.raises(eigenfast.ArgumentError, match="pass only clean="):
+        run(model, clean_data=clean, clean=clean, corrupted=corrupted, **options)
+
+
+def test_evaluate_circuit_takes_the_old_data_keywords_with_a_warning():
+    model = make_model("gpt2")
+    clean, corrupted = make_data(4, 5, seed=1), make_data(4, 5, seed=2)
+    circuit = eigenfast.eap(model, clean, corrupted, progress=False, evaluate=False)
+    new = evaluate_circuit(model, circuit, clean=clean, corrupted=corrupted)
+    with pytest.warns(DeprecationWarning, match="corrupted_data"):
+        old = evaluate_circuit(model, circuit, clean_data=clean, corrupted_data=corrupted)
+    timeless = lambda report: {k: v for k, v in report.as_dict().items() if k != "seconds"}  # noqa: E731
+    assert timeless(old) == timeless(new)

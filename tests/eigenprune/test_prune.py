@@ -213,7 +213,7 @@ def test_prune_then_prune_follows_the_freezing_rule(config_name, second_length):
 
 def test_report_sizes_count_the_bias_tables_the_forward_reads():
     model = make_model("llama")
-    result = eigenfast.prune(model, make_data(), p=0.2, components=("k", "mlp_in"), progress_bar=False)
+    result = eigenfast.prune(model, make_data(), p=0.2, components=("k", "mlp_in"), progress=False)
     before, after = result.report.size_before, result.report.size_after
     n = lambda tensors: sum(t.numel() for t in tensors)  # noqa: E731
     assert (before.parameters, before.buffers) == (n(model.parameters()), n(model.buffers()))
