@@ -102,8 +102,10 @@ def test_old_data_keywords_warn_and_give_the_same_circuit(method):
     if method == "edge_prune":
         options["steps"] = 3
     new = run(model, clean=clean, corrupted=corrupted, **options)
-    with pytest.warns(DeprecationWarning, match=r"clean_data=.*use clean="):
+    with pytest.warns(DeprecationWarning) as warned:
         old = run(model, clean_data=clean, corrupted_data=corrupted, **options)
+    assert [str(w.message).split(" is ")[0] for w in warned] == [f"{method}(clean_data=...)", f"{method}(corrupted_data=...)"]
+    assert "use clean=" in str(warned[0].message) and "use corrupted=" in str(warned[1].message)
     assert old.edges == new.edges
     torch.testing.assert_close(old.scores, new.scores, rtol=0, atol=0)
     with pytest.raises(eigenfast.ArgumentError, match="pass only clean="):
@@ -115,7 +117,8 @@ def test_evaluate_circuit_takes_the_old_data_keywords_with_a_warning():
     clean, corrupted = make_data(4, 5, seed=1), make_data(4, 5, seed=2)
     circuit = eigenfast.eap(model, clean, corrupted, progress=False, evaluate=False)
     new = evaluate_circuit(model, circuit, clean=clean, corrupted=corrupted)
-    with pytest.warns(DeprecationWarning, match="corrupted_data"):
+    with pytest.warns(DeprecationWarning) as warned:
         old = evaluate_circuit(model, circuit, clean_data=clean, corrupted_data=corrupted)
+    assert len(warned) == 2 and "evaluate_circuit(clean_data=...)" in str(warned[0].message)
     timeless = lambda report: {k: v for k, v in report.as_dict().items() if k != "seconds"}  # noqa: E731
     assert timeless(old) == timeless(new)
