@@ -54,8 +54,8 @@ def workloads(args: argparse.Namespace) -> dict:
     model, data = llama_small(), task(args.examples, args.tokens, 0)
     patch, val = task(args.examples, args.tokens, 1), task(args.examples // 2, args.tokens, 2)
     return {
-        "score k": lambda: eigenfast.score(model, data, ("k",), batch_size=args.batch, progress_bar=False),
-        "score all": lambda: eigenfast.score(model, data, ALL, batch_size=args.batch, progress_bar=False),
+        "score k": lambda: eigenfast.score(model, data, ("k",), batch_size=args.batch, progress=False),
+        "score all": lambda: eigenfast.score(model, data, ALL, batch_size=args.batch, progress=False),
         "discover": lambda: discover(model, patch, val, 1e-3, "mean", True, batch_size=args.batch * 4,
                                      progress=False).kl_trace,
     }

@@ -46,16 +46,16 @@ def test_the_scan_finds_a_plain_raise(tmp_path):
 def test_bad_arguments_are_eigenfast_errors():
     model, data = make_model("gpt2"), make_data()
     calls = {
-        "unknown component": lambda: eigenfast.prune(model, data, components=("kq",), progress_bar=False),
+        "unknown component": lambda: eigenfast.prune(model, data, components=("kq",), progress=False),
         "models have no 'mlp_gate' matrix": lambda: eigenfast.score(model, data, components=("mlp_gate",)),
-        "layers [5] go past": lambda: eigenfast.score(model, data, layers=[5], progress_bar=False),
+        "layers [5] go past": lambda: eigenfast.score(model, data, layers=[5], progress=False),
         "ablation must be one of": lambda: eigenfast.extract_circuit(model, data, data, ablation="resample"),
         "ablation must be one of ": lambda: extract_nodes(model, eigenfast.eap(model, data, data, progress=False,
                                                                                evaluate=False), data, ablation="x"),
         "target_sparsity must be in": lambda: eigenfast.edge_prune(model, data, data, target_sparsity=1.5),
         "target_sparsity must be in ": lambda: eigenfast.eap(model, data, data, target_sparsity=1.5),
         "threshold must be a number >= 0": lambda: eigenfast.acdc(model, data, data, threshold=-1),
-        "at least one candidate": lambda: eigenfast.prune(model, data, p="auto", candidates=(), progress_bar=False),
+        "at least one candidate": lambda: eigenfast.prune(model, data, p="auto", candidates=(), progress=False),
         "pairs must be one of": lambda: eigenfast.score(model, data, pairs="every"),
     }
     for message, call in calls.items():
@@ -95,5 +95,5 @@ def test_tensors_stay_untouched_by_refused_calls():
     model = make_model("gpt2")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(eigenfast.EigenfastError):
-        eigenfast.prune(model, make_data(), components=("nope",), inplace=True, p=0.5, progress_bar=False)
+        eigenfast.prune(model, make_data(), components=("nope",), inplace=True, p=0.5, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -8,15 +8,15 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..adapters import get_adapter
+from ..adapters import Adapter, get_adapter
 from ..data.task_data import TaskData, model_data
 from ..errors import ArgumentError
 from ..rewrite.removal import remove_pruned
-from ..runtime.forward import evaluate
-from ..runtime.sizes import count_parameters
+from ..runtime.forward import Evaluation, evaluate
+from ..runtime.sizes import ParameterCount, count_parameters
 from ..saving.results import ModelResult, kept_masks
 from .ablation import check_components
-from .discovery import Step, discover_with
+from .discovery import Discovery, Step, discover_with
 from .options import CircuitOptions
 from .report import (
     LATENCY_BATCHES,
@@ -76,14 +76,7 @@ def extract_circuit(
     taken in turns (0: not measured; too wide a spread is reported as such, not as a number).
     """
     options = CircuitOptions(threshold, ablation, include_mlps, extrapolate, batch_size)
-    options.check_patch_data(patch_data)
-    if latency_repeats < 0:
-        raise ArgumentError(f"latency_repeats must be >= 0 (0 skips the latency measurement), got {latency_repeats}")
-    adapter = get_adapter(model)
-    truth = None if ground_truth is None else check_components(adapter, ground_truth, ()).heads
-    val = model_data(val_data, model)
-    if patch_data is not None:  # checked here, before discovery's work
-        model_data(patch_data, model)
+    adapter, truth, val = _check_inputs(model, patch_data, val_data, options, ground_truth, latency_repeats)
     batch_size = batch_size or 64  # evaluation and latency batches; discovery picks its own when None
 
     discovery = discover_with(model, patch_data, val, options, progress=progress)
@@ -105,22 +98,56 @@ def extract_circuit(
         else Latency.of(b, *timed_runs([model, target], batch, latency_repeats))
         for b, batch in batches.items()
     ]
-    n_heads_total = adapter.n_layers * adapter.n_heads
-    report = CircuitReport(
+    sizes = (params_before, count_parameters(target))
+    report = _report(adapter, discovery, options, truth, sizes, (before, after), latency, timings)
+    return CircuitResult(target, discovery.heads, discovery.mlps, discovery.kl_trace, report, tokenizer)
+
+
+def _check_inputs(
+    model: nn.Module,
+    patch_data: "TaskData | dict | None",
+    val_data: "TaskData | dict",
+    options: CircuitOptions,
+    ground_truth: Iterable[tuple[int, int]] | None,
+    latency_repeats: int,
+) -> tuple[Adapter, frozenset[tuple[int, int]] | None, TaskData]:
+    """Everything ``extract_circuit`` refuses, before any work: the adapter, the known heads and ``val_data`` as TaskData."""
+    options.check_patch_data(patch_data)
+    if latency_repeats < 0:
+        raise ArgumentError(f"latency_repeats must be >= 0 (0 skips the latency measurement), got {latency_repeats}")
+    adapter = get_adapter(model)
+    truth = None if ground_truth is None else check_components(adapter, ground_truth, ()).heads
+    val = model_data(val_data, model)
+    if patch_data is not None:
+        model_data(patch_data, model)
+    return adapter, truth, val
+
+
+def _report(
+    adapter: Adapter,
+    discovery: Discovery,
+    options: CircuitOptions,
+    truth: frozenset[tuple[int, int]] | None,
+    sizes: tuple[ParameterCount, ParameterCount],
+    evaluations: tuple[Evaluation, Evaluation],
+    latency: list[Latency],
+    timings: dict[str, float],
+) -> CircuitReport:
+    """The report of one extraction: what was kept, sizes and evaluations before/after, latencies, TPR/FPR."""
+    return CircuitReport(
         threshold=discovery.threshold,
-        ablation=ablation,
-        include_mlps=include_mlps,
+        ablation=options.ablation,
+        include_mlps=options.include_mlps,
         heads=discovery.heads,
         mlps=discovery.mlps,
-        n_heads_total=n_heads_total,
+        n_heads_total=adapter.n_layers * adapter.n_heads,
         n_layers=adapter.n_layers,
-        params_before=params_before,
-        params_after=count_parameters(target),
-        before=before,
-        after=after,
+        params_before=sizes[0],
+        params_after=sizes[1],
+        before=evaluations[0],
+        after=evaluations[1],
         kl=discovery.kl,
         latency=latency,
         ground_truth=None if truth is None else HeadRates.of(discovery.heads, truth, adapter.n_layers, adapter.n_heads),
         timings=timings,
     )
-    return CircuitResult(target, discovery.heads, discovery.mlps, discovery.kl_trace, report, tokenizer)

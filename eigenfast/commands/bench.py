@@ -103,7 +103,7 @@ def build_models(shape: str, device: str) -> dict[str, nn.Module]:
     base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval().to(device)
     g = torch.Generator().manual_seed(0)
     data = TaskData(torch.randint(0, config.vocab_size, (16, 16), generator=g), torch.zeros(16, dtype=torch.long))
-    pruned = prune(base, data, p=0.3, components=("q", "k", "v", "o", "mlp_in", "mlp_out"), progress_bar=False).model
+    pruned = prune(base, data, p=0.3, components=("q", "k", "v", "o", "mlp_in", "mlp_out"), progress=False).model
     adapter = get_adapter(base)
     heads = torch.randperm(adapter.n_layers * adapter.n_heads, generator=g)[: adapter.n_layers * adapter.n_heads // 2]
     removed: dict[int, list[int]] = {}

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..data.task_data import TaskData
 from ..runtime import distributed
+from ..runtime.deprecation import renamed_keywords
 from ..runtime.metrics import kl_divergence
 from ..runtime.progress import progress_bar
 from .evaluate import EdgeCircuit, PreparedTask
@@ -81,10 +82,11 @@ def search(task: PreparedTask, options: EdgeOptions) -> Found:
 METHOD = EdgeMethod("acdc", "ACDC", "threshold", "τ", search)
 
 
+@renamed_keywords(clean_data="clean", corrupted_data="corrupted")
 def acdc(
     model: nn.Module,
-    clean_data: "TaskData | dict",
-    corrupted_data: "TaskData | dict",
+    clean: "TaskData | dict",
+    corrupted: "TaskData | dict",
     threshold: float = 0.01,
     batch_size: int = 32,
     progress: bool = True,
@@ -92,4 +94,4 @@ def acdc(
 ) -> EdgeCircuit:
     """ACDC over the edge graph with KL threshold τ = ``threshold``; one masked forward per edge."""
     options = EdgeOptions(batch_size=batch_size, threshold=threshold, progress=progress, evaluate=evaluate)
-    return run_method(model, clean_data, corrupted_data, METHOD, options)
+    return run_method(model, clean, corrupted, METHOD, options)

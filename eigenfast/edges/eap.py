@@ -13,6 +13,7 @@ from torch import nn
 
 from ..data.task_data import TaskData
 from ..runtime import distributed
+from ..runtime.deprecation import renamed_keywords
 from ..runtime.progress import progress
 from .evaluate import EdgeCircuit, PreparedTask
 from .masked_forward import EdgeForward, Prepared
@@ -46,10 +47,11 @@ def search(task: PreparedTask, options: EdgeOptions) -> Found:
 METHOD = EdgeMethod("eap", "EAP", "target_sparsity", "s", search)
 
 
+@renamed_keywords(clean_data="clean", corrupted_data="corrupted")
 def eap(
     model: nn.Module,
-    clean_data: "TaskData | dict",
-    corrupted_data: "TaskData | dict",
+    clean: "TaskData | dict",
+    corrupted: "TaskData | dict",
     target_sparsity: float = 0.95,
     batch_size: int = 32,
     progress: bool = True,
@@ -58,4 +60,4 @@ def eap(
     """EAP: keep the ``(1 − target_sparsity)`` fraction of edges with the largest ``|attribution|``."""
     options = EdgeOptions(batch_size=batch_size, target_sparsity=target_sparsity, progress=progress,
                           evaluate=evaluate)
-    return run_method(model, clean_data, corrupted_data, METHOD, options)
+    return run_method(model, clean, corrupted, METHOD, options)

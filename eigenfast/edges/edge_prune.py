@@ -6,6 +6,7 @@ from torch import nn
 
 from ..data.task_data import TaskData
 from ..runtime import distributed
+from ..runtime.deprecation import renamed_keywords
 from ..runtime.metrics import kl_divergence
 from ..runtime.progress import progress_bar
 from . import hard_concrete
@@ -75,10 +76,11 @@ def search(task: PreparedTask, options: EdgeOptions) -> Found:
 METHOD = EdgeMethod("edge_prune", "edge pruning", "target_sparsity", "s", search)
 
 
+@renamed_keywords(clean_data="clean", corrupted_data="corrupted")
 def edge_prune(
     model: nn.Module,
-    clean_data: "TaskData | dict",
-    corrupted_data: "TaskData | dict",
+    clean: "TaskData | dict",
+    corrupted: "TaskData | dict",
     target_sparsity: float = 0.95,
     steps: int = 300,
     batch_size: int = 32,
@@ -98,11 +100,11 @@ def edge_prune(
     ``ramp`` fraction of ``steps``, and λ rises by gradient ascent (``lambda_lr``).
     Edges and (with ``node_masks``) writer nodes each carry a mask; an edge counts as
     present when both do. At the end the expected masks are rounded so the kept
-    fraction equals their mean. ``clean_data`` and ``corrupted_data`` pair up row by
+    fraction equals their mean. ``clean`` and ``corrupted`` pair up row by
     row (same lengths and padding); the corrupted run supplies the counterfactual
     activations. With ``evaluate`` the result carries a report on the same batches.
     """
     options = EdgeOptions(batch_size=batch_size, target_sparsity=target_sparsity, steps=steps, lr=lr,
                           lambda_lr=lambda_lr, ramp=ramp, init_log_alpha=init_log_alpha, node_masks=node_masks,
                           seed=seed, progress=progress, evaluate=evaluate)
-    return run_method(model, clean_data, corrupted_data, METHOD, options)
+    return run_method(model, clean, corrupted, METHOD, options)

@@ -18,6 +18,7 @@ from torch import nn
 from ..data.task_data import TaskData, model_data
 from ..errors import ArgumentError, DataError
 from ..runtime import distributed
+from ..runtime.deprecation import renamed_keywords
 from ..runtime.forward import eval_mode
 from ..runtime.metrics import kl_divergence
 from .graph import EdgeGraph
@@ -233,11 +234,12 @@ def judge(
     )
 
 
+@renamed_keywords(clean_data="clean", corrupted_data="corrupted")
 def evaluate_circuit(
     model: nn.Module,
     circuit: Any,
-    clean_data: "TaskData | dict",
-    corrupted_data: "TaskData | dict",
+    clean: "TaskData | dict",
+    corrupted: "TaskData | dict",
     method: str | None = None,
     seconds: float | None = None,
     true_heads: Sequence[tuple[int, int]] | None = None,
@@ -250,5 +252,5 @@ def evaluate_circuit(
     judge their circuits on the batches they prepared (:func:`judge`); this runs the
     clean and corrupted forwards for a circuit found elsewhere.
     """
-    task = prepare(model, model_data(clean_data, model), model_data(corrupted_data, model), batch_size)
+    task = prepare(model, model_data(clean, model), model_data(corrupted, model), batch_size)
     return judge(task, circuit, method, seconds, true_heads)

@@ -12,15 +12,14 @@ from torch import nn
 from ..adapters import get_adapter
 from ..data.task_data import TaskData, model_data
 from ..errors import ArgumentError
-from ..rewrite.position_tables import EXTRAPOLATE
 from ..runtime import distributed
+from ..runtime.deprecation import renamed_keywords
 from ..runtime.forward import Evaluation, evaluate
 from ..runtime.sizes import ParameterCount, count_parameters
 from ..saving.results import ModelResult
-from .freezing import check_foldable_in_place, freeze, select_frozen, validate_fraction
-from .scoring import Key, attribute, select_sites
-
-DEFAULT_CANDIDATES = (0.01, 0.05, 0.10, 0.30)
+from .freezing import check_foldable_in_place, freeze, select_frozen
+from .options import DEFAULT_CANDIDATES, PruneOptions
+from .scoring import Attribution, Key, attribute, select_sites
 
 
 @dataclass
@@ -121,6 +120,7 @@ class PruneResult(ModelResult):
         return tensors
 
 
+@renamed_keywords(progress_bar="progress")
 def prune(
     model: nn.Module,
     data: "TaskData | dict",
@@ -137,8 +137,9 @@ def prune(
     backend: str = "auto",
     inplace: bool = False,
     tokenizer: Any = None,
-    progress_bar: bool = True,
+    progress: bool = True,
     reduce: str = "max",
+    layers: Sequence[int] | None = None,
 ) -> PruneResult:
     """Eigenprune ``model`` for the task in ``data`` (docs/MATH.md §2, §3).
 
@@ -147,75 +148,106 @@ def prune(
     data (``val_data``, else a seeded ``val_fraction`` split of ``data``) and keep
     the most accurate. ``test_data``, if given, is evaluated for the report only,
     never to choose p. ``reduce`` is how scores pool over pairs ("max" or "mean",
-    see :func:`eigenfast.score`). The input model is left untouched unless ``inplace``.
+    see :func:`eigenfast.score`); ``layers`` limits scoring and freezing to those
+    layers (None: all). The input model is left untouched unless ``inplace``.
     """
-    if extrapolate not in EXTRAPOLATE:
-        raise ArgumentError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
-    auto = isinstance(p, str)
-    if auto and p != "auto":
-        raise ArgumentError(f"p must be a fraction in [0, 1] or 'auto', got {p!r}")
-    if not auto:
-        p = validate_fraction(p)
-    elif inplace:
-        raise ArgumentError("inplace=True needs a fixed p: p='auto' builds one pruned copy per candidate")
-    get_adapter(model)  # fail early on an unsupported architecture
+    options = PruneOptions(
+        p=p, components=components, layers=layers, pairs=pairs, reduce=reduce, candidates=candidates,
+        extrapolate=extrapolate, batch_size=batch_size, val_fraction=val_fraction, seed=seed, backend=backend,
+        inplace=inplace,
+    )
+    _check_model(model, options)
+    splits = _split(model, options, data, val_data, test_data)
+    size_before = count_parameters(model)  # before an inplace prune changes it
+    attribution, timings = _score(model, splits.data, options, progress)
+    baseline = _evaluate_both(model, splits, options.batch_size, progress and "base model", timings)
+    results, (pruned, frozen, chosen) = _sweep(model, attribution, splits, options, progress, timings)
+    report = PruneReport(
+        chosen.p, tuple(dict.fromkeys(options.components)), options.pairs, attribution.calib_len, baseline[0], results,
+        baseline[1], timings, size_before, count_parameters(pruned),
+    )
+    return PruneResult(pruned, attribution.scores, frozen, report, tokenizer)
+
+
+@dataclass
+class _Splits:
+    """What ``prune`` scores on, chooses p on (None: nothing to choose) and reports on (None: no test)."""
+
+    data: TaskData
+    val: TaskData | None
+    test: TaskData | None
+
+
+def _check_model(model: nn.Module, options: PruneOptions) -> None:
+    """Refuse, before any work, a model ``prune`` cannot handle under these options."""
+    adapter = get_adapter(model)  # fail early on an unsupported architecture
     if distributed.is_sharded(model):
-        if not inplace:
+        if not options.inplace:
             raise ArgumentError(
                 "the model is sharded by FSDP2, which cannot deep-copy it (prune copies the model unless inplace): "
                 "pass inplace=True and a fixed p to prune the sharded model itself"
             )
-        check_foldable_in_place(model, [site.path for site in select_sites(get_adapter(model), components, None)])
-    tried = sorted({validate_fraction(c, "candidate p") for c in candidates}) if auto else [p]
-    if not tried:
-        raise ArgumentError("p='auto' needs at least one candidate p; pass candidates=(0.01, 0.05, ...) or a fixed p")
+        check_foldable_in_place(model, [site.path for site in select_sites(adapter, options.components, options.layers)])
+
+
+def _split(
+    model: nn.Module, options: PruneOptions, data: "TaskData | dict", val_data: "TaskData | dict | None",
+    test_data: "TaskData | dict | None",
+) -> _Splits:
+    """The task data as ``TaskData``, with a seeded held-out split under ``p="auto"`` when no ``val_data`` is given."""
     data = model_data(data, model)
     if val_data is not None:
         val_data = model_data(val_data, model)
-    elif auto:
-        data, val_data = data.split(1.0 - val_fraction, seed=seed)
-    test_data = None if test_data is None else model_data(test_data, model)
+    elif options.auto:
+        data, val_data = data.split(1.0 - options.val_fraction, seed=options.seed)
+    splits = _Splits(data, val_data, None if test_data is None else model_data(test_data, model))
+    return splits
 
-    size_before = count_parameters(model)  # before an inplace prune changes it
+
+def _score(
+    model: nn.Module, data: TaskData, options: PruneOptions, progress: bool
+) -> tuple[Attribution, dict[str, float]]:
     started = time.perf_counter()
     attribution = attribute(
-        model, data, components, pairs, batch_size, backend=backend, progress_bar=progress_bar, reduce=reduce
+        model, data, options.components, options.pairs, options.batch_size, options.layers, backend=options.backend,
+        progress=progress, reduce=options.reduce,
     )
-    timings = {"score": time.perf_counter() - started, **attribution.timings}
-    scores = attribution.scores
+    return attribution, {"score": time.perf_counter() - started, **attribution.timings}
 
+
+def _evaluate_both(
+    model: nn.Module, splits: _Splits, batch_size: int, desc: "str | bool", timings: dict[str, float]
+) -> tuple[Evaluation | None, Evaluation | None]:
+    """Held-out and test evaluations of ``model`` (None where that split is absent), timed into ``timings["evaluate"]``."""
     started = time.perf_counter()
-    baseline = _maybe_evaluate(model, val_data, batch_size, progress_bar and "evaluate base model")
-    baseline_test = _maybe_evaluate(model, test_data, batch_size, progress_bar and "test base model")
-    timings["evaluate"] = time.perf_counter() - started
+    evaluations = (
+        _maybe_evaluate(model, splits.val, batch_size, desc and f"evaluate {desc}"),
+        _maybe_evaluate(model, splits.test, batch_size, desc and f"test {desc}"),
+    )
+    timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - started
+    return evaluations
 
+
+def _sweep(
+    model: nn.Module, attribution: Attribution, splits: _Splits, options: PruneOptions, progress: bool,
+    timings: dict[str, float],
+) -> tuple[list[Candidate], tuple[nn.Module, dict[Key, torch.Tensor], Candidate]]:
+    """Freeze and evaluate every p tried; every candidate and the best (model, frozen masks, candidate)."""
     results: list[Candidate] = []
     best: tuple[nn.Module, dict[Key, torch.Tensor], Candidate] | None = None
-    for value in tried:
+    for value in options.tried:
         started = time.perf_counter()
-        frozen = select_frozen(scores, value)
-        target = model if inplace else copy.deepcopy(model)
-        freeze(target, attribution, frozen, extrapolate)
+        frozen = select_frozen(attribution.scores, value)
+        target = model if options.inplace else copy.deepcopy(model)
+        freeze(target, attribution, frozen, options.extrapolate)
         timings["freeze"] = timings.get("freeze", 0.0) + time.perf_counter() - started
-        started = time.perf_counter()
-        candidate = Candidate(
-            value,
-            _count_by_component(frozen),
-            _maybe_evaluate(target, val_data, batch_size, progress_bar and f"evaluate p={value:g}"),
-            _maybe_evaluate(target, test_data, batch_size, progress_bar and f"test p={value:g}"),
-        )
-        timings["evaluate"] += time.perf_counter() - started
+        evaluation, test = _evaluate_both(target, splits, options.batch_size, progress and f"p={value:g}", timings)
+        candidate = Candidate(value, _count_by_component(frozen), evaluation, test)
         results.append(candidate)
         if best is None or _better(candidate, best[2]):
             best = (target, frozen, candidate)
-
-    assert best is not None  # tried is never empty (checked above)
-    pruned, frozen, chosen = best
-    report = PruneReport(
-        chosen.p, tuple(dict.fromkeys(components)), pairs, attribution.calib_len, baseline, results, baseline_test, timings,
-        size_before, count_parameters(pruned),
-    )
-    return PruneResult(pruned, scores, frozen, report, tokenizer)
+    assert best is not None  # options.tried is never empty
+    return results, best
 
 
 def _maybe_evaluate(model: nn.Module, data: TaskData | None, batch_size: int, desc: "str | bool") -> Evaluation | None:

@@ -28,9 +28,10 @@ from ..adapters import COMPONENTS, Adapter, Site, get_adapter, head_inputs, head
 from ..data.task_data import TaskData, model_data
 from ..errors import ArgumentError
 from ..runtime import distributed
+from ..runtime.deprecation import renamed_keywords
 from ..runtime.forward import eval_mode, frozen_parameters, last_logits, model_device
 from ..runtime.hooks import Hooks
-from ..runtime.progress import progress
+from ..runtime.progress import progress as with_progress
 from .attribution import REDUCE, pass1_update, pass2_update
 from .graph_budget import graph_budget
 from .svd import Factors, site_factors
@@ -76,6 +77,7 @@ class Attribution:
         return total.double() / self.counts.to(total.device).double().unsqueeze(1)
 
 
+@renamed_keywords(progress_bar="progress")
 def score(
     model: nn.Module,
     data: "TaskData | dict",
@@ -84,7 +86,7 @@ def score(
     batch_size: int = 32,
     layers: Sequence[int] | None = None,
     backend: str = "auto",
-    progress_bar: bool = True,
+    progress: bool = True,
     reduce: str = "max",
 ) -> dict[Key, torch.Tensor]:
     """ΔL of every rank-one term: ``{(layer, component): (heads, rank)}``, singular values descending.
@@ -94,10 +96,11 @@ def score(
     """
     # Scores alone need pass 1 only for the all-pairs statistics, never for the means.
     return attribute(
-        model, data, components, pairs, batch_size, layers, backend, progress_bar, need_means=False, reduce=reduce
+        model, data, components, pairs, batch_size, layers, backend, progress, need_means=False, reduce=reduce
     ).scores
 
 
+@renamed_keywords(progress_bar="progress")
 def attribute(
     model: nn.Module,
     data: "TaskData | dict",
@@ -106,17 +109,12 @@ def attribute(
     batch_size: int = 32,
     layers: Sequence[int] | None = None,
     backend: str = "auto",
-    progress_bar: bool = True,
+    progress: bool = True,
     need_means: bool = True,
     reduce: str = "max",
 ) -> Attribution:
     """Run both passes and keep the statistics (``prune`` needs the means as well as the scores)."""
-    if pairs not in PAIRS:
-        raise ArgumentError(f"pairs must be one of {PAIRS}, got {pairs!r}")
-    if reduce not in REDUCE:
-        raise ArgumentError(f"reduce must be one of {REDUCE} ('max': the paper's score, 'mean': mean over pairs), got {reduce!r}")
-    if batch_size < 1:
-        raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
+    check_settings(pairs, reduce, batch_size)
     data = model_data(data, model)
     adapter = get_adapter(model)
     sites = select_sites(adapter, components, layers)
@@ -146,10 +144,10 @@ def attribute(
     with eval_mode(model):
         if pairs == "all" or need_means:
             start = time.perf_counter()
-            desc = "pass 1: forward statistics" if progress_bar else None
+            desc = "pass 1: forward statistics" if progress else None
             ranges = pairs == "all" and reduce == "max"
             budget, kept = graph_budget(device), 0
-            for i, batch in enumerate(progress(batches, len(batches), desc)):
+            for i, batch in enumerate(with_progress(batches, len(batches), desc)):
                 graphs[i] = _pass1_batch(
                     adapter, batch, stats, input_sums, counts, ranges, backend, scorer if kept < budget else None
                 )
@@ -161,8 +159,8 @@ def attribute(
         if pairs == "all" and reduce == "mean":
             _set_mean_projections(stats, input_sums, counts)
         start = time.perf_counter()
-        desc = "pass 2: forward+backward scores" if progress_bar else None
-        for i, batch in enumerate(progress(batches, len(batches), desc)):
+        desc = "pass 2: forward+backward scores" if progress else None
+        for i, batch in enumerate(with_progress(batches, len(batches), desc)):
             weight = _pass2_weight(batch, pairs, reduce, counts)
             if reduce == "mean":
                 total += weight.sum()
@@ -180,6 +178,16 @@ def attribute(
         st.pmax, st.pmin, st.pmean = (None if t is None else t[:calib_len] for t in (st.pmax, st.pmin, st.pmean))
     input_sums = {path: t[:calib_len] for path, t in input_sums.items()}
     return Attribution(stats, input_sums, counts[:calib_len], pairs, reduce, timings)
+
+
+def check_settings(pairs: str, reduce: str, batch_size: int) -> None:
+    """The scoring settings a caller can get wrong, checked before any work (``PruneOptions`` checks them too)."""
+    if pairs not in PAIRS:
+        raise ArgumentError(f"pairs must be one of {PAIRS}, got {pairs!r}")
+    if reduce not in REDUCE:
+        raise ArgumentError(f"reduce must be one of {REDUCE} ('max': the paper's score, 'mean': mean over pairs), got {reduce!r}")
+    if batch_size < 1:
+        raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
 
 
 def select_sites(adapter: Adapter, components: Sequence[str], layers: Sequence[int] | None) -> list[Site]:

@@ -76,7 +76,7 @@ def run_cell(
     score, val, test = protocol_splits(data, seed)
     result = prune(
         model, score, p="auto", components=setting.components, pairs=setting.pairs, reduce=setting.reduce,
-        candidates=candidates, val_data=val, test_data=test, batch_size=batch_size, seed=seed, progress_bar=False,
+        candidates=candidates, val_data=val, test_data=test, batch_size=batch_size, seed=seed, progress=False,
     )
     report = result.report
     return Cell(

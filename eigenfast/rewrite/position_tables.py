@@ -21,8 +21,12 @@ EXTRAPOLATE = ("mean", "last", "error")
 
 
 def validate_extrapolate(extrapolate: str) -> str:
+    """The one check of ``extrapolate``, for every entry point that takes it."""
     if extrapolate not in EXTRAPOLATE:
-        raise ArgumentError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+        raise ArgumentError(
+            f"extrapolate must be one of {EXTRAPOLATE} (what positions past the calibration length get: the "
+            f"table's mean row, its last row, or an error), got {extrapolate!r}"
+        )
     return extrapolate
 
 

@@ -38,13 +38,13 @@ from ..adapters import Adapter, get_adapter, projection_matrix
 from ..errors import ArgumentError
 from .position_limit import guard_positions
 from .position_tables import (
-    EXTRAPOLATE,
     PositionTable,
     TokenBiasLinear,
     bias_table,
     extend_rows,
     resample_table,
     stores_linear_layout,
+    validate_extrapolate,
 )
 from .positional import KV_SLOTS, install
 from .stand_ins import ConstantOutput, PlainConv1D, PlainLinear, PositionMean, RemovedAttention, RemovedNorm
@@ -57,8 +57,7 @@ def check_ablation(ablation: str, extrapolate: str) -> None:
     """The one check of the ablation kind and of the rule for positions past the means' calibration length."""
     if ablation not in ABLATIONS:
         raise ArgumentError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    if extrapolate not in EXTRAPOLATE:
-        raise ArgumentError(f"extrapolate must be one of {EXTRAPOLATE}, got {extrapolate!r}")
+    validate_extrapolate(extrapolate)
 
 
 @dataclass

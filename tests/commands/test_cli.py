@@ -92,7 +92,7 @@ def test_a_pruned_save_keeps_the_training_record(tmp_path):
     assert eigenfast.load_model(str(out)).training == eigenfast.load_model("int_sum_gpt2").training
     model, tokenizer = load_builtin()  # the library path keeps it too
     data = int_mult(tokenizer).subset(range(8))
-    eigenfast.prune(model, data, p=0.0, progress_bar=False).save(tmp_path / "library")
+    eigenfast.prune(model, data, p=0.0, progress=False).save(tmp_path / "library")
     assert eigenfast.load(tmp_path / "library").config.eigenfast_training["task"] == "int_sum"
 
 

@@ -149,7 +149,7 @@ def test_ids_outside_the_vocabulary_are_refused_before_any_work(field, message):
     with pytest.raises(DataError, match=f"{message}, outside the model's vocabulary of 40 tokens"):
         check_fits_model(data, model)
     with pytest.raises(DataError, match="outside the model's vocabulary"):
-        eigenfast.prune(model, data, p=0.1, progress_bar=False)
+        eigenfast.prune(model, data, p=0.1, progress=False)
     with pytest.raises(DataError, match="outside the model's vocabulary"):
         eigenfast.extract_circuit(model, data, data, threshold=0.1, progress=False, latency_repeats=0)
 
@@ -162,7 +162,7 @@ def test_left_padding_without_a_mask_is_refused():
     check_fits_model(padded, model)  # with its mask: fine
     unmasked = {"input_ids": padded.input_ids, "labels": padded.labels}
     with pytest.raises(DataError, match="start with the pad token id 0 but the data has no attention_mask"):
-        eigenfast.prune(model, unmasked, p=0.1, progress_bar=False)
+        eigenfast.prune(model, unmasked, p=0.1, progress=False)
 
 
 @pytest.mark.parametrize("threshold", [-0.1, float("nan"), float("-inf")])

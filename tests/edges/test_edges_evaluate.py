@@ -89,8 +89,11 @@ def test_bad_inputs_are_refused_before_any_work():
         eigenfast.acdc(model, clean, clean, threshold=-1, progress=False)
     with pytest.raises(ValueError, match="threshold"):
         eigenfast.acdc(model, clean, clean, threshold=float("nan"), progress=False)
+    circuit = eigenfast.eap(model, clean, clean, progress=False, evaluate=False)
     with pytest.raises(ValueError, match="patch_data"):
-        extract_nodes(model, eigenfast.eap(model, clean, clean, progress=False, evaluate=False), None)
+        extract_nodes(model, circuit, None)
+    with pytest.raises(eigenfast.ArgumentError, match="extrapolate must be one of"):
+        extract_nodes(model, circuit, clean, extrapolate="clamp")
 
 
 def test_every_result_with_a_changed_model_saves_and_loads_the_same_way(task, tmp_path):
@@ -98,7 +101,7 @@ def test_every_result_with_a_changed_model_saves_and_loads_the_same_way(task, tm
     model, data = task.model, task.val_data
     circuit = eigenfast.eap(model, data, corrupted, target_sparsity=0.8, progress=False, evaluate=False)
     results = {
-        "eigenpruned": eigenfast.prune(model, data, p=0.2, progress_bar=False),
+        "eigenpruned": eigenfast.prune(model, data, p=0.2, progress=False),
         "circuit": eigenfast.extract_circuit(model, task.patch_data, data, threshold=1e-4, progress=False,
                                              latency_repeats=0),
         "node circuit": extract_nodes(model, circuit, corrupted),
@@ -129,3 +132,35 @@ def test_a_node_circuit_saved_with_its_tokenizer_works_as_a_command_line_model(t
     folder = extract_nodes(model, edges, corrupted, tokenizer=tokenizer).save(tmp_path / "nodes")
     assert main(["eval", "--model", str(folder), "--task", "int_sum", "--split", "test"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 1000
+
+
+
+@pytest.mark.parametrize("method", ["edge_prune", "eap", "acdc"])
+def test_old_data_keywords_warn_and_give_the_same_circuit(method):
+    model = make_model("gpt2")
+    clean, corrupted = make_data(4, 5, seed=1), make_data(4, 5, seed=2)
+    run = getattr(eigenfast, method)
+    options = {"progress": False, "evaluate": False}
+    if method == "edge_prune":
+        options["steps"] = 3
+    new = run(model, clean=clean, corrupted=corrupted, **options)
+    with pytest.warns(DeprecationWarning) as warned:
+        old = run(model, clean_data=clean, corrupted_data=corrupted, **options)
+    assert [str(w.message).split(" is ")[0] for w in warned] == [f"{method}(clean_data=...)", f"{method}(corrupted_data=...)"]
+    assert "use clean=" in str(warned[0].message) and "use corrupted=" in str(warned[1].message)
+    assert old.edges == new.edges
+    torch.testing.assert_close(old.scores, new.scores, rtol=0, atol=0)
+    with pytest.raises(eigenfast.ArgumentError, match="pass only clean="):
+        run(model, clean_data=clean, clean=clean, corrupted=corrupted, **options)
+
+
+def test_evaluate_circuit_takes_the_old_data_keywords_with_a_warning():
+    model = make_model("gpt2")
+    clean, corrupted = make_data(4, 5, seed=1), make_data(4, 5, seed=2)
+    circuit = eigenfast.eap(model, clean, corrupted, progress=False, evaluate=False)
+    new = evaluate_circuit(model, circuit, clean=clean, corrupted=corrupted)
+    with pytest.warns(DeprecationWarning) as warned:
+        old = evaluate_circuit(model, circuit, clean_data=clean, corrupted_data=corrupted)
+    assert len(warned) == 2 and "evaluate_circuit(clean_data=...)" in str(warned[0].message)
+    timeless = lambda report: {k: v for k, v in report.as_dict().items() if k != "seconds"}  # noqa: E731
+    assert timeless(old) == timeless(new)

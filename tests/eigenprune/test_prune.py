@@ -213,7 +213,7 @@ def test_prune_then_prune_follows_the_freezing_rule(config_name, second_length):
 
 def test_report_sizes_count_the_bias_tables_the_forward_reads():
     model = make_model("llama")
-    result = eigenfast.prune(model, make_data(), p=0.2, components=("k", "mlp_in"), progress_bar=False)
+    result = eigenfast.prune(model, make_data(), p=0.2, components=("k", "mlp_in"), progress=False)
     before, after = result.report.size_before, result.report.size_after
     n = lambda tensors: sum(t.numel() for t in tensors)  # noqa: E731
     assert (before.parameters, before.buffers) == (n(model.parameters()), n(model.buffers()))
@@ -226,7 +226,7 @@ def test_report_sizes_count_the_bias_tables_the_forward_reads():
 
 def test_the_report_says_why_a_pruned_model_is_a_little_larger():
     model = make_model("gpt2")  # c_attn has a bias of 3 × 32: it leaves the parameters, its table joins the buffers
-    result = eigenfast.prune(model, make_data(length=6), p=0.2, components=("k",), progress_bar=False)
+    result = eigenfast.prune(model, make_data(length=6), p=0.2, components=("k",), progress=False)
     before, after = result.report.size_before, result.report.size_after
     n = sum(hasattr(m, "table") for m in result.model.modules())  # layers where something was frozen
     assert n >= 1 and after.parameters - before.parameters == -96 * n
@@ -237,5 +237,5 @@ def test_the_report_says_why_a_pruned_model_is_a_little_larger():
         "biases); each pruned projection's bias became a position table of 7 rows (6 scored positions + 1 for later "
         f"ones): {-96 * n:+,} parameters, {7 * 96 * n:+,} buffer elements"
     )
-    unchanged = eigenfast.prune(model, make_data(length=6), p=0.0, components=("k",), progress_bar=False)
+    unchanged = eigenfast.prune(model, make_data(length=6), p=0.0, components=("k",), progress=False)
     assert unchanged.report.table().splitlines()[-1].strip().startswith("the same size")

@@ -70,7 +70,7 @@ def test_scores_do_not_depend_on_batch_size(family):
 
 def test_singular_values_are_ordered_and_heads_follow_gqa():
     model = make_model("mistral")  # one KV head for four query heads
-    attribution = scoring.attribute(model, make_data(), components=("q", "k", "v"), progress_bar=False)
+    attribution = scoring.attribute(model, make_data(), components=("q", "k", "v"), progress=False)
     scores = attribution.scores
     assert scores[(0, "q")].shape == (4, 8)
     assert scores[(0, "k")].shape == (1, 8)
@@ -141,7 +141,7 @@ def test_second_score_call_does_no_svd(svd_calls):
 
 
 def test_prune_auto_does_one_svd_per_site(svd_calls):
-    eigenfast.prune(make_model("gpt2", seed=4), make_data(n=16), p="auto", components=("k",), progress_bar=False)
+    eigenfast.prune(make_model("gpt2", seed=4), make_data(n=16), p="auto", components=("k",), progress=False)
     assert len(svd_calls) == 2
 
 
@@ -244,7 +244,7 @@ def test_kept_pass1_graphs_give_the_same_scores(monkeypatch, pairs, reduce):
     results = []
     for budget in (1 << 40, 1, 0):
         monkeypatch.setattr(graph_budget, "GRAPH_BYTES", budget)
-        attribution = scoring.attribute(model, data, ("k", "o"), pairs, batch_size=3, progress_bar=False, reduce=reduce)
+        attribution = scoring.attribute(model, data, ("k", "o"), pairs, batch_size=3, progress=False, reduce=reduce)
         results.append(attribution.scores)
     for key in results[0]:
         ref = naive_scores(model, data, key[0], key[1], pairs, batch_size=3, reduce=reduce)
@@ -275,7 +275,7 @@ def test_graph_size_counter_keeps_no_reference_cycle():
 
 def test_prune_passes_reduce_through():
     model, data = make_model("gpt2", seed=6), make_data()
-    result = eigenfast.prune(model, data, p=0.1, components=("k",), reduce="mean", progress_bar=False)
+    result = eigenfast.prune(model, data, p=0.1, components=("k",), reduce="mean", progress=False)
     mean = eigenfast.score(model, data, components=("k",), reduce="mean")
     for key in mean:
         torch.testing.assert_close(result.scores[key], mean[key])

@@ -51,7 +51,7 @@ def test_table_cell_is_a_direct_prune_and_evaluate(tmp_path):
 
     model, tokenizer = load_builtin("int_sum_gpt2")
     score, _, test = protocol_splits(heldout_task("int_sum_gpt2", "int_sum", tokenizer), seed=1)
-    pruned = prune(model, score, p=0.3, components=("mlp_in",), progress_bar=False).model
+    pruned = prune(model, score, p=0.3, components=("mlp_in",), progress=False).model
     assert cell["test"]["0.3"] == evaluate(pruned, test).accuracy
     assert cell["base_test"] == evaluate(model, test).accuracy
     assert cell["test"]["0.3"] != cell["base_test"]  # p=0.3 of mlp_in moves this model: the cell is not a copy of base

@@ -21,7 +21,7 @@ LIMIT = 32  # conftest's gpt2 n_positions
 def changed(kind: str) -> torch.nn.Module:
     model = make_model("gpt2")
     if kind == "pruned":
-        return eigenfast.prune(model, make_data(), p=0.3, components=("k",), progress_bar=False).model
+        return eigenfast.prune(model, make_data(), p=0.3, components=("k",), progress=False).model
     return removed(model, make_data(n=8, seed=1), heads={0: [0, 2]}, mlps=(1,))
 
 
@@ -53,7 +53,7 @@ def test_the_guard_changes_no_number_and_survives_a_save(tmp_path):
         before = model(**data.model_inputs()).logits
         guard_positions(model)
         torch.testing.assert_close(model(**data.model_inputs()).logits, before, rtol=0, atol=0)
-    result = eigenfast.prune(model, data, p=0.2, progress_bar=False)
+    result = eigenfast.prune(model, data, p=0.2, progress=False)
     loaded = eigenfast.load(result.save(tmp_path / "m"))
     assert type(loaded.transformer.wpe) is LimitedPositionEmbedding
     assert set(loaded.state_dict()) == set(result.model.state_dict())
@@ -64,9 +64,9 @@ def test_data_longer_than_the_positions_is_refused_before_any_work():
     long = make_data(n=4, length=LIMIT + 1)
     message = f"longest prompt is {LIMIT + 1} tokens, but the model reads at most {LIMIT} positions"
     for call in (
-        lambda: eigenfast.prune(model, long, p=0.1, progress_bar=False),
+        lambda: eigenfast.prune(model, long, p=0.1, progress=False),
         lambda: eigenfast.evaluate(model, long),
-        lambda: eigenfast.score(model, long, progress_bar=False),
+        lambda: eigenfast.score(model, long, progress=False),
         lambda: eigenfast.extract_circuit(model, long, long, progress=False, latency_repeats=0),
         lambda: eigenfast.eap(model, long, long, progress=False),
     ):

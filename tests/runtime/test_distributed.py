@@ -53,9 +53,9 @@ def workload() -> dict[str, torch.Tensor]:
     data = make_data(13, 7, seed=1, padded=True)  # 13 rows: shards and batches of unequal sizes
     out: dict[str, torch.Tensor] = {}
     for pairs in ("all", "shift"):
-        for (layer, c), s in eigenfast.score(model, data, ("k", "v", "o"), pairs, batch_size=3, progress_bar=False).items():
+        for (layer, c), s in eigenfast.score(model, data, ("k", "v", "o"), pairs, batch_size=3, progress=False).items():
             out[f"score.{pairs}.{layer}.{c}"] = s
-    result = eigenfast.prune(model, data, p=0.3, components=("k", "o"), batch_size=3, progress_bar=False)
+    result = eigenfast.prune(model, data, p=0.3, components=("k", "o"), batch_size=3, progress=False)
     for (layer, c), mask in result.frozen.items():
         out[f"frozen.{layer}.{c}"] = mask
     for name, value in result.model.state_dict().items():
@@ -82,12 +82,12 @@ def workload() -> dict[str, torch.Tensor]:
 def sharded_workload(folder: Path) -> dict[str, torch.Tensor]:
     """Scoring and pruning (in place) with the model's parameters sharded by FSDP2, then a save."""
     model = distributed.shard_model(make_model("llama"))
-    scores = eigenfast.score(model, SHARDED_DATA(), ("k", "v", "o"), "all", batch_size=3, progress_bar=False)
+    scores = eigenfast.score(model, SHARDED_DATA(), ("k", "v", "o"), "all", batch_size=3, progress=False)
     out = {f"score.all.{layer}.{c}": s for (layer, c), s in scores.items()}
     with pytest.raises(eigenfast.errors.ArgumentError, match="inplace=True"):  # FSDP2 cannot deep-copy
-        eigenfast.prune(model, SHARDED_DATA(), p=0.3, progress_bar=False)
+        eigenfast.prune(model, SHARDED_DATA(), p=0.3, progress=False)
     result = eigenfast.prune(
-        model, SHARDED_DATA(), p=0.3, components=("k", "o"), batch_size=3, progress_bar=False, inplace=True
+        model, SHARDED_DATA(), p=0.3, components=("k", "o"), batch_size=3, progress=False, inplace=True
     )
     out.update({f"frozen.{layer}.{c}": mask for (layer, c), mask in result.frozen.items()})
     # Folded in place: the projections changed class and kept their sharded (DTensor) Parameters.
@@ -98,7 +98,7 @@ def sharded_workload(folder: Path) -> dict[str, torch.Tensor]:
     result.save(folder / "sharded_save")
     biased = distributed.shard_model(make_model("qwen2"))  # q/k/v have biases: refused before any work
     with pytest.raises(eigenfast.errors.ArgumentError, match="nn.Linear without bias"):
-        eigenfast.prune(biased, SHARDED_DATA(), p=0.3, components=("k",), progress_bar=False, inplace=True)
+        eigenfast.prune(biased, SHARDED_DATA(), p=0.3, components=("k",), progress=False, inplace=True)
     return out
 
 
@@ -119,7 +119,7 @@ def svd_share() -> torch.Tensor:
     model = make_model("llama", seed=4)
     with mock.patch.object(svd, "thin_svd", counting):
         for pairs in ("all", "shift"):
-            eigenfast.score(model, make_data(8, 5), ("k", "v", "o"), pairs, batch_size=4, progress_bar=False)
+            eigenfast.score(model, make_data(8, 5), ("k", "v", "o"), pairs, batch_size=4, progress=False)
     return torch.tensor(len(calls))
 
 
@@ -202,8 +202,8 @@ def test_two_processes_equal_one(ranks, alone):
 def test_model_sharded_with_fsdp2_equals_one_process(ranks):
     model = make_model("llama")
     with _one_thread():
-        scores = eigenfast.score(model, SHARDED_DATA(), ("k", "v", "o"), "all", batch_size=3, progress_bar=False)
-        pruned = eigenfast.prune(model, SHARDED_DATA(), p=0.3, components=("k", "o"), batch_size=3, progress_bar=False)
+        scores = eigenfast.score(model, SHARDED_DATA(), ("k", "v", "o"), "all", batch_size=3, progress=False)
+        pruned = eigenfast.prune(model, SHARDED_DATA(), p=0.3, components=("k", "o"), batch_size=3, progress=False)
         want = {f"score.all.{layer}.{c}": s for (layer, c), s in scores.items()}
         want.update({f"frozen.{layer}.{c}": mask for (layer, c), mask in pruned.frozen.items()})
         want["swapped"] = torch.tensor(sum(isinstance(m, TokenBiasLinear) for m in pruned.model.modules()))
@@ -343,12 +343,12 @@ def test_layers_on_two_devices_score_and_prune_like_one():
     one = make_model("llama").to(devices[-1])
     split = make_model("llama")
     _place_layers(split, devices)
-    attribution = attribute(split, data, ("k", "o"), batch_size=3, progress_bar=False)
+    attribution = attribute(split, data, ("k", "o"), batch_size=3, progress=False)
     _assert_statistics_beside_their_weights(split, attribution)
     assert len({st.scores.device for st in attribution.stats.values()}) == 2
-    want = eigenfast.score(one, data, ("k", "o"), batch_size=3, progress_bar=False)
+    want = eigenfast.score(one, data, ("k", "o"), batch_size=3, progress=False)
     for key, value in attribution.scores.items():
         torch.testing.assert_close(value, want[key], rtol=1e-4, atol=1e-5, msg=str(key))
-    pruned = eigenfast.prune(split, data, p=0.3, components=("k", "o"), batch_size=3, progress_bar=False, inplace=True)
-    reference = eigenfast.prune(one, data, p=0.3, components=("k", "o"), batch_size=3, progress_bar=False)
+    pruned = eigenfast.prune(split, data, p=0.3, components=("k", "o"), batch_size=3, progress=False, inplace=True)
+    reference = eigenfast.prune(one, data, p=0.3, components=("k", "o"), batch_size=3, progress=False)
     torch.testing.assert_close(_logits(pruned.model, data).cpu(), _logits(reference.model, data).cpu(), rtol=1e-4, atol=1e-4)

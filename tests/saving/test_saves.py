@@ -26,7 +26,7 @@ def logits(model, data):
 
 
 def pruned(family: str = "gpt2", p: float = 0.2):
-    return eigenfast.prune(make_model(family), make_data(), p=p, components=("k", "mlp_in"), progress_bar=False)
+    return eigenfast.prune(make_model(family), make_data(), p=p, components=("k", "mlp_in"), progress=False)
 
 
 def snapshot(folder):

@@ -30,14 +30,14 @@ def changed(family: str, kind: str) -> torch.nn.Module:
     one attention and one MLP gone."""
     model = make_model(family)
     if kind == "pruned":
-        return eigenfast.prune(model, make_data(padded=True), p=0.3, components=("k", "o", "mlp_in"), progress_bar=False).model
+        return eigenfast.prune(model, make_data(padded=True), p=0.3, components=("k", "o", "mlp_in"), progress=False).model
     return removed(model, make_data(n=8, seed=1, padded=True), heads={0: [0, 2], 1: [0, 1, 2, 3]}, mlps=(1,))
 
 
 def both(family: str) -> torch.nn.Module:
     """Pruned, then extracted: both kinds of eigenfast module in one model."""
     model = eigenfast.prune(make_model(family), make_data(padded=True), p=0.3, components=("k", "o", "mlp_in"),
-                            progress_bar=False).model
+                            progress=False).model
     return removed(model, make_data(n=8, seed=1, padded=True), heads={0: [0, 2]}, mlps=(1,))
 
 

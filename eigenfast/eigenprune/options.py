@@ -1,0 +1,68 @@
+"""The options eigenpruning takes, checked once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ArgumentError
+from ..rewrite.position_tables import validate_extrapolate
+from .freezing import validate_fraction
+from .scoring import check_settings
+
+DEFAULT_CANDIDATES = (0.01, 0.05, 0.10, 0.30)
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """:func:`eigenfast.prune`'s settings (docs/MATH.md §2, §3); constructing one checks them all.
+
+    ``p`` is a fraction in [0, 1] or ``"auto"`` (then every ``candidates`` value is
+    tried on held-out data); ``layers=None`` scores every layer.
+    """
+
+    p: float | str = 0.05
+    components: tuple[str, ...] = ("k",)
+    layers: tuple[int, ...] | None = None
+    pairs: str = "all"
+    reduce: str = "max"
+    candidates: tuple[float, ...] = DEFAULT_CANDIDATES
+    extrapolate: str = "mean"
+    batch_size: int = 32
+    val_fraction: float = 0.2
+    seed: int = 0
+    backend: str = "auto"
+    inplace: bool = False
+
+    def __post_init__(self) -> None:
+        validate_extrapolate(self.extrapolate)
+        if isinstance(self.p, str):
+            if self.p != "auto":
+                raise ArgumentError(f"p must be a fraction in [0, 1] or 'auto', got {self.p!r}")
+            if self.inplace:
+                raise ArgumentError("inplace=True needs a fixed p: p='auto' builds one pruned copy per candidate")
+            # Sorted and deduplicated: the sweep tries each once, smallest first.
+            candidates = tuple(sorted({validate_fraction(c, "candidate p") for c in self.candidates}))
+            if not candidates:
+                raise ArgumentError("p='auto' needs at least one candidate p; pass candidates=(0.01, 0.05, ...) or a fixed p")
+            object.__setattr__(self, "candidates", candidates)
+        else:
+            object.__setattr__(self, "p", validate_fraction(self.p))
+            object.__setattr__(self, "candidates", tuple(self.candidates))
+        components = (self.components,) if isinstance(self.components, str) else tuple(self.components)
+        object.__setattr__(self, "components", components)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        check_settings(self.pairs, self.reduce, self.batch_size)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ArgumentError(
+                f"val_fraction must be in (0, 1) (the share of data held out to choose p under p='auto'; or pass "
+                f"val_data), got {self.val_fraction}"
+            )
+
+    @property
+    def auto(self) -> bool:
+        return self.p == "auto"
+
+    @property
+    def tried(self) -> tuple[float, ...]:
+        """The values of p to freeze and evaluate: every candidate under ``"auto"``, else ``p`` alone."""
+        return self.candidates if self.auto else (float(self.p),)
