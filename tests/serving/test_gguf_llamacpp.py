@@ -1,5 +1,5 @@
 """GGUF files run in llama.cpp itself (llama-cpp-python): logits equal eager's within 1e-3 in f32, the same
-argmax in f16, greedy tokens equal to ``generate()``'s, the word-level tokenizer splitting as the HF one does.
+argmax in f16 (llama.cpp's default f16 KV cache there; an f32 one where f32 results are compared), greedy tokens equal to ``generate()``'s, the word-level tokenizer splitting as the HF one does.
 Skipped where llama-cpp-python is not installed, except under .ci/run (gguf_cases.REQUIRE_ENV)."""
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _eager(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
 @pytest.mark.parametrize("family,kind", CASES)
 def test_f32_logits_equal_eager(family, kind, tmp_path):
     model = _model(family, kind)
-    llm = engine.load(to_gguf(model, tmp_path / "m.gguf"))
+    llm = engine.load(to_gguf(model, tmp_path / "m.gguf"), cache="f32")
     for seed in range(2):
         ids = prompt(12, seed)
         assert np.abs(engine.logits(llm, ids) - _eager(model, ids)).max() < 1e-3
@@ -61,7 +61,7 @@ def test_f16_argmax_equal(family, kind, tmp_path):
 @pytest.mark.parametrize("family,kind", CASES)
 def test_greedy_tokens_equal_generate(family, kind, tmp_path):
     model = _model(family, kind)
-    llm = engine.load(to_gguf(model, tmp_path / "m.gguf"))
+    llm = engine.load(to_gguf(model, tmp_path / "m.gguf"), cache="f32")
     ids = prompt(6, seed=3)
     with torch.no_grad():
         hf = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
@@ -100,7 +100,7 @@ def test_edge_extracted_circuit(tmp_path):
     edges = eap(model, data(1), data(2), target_sparsity=0.97, progress=False, evaluate=False)
     nodes = extract_nodes(model, edges, None, ablation="zero")
     assert len(nodes.heads) < 20, "the edge circuit should drop some heads"
-    llm = engine.load(to_gguf(nodes.model, tmp_path / "m.gguf"))
+    llm = engine.load(to_gguf(nodes.model, tmp_path / "m.gguf"), cache="f32")
     ids = prompt(12)
     assert np.abs(engine.logits(llm, ids) - _eager(nodes.model, ids)).max() < 1e-3
 
@@ -111,11 +111,11 @@ def test_builtin_llama_circuit_greedy_equals_eager(tmp_path):
         pytest.skip("the built-in int_sum_llama model is not on this branch yet")
     model, tokenizer = load_builtin("int_sum_llama")
     data = int_sum(tokenizer)
-    val = TaskData(data.input_ids[::50], data.labels[::50], data.attention_mask[::50])
+    val = TaskData(data.input_ids[::50], data.labels[::50], None if data.attention_mask is None else data.attention_mask[::50])
     circuit = eigenfast.extract_circuit(model, None, val, threshold=0.01, ablation="zero", include_mlps=True,
                                         progress=False, latency_repeats=0)
     assert len(circuit.heads) < get_adapter(model).n_layers * get_adapter(model).n_heads
-    llm = engine.load(to_gguf(circuit.model, tmp_path / "circuit.gguf", tokenizer=tokenizer))
+    llm = engine.load(to_gguf(circuit.model, tmp_path / "circuit.gguf", tokenizer=tokenizer), cache="f32")
     prompts, _ = int_sum_pairs()
     for text in prompts[::500]:
         ids = llm.tokenize(text.encode(), add_bos=False)
@@ -124,6 +124,9 @@ def test_builtin_llama_circuit_greedy_equals_eager(tmp_path):
             hf = circuit.model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False,
                                         pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
         assert engine.greedy(llm, ids, 3)[: len(hf)] == hf, text
+        with torch.no_grad():
+            eager = circuit.model(torch.tensor([ids])).logits[0].numpy()
+        assert np.abs(engine.logits(llm, ids) - eager).max() < 1e-3, text
 
 
 def test_bench_command_writes_its_table(tmp_path, capsys):

@@ -37,12 +37,20 @@ def _quiet() -> Iterator[None]:
         os.close(saved)
 
 
-def load(path: str | Path, threads: int = 1, context: int = 512, all_logits: bool = True) -> Any:
-    """A ``llama_cpp.Llama`` on ``path``; ``all_logits`` keeps every position's logits (for comparisons)."""
+CACHE_TYPES = ("f16", "f32")
+
+
+def load(path: str | Path, threads: int = 1, context: int = 512, all_logits: bool = True, cache: str = "f16") -> Any:
+    """A ``llama_cpp.Llama`` on ``path``; ``all_logits`` keeps every position's logits (for comparisons).
+
+    ``cache``: the KV cache's storage, llama.cpp's default ``"f16"``, or ``"f32"`` to compare with an f32 model
+    (f16 keys and values round a trained model's logits by about 1e-2).
+    """
     llama_cpp = require("llama_cpp")
+    kind = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}[cache]
     with _quiet():
         return llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, n_threads=threads,
-                               n_threads_batch=threads, logits_all=all_logits, verbose=False)
+                               n_threads_batch=threads, logits_all=all_logits, type_k=kind, type_v=kind, verbose=False)
 
 
 def logits(engine: Any, ids: Sequence[int]) -> np.ndarray:
