@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -68,7 +69,7 @@ def test_a_malformed_field_is_refused_by_name(tmp_path, field, value, named):
         edit_spec(folder, lambda spec: spec["files"].__setitem__(field[len("files."):], value))
     else:
         edit_spec(folder, lambda spec: set_field(spec, field, value))
-    with pytest.raises(eigenfast.SavedModelError, match=f"field '{named}'"):
+    with pytest.raises(eigenfast.SavedModelError, match=re.escape(f"field '{named}'")):
         eigenfast.load(folder)
 
 
@@ -79,7 +80,7 @@ def test_module_records_are_checked_before_anything_is_built(tmp_path):
     for modules, named in (([5], "modules[0]"), ([record], "modules[0].spec.d_in"),
                            ([{**record, "kind": "evil"}], "modules[0].kind")):
         edit_spec(folder, lambda spec: spec.__setitem__("modules", modules))
-        with pytest.raises(eigenfast.SavedModelError, match=f"field '{named}'"):
+        with pytest.raises(eigenfast.SavedModelError, match=re.escape(f"field '{named}'")):
             eigenfast.load(folder)
 
 
@@ -87,7 +88,7 @@ def test_a_config_asking_for_a_huge_model_is_refused_without_allocating_it(tmp_p
     folder, _ = saved(tmp_path)
     # 10**9 x 32 floats would be 128 GB: the shapes are compared on the meta device first.
     edit_spec(folder, lambda spec: spec["config"].update(vocab_size=10**9))
-    with pytest.raises(eigenfast.SavedModelError, match="describes 'transformer.wte.weight' as \\(1000000000, 32\\)"):
+    with pytest.raises(eigenfast.SavedModelError, match=r"describes '(lm_head|transformer.wte).weight' as \(1000000000, 32\)"):
         eigenfast.load(folder)
     edit_spec(folder, lambda spec: spec["config"].update(vocab_size=40, n_layer=100_000))
     with pytest.raises(eigenfast.SavedModelError, match="asks for 100000 layers"):
