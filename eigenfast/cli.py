@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        # Saves are written to a staging folder and moved in last, so an interrupted command leaves no half-written output.
+        # A save switches to its files in one rename (saving/atomic.py): an interrupted command leaves no half-written output.
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
 
