@@ -7,6 +7,7 @@ the last column: the loss and the KL read position ``T - 1`` of every row.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -94,7 +95,7 @@ class TaskData:
 
 
 def check_batch_size(batch_size: Any) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ArgumentError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
 
 
