@@ -26,6 +26,7 @@ import filecmp
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -37,6 +38,7 @@ LOCK = "lock"
 READERS = "readers"
 GENERATION = "gen-"
 LINK_STAGED = ".eigenfast-link"
+LOCK_WAIT = 2.0  # seconds
 
 
 def link_target(name: str) -> str:
@@ -188,7 +190,8 @@ def write_atomically(folder: Path, write: Callable[[Path], None], adopt: Callabl
 
     ``adopt(folder)`` names the files of a flat (older-format) save there, to adopt first.
     On any failure the folder keeps its previous save, and a folder this call created is
-    removed again. Two saves into one folder: the second is refused while the first writes.
+    removed again. Two saves into one folder: the second waits LOCK_WAIT seconds for the
+    first, then is refused.
     """
     created = _missing_parents(folder)
     try:
@@ -197,7 +200,7 @@ def write_atomically(folder: Path, write: Callable[[Path], None], adopt: Callabl
         if state.is_symlink():
             raise SavedModelError(f"{state} is a symbolic link, not eigenfast's own folder; remove it and save again")
         state.mkdir(exist_ok=True)
-        with _flock(state / LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB, create=True) as mine:
+        with _write_lock(state / LOCK) as mine:
             if not mine:
                 raise SaveError(
                     f"another save is writing into {folder} right now; wait for it to finish, "
@@ -219,11 +222,25 @@ def write_atomically(folder: Path, write: Callable[[Path], None], adopt: Callabl
                 shutil.rmtree(new, ignore_errors=True)
                 raise
             step("switched")
-            collect_garbage(folder)
+            with contextlib.suppress(OSError):  # the save is in; what is left over goes with the next one
+                collect_garbage(folder)
     except BaseException:
         for path in created:  # deepest first; only while still empty but for eigenfast's own state
             _remove_if_only_state(path)
         raise
+
+
+@contextlib.contextmanager
+def _write_lock(path: Path) -> Iterator[bool]:
+    """The folder's write lock, waited for up to LOCK_WAIT seconds: a load collecting garbage holds it for
+    milliseconds, another save for as long as it writes (then this one is refused)."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        with _flock(path, fcntl.LOCK_EX | fcntl.LOCK_NB, create=True) as mine:
+            if mine or time.monotonic() > deadline:
+                yield mine
+                return
+        time.sleep(0.05)
 
 
 def _missing_parents(folder: Path) -> list[Path]:
