@@ -82,3 +82,12 @@ def test_a_bad_distributed_timeout_is_an_argument_error(monkeypatch):
     with pytest.raises(eigenfast.ArgumentError, match="EIGENFAST_DIST_TIMEOUT='soon'"):
         with launched_by_torchrun():
             pass
+
+
+def test_a_refusal_of_the_file_system_is_one_line(capsys, monkeypatch):
+    def refused(args):
+        raise PermissionError(13, "Permission denied", "/somewhere/table.md")
+
+    monkeypatch.setattr("eigenfast.commands.eval.run", refused)
+    assert main(["eval", "--model", "int_sum_gpt2", "--task", "int_sum"]) == 1
+    one_error_line(capsys, "error: /somewhere/table.md: Permission denied; check the path")
