@@ -2,7 +2,8 @@
 
 The commands live in :mod:`eigenfast.commands`; this file only builds the parser,
 starts the process group under ``torchrun``, and turns errors into exit statuses:
-2 for usage errors (argparse), 1 for an :class:`~eigenfast.errors.EigenfastError`,
+2 for usage errors (argparse), 1 for an :class:`~eigenfast.errors.EigenfastError`
+or a refusal of the file system (``OSError``: a path, a permission, a full disk),
 printed as ``error: ...``, and 130 after Ctrl-C, printed as one line.
 """
 from __future__ import annotations
@@ -47,8 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EigenfastError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # the file system refused something the user named (a path, a permission, space)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}; check the path, its permissions and the free space", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        # Saves are written to a staging folder and moved in last, so an interrupted command leaves no half-written output.
+        # A save switches to its files in one rename (saving/atomic.py): an interrupted command leaves no half-written output.
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
 

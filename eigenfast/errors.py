@@ -34,6 +34,11 @@ class ModelLoadError(EigenfastError, ValueError):
     """A ``--model`` that names no built-in model, eigenfast save or usable HF model folder."""
 
 
+class SaveError(EigenfastError, OSError):
+    """A save that could not be written (no space left, no permission, another save writing into the same
+    folder); the folder keeps its previous save."""
+
+
 class ArgumentError(EigenfastError, ValueError):
     """An argument outside its allowed range (a negative threshold, a p above 1, ...)."""
 

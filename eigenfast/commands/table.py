@@ -18,6 +18,7 @@ from ..data.tasks import TASKS, load_task
 from ..eigenprune.table import Row, default_settings, markdown, plot, run_table
 from ..runtime import distributed
 from ..saving.loading import load_model
+from ..saving.serialization import check_writable_directory
 from .arguments import comma_list, component, fraction, positive_int
 
 TABLE_TASKS = tuple(TASKS)
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.seeds or not args.candidates:
         print("error: give at least one seed and one candidate p", file=sys.stderr)
         return 2
+    check_writable_directory(Path(args.out).parent)  # before the minutes of work, not after
 
     def settings(components):
         return default_settings([c for c in components if not args.components or c in args.components])

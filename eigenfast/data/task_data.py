@@ -7,6 +7,7 @@ the last column: the loss and the KL read position ``T - 1`` of every row.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -14,7 +15,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from ..adapters.position_table import position_limit
-from ..errors import DataError
+from ..errors import ArgumentError, DataError
 
 
 @dataclass
@@ -81,8 +82,7 @@ class TaskData:
 
     def batches(self, batch_size: int) -> Iterator["TaskData"]:
         """Consecutive batches, in order (the last may be smaller)."""
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        check_batch_size(batch_size)
         for start in range(0, len(self), batch_size):
             yield self.subset(range(start, min(start + batch_size, len(self))))
 
@@ -92,6 +92,11 @@ class TaskData:
         if self.attention_mask is not None:
             out["attention_mask"] = self.attention_mask
         return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def check_batch_size(batch_size: Any) -> None:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ArgumentError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -125,6 +130,11 @@ def _validate(input_ids: Any, labels: Any, attention_mask: Any) -> None:
         raise DataError(
             f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
             f"got {None if attention_mask is None else tuple(attention_mask.shape)}"
+        )
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise DataError(
+            f"attention_mask must hold only 0 (padding) and 1 (real token), got {attention_mask.unique().tolist()[:8]}; "
+            "pass the mask the tokenizer returned"
         )
     if bool((attention_mask.sum(dim=1) == 0).any()):
         raise DataError("some examples have no real token (their attention_mask row is all zeros)")
@@ -219,8 +229,14 @@ def from_jsonl(path: str | Path, tokenizer: Any) -> TaskData:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such data file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.start} cannot be read); save it as UTF-8") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path} ({err.strerror}); check the path and its permissions") from None
     prompts, targets = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -246,6 +262,11 @@ def model_data(data: "TaskData | Mapping[str, torch.Tensor]", model: Any) -> Tas
 def check_fits_model(data: TaskData, model: Any) -> None:
     """Refuse data the model cannot read: ids outside its vocabulary, sequences longer than its positions,
     or left padding without a mask."""
+    if any(p.is_meta for p in model.parameters()):
+        raise ArgumentError(
+            "the model's weights are on the meta device (created without data, e.g. under init_empty_weights): "
+            "load real weights (from_pretrained, or to_empty() then load_state_dict()) before calling eigenfast"
+        )
     limit = position_limit(model)
     if limit is not None and data.max_length > limit:
         raise DataError(

@@ -22,7 +22,9 @@ module. :func:`shard_model` (FSDP2) is for a group of two or more ranks.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+from datetime import timedelta
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
@@ -30,8 +32,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..data.task_data import TaskData
-from ..errors import DataError, StateError, UnsupportedModelError
+from ..data.task_data import TaskData, check_batch_size
+from ..errors import ArgumentError, DataError, StateError, UnsupportedModelError
 
 T = TypeVar("T")
 
@@ -68,7 +70,7 @@ class LocalBatches:
 
     def __init__(self, data: TaskData, batch_size: int) -> None:
         if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+            check_batch_size(batch_size)
         self.data, self.batch_size = data, batch_size
         self.indices = block(-(-len(data) // batch_size))
 
@@ -137,8 +139,7 @@ def local_rows(n: int, batch_size: int, what: str = "the data") -> list[tuple[ra
     Used where one batch is one optimisation step (edge pruning): every rank takes
     part in every step with its slice of that step's batch (the whole batch in one process).
     """
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size)
     batches = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
     smallest = min(len(b) for b in batches)
     if smallest < world_size():
@@ -288,24 +289,58 @@ def on_main(write: Callable[[], T]) -> T | None:
         dist.barrier()
 
 
+TIMEOUT_VARIABLE = "EIGENFAST_DIST_TIMEOUT"
+DEFAULT_TIMEOUT = 300.0  # seconds: far longer than any one collective of eigenfast's, short enough to notice
+
+
+def timeout() -> float:
+    """How long, in seconds, a rank waits for the others (to join, or in one collective): $EIGENFAST_DIST_TIMEOUT."""
+    text = os.environ.get(TIMEOUT_VARIABLE)
+    if text is None:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ArgumentError(f"{TIMEOUT_VARIABLE}={text!r}: give the seconds a rank waits for the others, e.g. 300")
+    return value
+
+
 @contextlib.contextmanager
 def launched_by_torchrun() -> Iterator[None]:
     """Inside, a ``torchrun`` launch (``WORLD_SIZE`` > 1 in the environment) has its process group.
 
     gloo on the CPU, NCCL with one GPU per local rank. Ranks other than 0 print
     nothing to stdout. Without ``torchrun`` (or with one process) nothing happens.
+    A rank that does not join, or stops answering in a collective, makes the others
+    stop after :func:`timeout` seconds with a :class:`~eigenfast.errors.StateError`
+    naming their rank and the timeout, instead of waiting for ever.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
         yield
         return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
+    seconds, me = timeout(), os.environ.get("RANK", "?")
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl", timeout=timedelta(seconds=seconds))
+        else:
+            dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))
+    except (dist.DistError, RuntimeError, TimeoutError) as err:
+        raise StateError(
+            f"rank {me} of {world}: not all {world} processes joined within {seconds:g} s ({str(err)[:200]}); "
+            f"start every rank (torchrun does), check MASTER_ADDR/MASTER_PORT, or wait longer with {TIMEOUT_VARIABLE}"
+        ) from None
     try:
         with _quiet_unless_main():
             yield
+    except dist.DistError as err:
+        raise StateError(
+            f"rank {me} of {world}: a collective got no answer from another rank within {seconds:g} s "
+            f"({str(err)[:200]}); a rank was lost: see its own error, or wait longer with {TIMEOUT_VARIABLE}"
+        ) from None
     finally:
         dist.destroy_process_group()
 

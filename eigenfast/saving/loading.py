@@ -11,16 +11,21 @@ from ..data.splits import TRAINING_ATTRIBUTE, TrainingRecord, read_training_reco
 from ..errors import ModelLoadError
 from ..rewrite.position_limit import guard_positions
 from ..runtime.progress import transformers_bars_off
-from .serialization import SPEC_FILE, load
+from . import atomic
+from .serialization import SPEC_FILE, load_from
 
 # One of these makes a folder's tokenizer loadable; tokenizer_config.json alone does not.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 # What save_pretrained writes for the weights (one file, or an index of shards).
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+# Pickled weights: loading them would unpickle a file from the folder; eigenfast reads safetensors only.
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 MODEL_FOLDER = (
-    "a model folder holds config.json, the weights (model.safetensors or pytorch_model.bin, as save_pretrained "
-    "writes them; an eigenfast save also has eigenfast.json) and the tokenizer files (tokenizer.json or vocab.json...)"
+    "a model folder holds config.json, the weights (model.safetensors, as save_pretrained writes them; an eigenfast "
+    "save also has eigenfast.json) and the tokenizer files (tokenizer.json or vocab.json...)"
 )
+# Every transformers call on a folder: run none of its code, never ask, never go to the network.
+NOTHING_REMOTE = {"trust_remote_code": False, "local_files_only": True}
 
 
 @dataclass
@@ -44,6 +49,12 @@ def check_model_name(name: str) -> Path | None:
         )
     missing = [what for what, names in (("config.json", ("config.json",)), ("weights", WEIGHT_FILES))
                if not any((path / f).is_file() for f in names)]
+    if missing == ["weights"] and any((path / f).is_file() for f in PICKLE_FILES):
+        raise ModelLoadError(
+            f"{path} holds its weights as pytorch_model.bin, a pickle, which eigenfast never loads (unpickling runs "
+            "code from the file); convert it to safetensors where you trust it: "
+            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder)"
+        )
     if missing:
         raise ModelLoadError(
             f"{path} is not a model folder: it has no {' and no '.join(missing)}; {MODEL_FOLDER}. "
@@ -67,20 +78,22 @@ def load_model(name: str) -> LoadedModel:
     if path is None:
         model, tokenizer = load_builtin(name)
         return LoadedModel(model, tokenizer, remember_training(model, builtin_path(name)))
-    if (path / SPEC_FILE).is_file():
-        model = load(path)
-    else:
+    with atomic.reading(path) as files:  # the model and its tokenizer from one save, however many are written
+        if (files / SPEC_FILE).is_file():
+            model = load_from(files, path)
+        else:
+            try:
+                with transformers_bars_off():
+                    model = AutoModelForCausalLM.from_pretrained(files, use_safetensors=True, **NOTHING_REMOTE)
+            except (OSError, ValueError, TypeError, KeyError) as err:
+                raise ModelLoadError(f"cannot load the model in {path}: {str(err)[:500]}") from None
+            model = guard_positions(model.eval())
+        training = remember_training(model, path)
         try:
-            with transformers_bars_off():
-                model = guard_positions(AutoModelForCausalLM.from_pretrained(path).eval())
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"cannot load the model in {path}: {err}") from None
-    training = remember_training(model, path)
-    try:
-        # The model's own config: an eigenfast save's config.json is a stub that transformers would ask about.
-        tokenizer = AutoTokenizer.from_pretrained(path, config=model.config)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load the tokenizer in {path} ({err}); save it beside the model") from None
+            # The model's own config: an eigenfast save's config.json is a stub that transformers would ask about.
+            tokenizer = AutoTokenizer.from_pretrained(files, config=model.config, **NOTHING_REMOTE)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise ModelLoadError(f"cannot load the tokenizer in {path} ({str(err)[:300]}); save it beside the model") from None
     return LoadedModel(model, tokenizer, training)
 
 

@@ -1,18 +1,23 @@
 """Saving and loading pruned models: safetensors + JSON, never pickle.
 
-A saved directory holds ``model.safetensors`` (the whole state dict),
-``eigenfast.json`` (the HF config, which modules eigenfast replaced with their
-shapes, the run's report, and the size of every file the save wrote),
-optionally ``extras.safetensors`` (scores, masks) and the tokenizer, and a
-``config.json`` + ``modeling_eigenfast.py`` pair that makes transformers either
-load the folder through eigenfast (``trust_remote_code=True``) or refuse it
-(see :mod:`eigenfast.saving.hub_module`); a plain ``from_pretrained`` never loads
-these weights into an unmodified model. Loading rebuilds the HF model from its
-config, puts the recorded eigenfast modules back in, then loads the weights
-strictly, so a mismatched, truncated or damaged directory fails loudly.
+A save holds ``model.safetensors`` (the whole state dict), ``eigenfast.json`` (the HF
+config, which modules eigenfast replaced with their shapes, the run's report, and the
+size and SHA-256 of every other file of the save), optionally ``extras.safetensors``
+(scores, masks) and the tokenizer, and a ``config.json`` + ``modeling_eigenfast.py``
+pair that makes transformers either load the folder through eigenfast
+(``trust_remote_code=True``) or refuse it (see :mod:`eigenfast.saving.hub_module`); a
+plain ``from_pretrained`` never loads these weights into an unmodified model.
+
+The files of one save are written together and switched in at once
+(:mod:`eigenfast.saving.atomic`). Loading trusts nothing in the folder: it checks every
+field of the spec (:mod:`eigenfast.saving.spec_schema`) and every file's hash, builds
+the model on the meta device and compares it with the weights file's header before
+allocating anything, runs no code from the folder and asks transformers for nothing
+beyond its own classes, then loads the weights strictly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,48 +26,72 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file
 from safetensors.torch import save_model as save_state
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..adapters import get_adapter
-from ..errors import OutputExistsError, SavedModelError
+from ..errors import ArgumentError, EigenfastError, OutputExistsError, SavedModelError, SaveError
 from ..rewrite.kinds import MODULE_KINDS
 from ..rewrite.position_limit import guard_positions
 from ..rewrite.positional import install
 from ..rewrite.surgery import ATTRIBUTES, replace_module, set_attributes
 from ..runtime import distributed
+from . import atomic, checksums
+from .spec_schema import check_spec
 
 FORMAT = "eigenfast"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 kept the HF config in config.json
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1 kept the HF config in config.json; 1 and 2 were written flat, without hashes
+FORMATS = ("eigenfast",)  # what save_model(format=...) writes
 SPEC_FILE = "eigenfast.json"
 WEIGHTS_FILE = "model.safetensors"
 EXTRAS_FILE = "extras.safetensors"
 CONFIG_FILE = "config.json"
 HUB_MODULE_FILE = "modeling_eigenfast.py"
 VERSION_1_FILES = (CONFIG_FILE, WEIGHTS_FILE, EXTRAS_FILE, SPEC_FILE)
+# Every name a version 1 or 2 save could write: only files of these names are ever taken over from one,
+# whatever its spec lists (a spec is the folder's, not eigenfast's, word).
+FLAT_SAVE_NAMES = frozenset({
+    *VERSION_1_FILES, HUB_MODULE_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+})
+LARGEST_SPEC = 1 << 28  # bytes; a spec is kilobytes, a report at most megabytes
 
 __all__ = ["SavedModelError", "load", "load_extras", "read_spec", "save_model"]
 
 
 def check_writable_directory(directory: str | Path) -> Path:
-    """Refuse, before any work, an output path that is a file or that cannot be created or written."""
+    """Refuse, before any work, an output path that is a file or where nothing can be created.
+
+    Tried for real (a folder made and removed where the save would go): permissions,
+    read-only file systems and the superuser's rights all answer as they will for the save.
+    """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise OutputExistsError(f"{directory} is a file; choose a directory to save into")
-    existing = next((p for p in [directory, *directory.parents] if p.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputExistsError(f"cannot write to {existing or directory}; choose a directory you can write to")
+    existing = next((p for p in [directory, *directory.parents] if p.exists()), Path("."))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".eigenfast-probe.", dir=existing))
+    except OSError as err:
+        raise OutputExistsError(
+            f"cannot write to {directory}: {existing} refuses new files ({err.strerror or err}); "
+            "choose a directory you can write to"
+        ) from None
     return directory
+
+
+def is_save_folder(directory: Path) -> bool:
+    return (directory / SPEC_FILE).is_file() or atomic.has_state(directory)
 
 
 def check_output_directory(directory: str | Path) -> Path:
     """Refuse, before any work, a directory that a save could not write or that holds someone else's files."""
     directory = check_writable_directory(directory)
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / SPEC_FILE).is_file():
+    if directory.is_dir() and not is_save_folder(directory) and any(directory.iterdir()):
         raise OutputExistsError(
             f"{directory} exists, is not empty and is not an eigenfast save; choose a new or empty directory"
         )
@@ -77,27 +106,35 @@ def save_model(
     report: dict[str, Any] | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
     tokenizer: Any = None,
+    format: str = "eigenfast",
 ) -> Path:
-    """Write a save into ``directory``, replacing only the files of an earlier eigenfast save there.
+    """Write a save into ``directory``: all its files appear at once, replacing those of an earlier save there.
 
-    Everything is first written to a staging folder beside ``directory``; then each
-    file is moved into place with an atomic rename, the files it replaces being kept
-    aside until every rename succeeded (and put back if one fails). Files eigenfast
-    did not write are never touched.
+    ``format`` names what is written (``"eigenfast"``: the spec, weights and extras that
+    :func:`load` reads). The user's files in ``directory`` are never moved or deleted; on
+    any failure (a full disk, say) the folder keeps its previous save and a
+    :class:`~eigenfast.errors.SaveError` says why.
     """
+    if format not in FORMATS:
+        raise ArgumentError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
     directory = check_output_directory(directory)
     # FSDP2 holds a sharded model's weights in shards: gather them whole (a collective on every rank) first.
     state = _gathered_state(model) if distributed.is_sharded(model) else None
 
+    def files(generation: Path) -> None:
+        _write_save(generation, model, kind, report, tensors, tokenizer, state)
+
     def write() -> None:
-        previous = _files_of_previous_save(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging.", dir=directory.parent))
         try:
-            _write_save(staging, model, kind, report, tensors, tokenizer, state)
-            _move_into_place(staging, directory, previous)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            atomic.write_atomically(directory, files, _flat_save_files)
+        except EigenfastError:
+            raise
+        except (OSError, SafetensorError) as err:
+            reason = getattr(err, "strerror", None) or str(err)[:300]
+            raise SaveError(
+                f"cannot write the save into {directory}: {reason}; free space or choose a folder you can write "
+                "to (the folder keeps its previous save, if it had one)"
+            ) from None
 
     # Under a process group every rank holds the same result: rank 0 alone writes it.
     distributed.on_main(write)
@@ -120,20 +157,23 @@ def _gathered_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _write_save(
-    staging: Path, model: nn.Module, kind: str, report: dict[str, Any] | None,
+    folder: Path, model: nn.Module, kind: str, report: dict[str, Any] | None,
     tensors: dict[str, torch.Tensor] | None, tokenizer: Any, state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     if state is None:
-        save_state(model, str(staging / WEIGHTS_FILE))
+        save_state(model, str(folder / WEIGHTS_FILE))
     else:  # gathered from shards; shard_model refuses tied weights, so no tensor is shared
-        save_file(state, str(staging / WEIGHTS_FILE))
+        save_file(state, str(folder / WEIGHTS_FILE))
+    atomic.step("weights")
     if tensors:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / EXTRAS_FILE))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / EXTRAS_FILE))
+        atomic.step("extras")
     if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
+        tokenizer.save_pretrained(folder)
         # The tokenizer writes its own copy of the model config on some versions; ours wins.
-        (staging / CONFIG_FILE).unlink(missing_ok=True)
-    shutil.copyfile(Path(__file__).with_name("hub_module.py"), staging / HUB_MODULE_FILE)
+        (folder / CONFIG_FILE).unlink(missing_ok=True)
+        atomic.step("tokenizer")
+    shutil.copyfile(Path(__file__).with_name("hub_module.py"), folder / HUB_MODULE_FILE)
     stub = {
         "model_type": "eigenfast",
         "base_model_type": model.config.model_type,
@@ -144,9 +184,7 @@ def _write_save(
         "note": "saved by eigenfast: load with eigenfast.load(folder), or "
         "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) with eigenfast installed",
     }
-    (staging / CONFIG_FILE).write_text(json.dumps(stub, indent=2))
-    files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
-    files[SPEC_FILE] = None  # written last, its own size is not recorded
+    (folder / CONFIG_FILE).write_text(json.dumps(stub, indent=2))
     spec = {
         "format": FORMAT,
         "version": VERSION,
@@ -155,7 +193,7 @@ def _write_save(
         "config": model.config.to_dict(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
-        "files": files,
+        "files": checksums.record(folder, sorted(p.name for p in folder.iterdir())),
         "modules": [
             {"path": path, "kind": module.kind, "spec": module.spec()}
             for path, module in model.named_modules()
@@ -166,137 +204,205 @@ def _write_save(
         },
         "report": report or {},
     }
-    (staging / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    atomic.step("hashed")
+    (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2))
 
 
-def _files_of_previous_save(directory: Path) -> set[str]:
-    """The files an earlier eigenfast save wrote in ``directory`` (only those may be replaced or removed)."""
-    if not (directory / SPEC_FILE).is_file():
-        return set()
+def _flat_save_files(directory: Path) -> list[str]:
+    """The files of a version 1 or 2 save (written flat into ``directory``), to be adopted before a new save."""
     try:
         spec = json.loads((directory / SPEC_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return {SPEC_FILE}
-    files = spec.get("files") if isinstance(spec, dict) else None
-    if isinstance(files, dict):
-        return {name for name in files if isinstance(name, str) and "/" not in name and name not in ("", ".", "..")}
-    return set(VERSION_1_FILES)
-
-
-def _move_into_place(staging: Path, directory: Path, previous: set[str]) -> None:
-    # eigenfast.json goes last: until it is in place, the old spec (with the old sizes) names the save,
-    # so an interrupted replacement is refused on load instead of loading a mix.
-    names = sorted((p.name for p in staging.iterdir()), key=lambda name: name == SPEC_FILE)
-    backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.previous.", dir=directory.parent))
-    moved: list[str] = []
-    try:
-        for name in names:
-            if (directory / name).exists():
-                os.replace(directory / name, backup / name)
-            moved.append(name)
-            os.replace(staging / name, directory / name)
-    except BaseException:
-        for name in reversed(moved):
-            if (backup / name).exists():
-                os.replace(backup / name, directory / name)
-            else:
-                (directory / name).unlink(missing_ok=True)
-        shutil.rmtree(backup, ignore_errors=True)
-        raise
-    for name in previous - set(names):
-        if (directory / name).is_file():
-            (directory / name).unlink()
-    shutil.rmtree(backup, ignore_errors=True)
+    except (OSError, ValueError):  # no spec, or not one eigenfast could have written: nothing to adopt
+        return []
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT or spec.get("version") not in (1, 2):
+        return []
+    listed = spec.get("files") if spec["version"] == 2 else dict.fromkeys(VERSION_1_FILES)
+    if not isinstance(listed, dict):
+        return []
+    return [SPEC_FILE] + [name for name, size in listed.items() if name in FLAT_SAVE_NAMES and name != SPEC_FILE
+                          and (directory / name).is_file() and size in (None, (directory / name).stat().st_size)]
 
 
 def read_spec(directory: str | Path) -> dict[str, Any]:
+    """The checked ``eigenfast.json`` of the save in ``directory``."""
+    directory = _save_folder(directory)
+    with atomic.reading(directory) as files:
+        return _read_spec(files, directory)
+
+
+def _save_folder(directory: str | Path) -> Path:
     directory = Path(directory)
     if not directory.is_dir():
         raise SavedModelError(f"{directory} is not a directory; pass the folder written by result.save()")
-    path = directory / SPEC_FILE
+    return directory
+
+
+def _read_spec(files: Path, directory: Path) -> dict[str, Any]:
+    path = files / SPEC_FILE
     if not path.is_file():
-        raise SavedModelError(f"{directory} has no {SPEC_FILE}: it was not written by eigenfast's result.save()")
+        raise SavedModelError(f"{directory} has no {SPEC_FILE}: it was not written by eigenfast's result.save(), "
+                              "or its first save did not finish; save the model again")
+    if path.stat().st_size > LARGEST_SPEC:
+        raise SavedModelError(f"{directory / SPEC_FILE} is {path.stat().st_size} bytes, no spec eigenfast writes; "
+                              "save the model again")
     try:
-        spec = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SavedModelError(f"{path} is corrupted ({err}); save the model again") from None
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise SavedModelError(f"{directory / SPEC_FILE} is corrupted ({str(err)[:200]}); save the model again") from None
     if not isinstance(spec, dict) or spec.get("format") != FORMAT or not isinstance(spec.get("modules"), list):
-        raise SavedModelError(f"{path} is not an eigenfast spec; save the model again")
+        raise SavedModelError(f"{directory / SPEC_FILE} is not an eigenfast spec; save the model again")
     if spec.get("version") not in READABLE_VERSIONS:
         raise SavedModelError(
-            f"{path} has format version {spec.get('version')}, this eigenfast reads versions "
+            f"{directory / SPEC_FILE} has format version {spec.get('version')!r}, this eigenfast reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}; save it again with this version"
         )
+    check_spec(spec, str(directory / SPEC_FILE))
     return spec
 
 
-def _check_size(directory: Path, spec: dict[str, Any], name: str) -> None:
-    """A file shorter or longer than the save wrote it: truncated copy, or a file from another save."""
-    expected = (spec.get("files") or {}).get(name)
-    if expected is None:
+def _verify(files: Path, spec: dict[str, Any], directory: Path, names: list[str] | None = None) -> None:
+    """Every file of the save (or those of ``names`` it wrote) as the save wrote it."""
+    recorded = spec.get("files") or {}
+    if spec["version"] >= 3:
+        chosen = recorded if names is None else {n: recorded[n] for n in names if n in recorded}
+        checksums.verify(files, chosen, directory)
         return
-    actual = (directory / name).stat().st_size
-    if actual != expected:
-        raise SavedModelError(
-            f"{directory / name} is {actual} bytes but the save wrote {expected}: it is truncated or comes "
-            "from another save; copy the folder again or save the model again"
-        )
+    for name in [WEIGHTS_FILE, EXTRAS_FILE] if names is None else names:  # older saves recorded sizes only
+        expected = recorded.get(name)
+        if expected is not None and (files / name).is_file() and (files / name).stat().st_size != expected:
+            raise SavedModelError(
+                f"{directory / name} is {(files / name).stat().st_size} bytes but the save wrote {expected}: it is "
+                "truncated or comes from another save; copy the folder again or save the model again"
+            )
 
 
-def _base_config(directory: Path, spec: dict[str, Any]) -> Any:
+def _base_config(files: Path, spec: dict[str, Any], directory: Path) -> Any:
     if spec["version"] == 1:
-        try:
-            return AutoConfig.from_pretrained(directory)
-        except (OSError, ValueError) as err:
-            raise SavedModelError(f"{directory}/{CONFIG_FILE} cannot be read ({err}); save the model again") from None
-    values = spec.get("config")
-    if not isinstance(values, dict) or values.get("model_type") != spec.get("model_type"):
-        raise SavedModelError(f"{directory / SPEC_FILE} holds no config of model type {spec.get('model_type')!r}; "
+        try:  # the folder's own config.json; nothing it names is run, nothing is fetched
+            return AutoConfig.from_pretrained(files, trust_remote_code=False, local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise SavedModelError(f"{directory / CONFIG_FILE} cannot be read ({str(err)[:300]}); "
+                                  "save the model again") from None
+    values = dict(spec["config"])
+    if values.get("model_type") != spec["model_type"]:
+        raise SavedModelError(f"{directory / SPEC_FILE} holds no config of model type {spec['model_type']!r}; "
                               "save the model again")
-    values = dict(values)
     try:
         return AutoConfig.for_model(values.pop("model_type"), **values)
-    except (KeyError, TypeError, ValueError) as err:
-        raise SavedModelError(f"the config in {directory / SPEC_FILE} cannot be used ({err}); save the model again") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise SavedModelError(f"the config in {directory / SPEC_FILE} cannot be used ({str(err)[:300]}); "
+                              "save the model again") from None
+
+
+def _stored_shapes(weights: Path, directory: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the weights file's header (read without loading a tensor)."""
+    try:
+        with safe_open(str(weights), framework="pt") as file:
+            return {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SavedModelError(f"{directory / WEIGHTS_FILE} is not a safetensors file ({str(err)[:300]}); "
+                              "save the model again") from None
+
+
+# Building from a checked spec can still fail where its values do not fit together (a module path the
+# model lacks, a size its class refuses): any such failure is the folder's, reported as a SavedModelError.
+BUILD_ERRORS = (AttributeError, KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError)
+
+
+def _build(config: Any, spec: dict[str, Any], directory: Path, meta: bool) -> nn.Module:
+    """The model ``spec`` describes, randomly initialised (on the meta device: nothing allocated)."""
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    extra = {"attn_implementation": spec["attn_implementation"]} if spec.get("attn_implementation") else {}
+    where = directory / SPEC_FILE
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False, **extra)
+        except BUILD_ERRORS as err:
+            raise SavedModelError(f"the config in {where} cannot be used ({str(err)[:300]}); save the model again") from None
+        get_adapter(model)
+        for index, record in enumerate(spec["modules"]):
+            try:
+                model.get_submodule(record["path"])
+                replace_module(model, record["path"], MODULE_KINDS[record["kind"]].from_spec(record["spec"]).to(dtype))
+            except BUILD_ERRORS as err:
+                raise SavedModelError(f"{where}: field 'modules[{index}]' ({record['path']!r}) does not fit the "
+                                      f"model ({str(err)[:200]}); save the model again") from None
+        for path, values in spec.get("attributes", {}).items():
+            try:
+                set_attributes(model.get_submodule(path), values)
+            except (*BUILD_ERRORS, EigenfastError) as err:
+                raise SavedModelError(f"{where}: field 'attributes.{path}' does not fit the model ({err}); "
+                                      "save the model again") from None
+    return model
+
+
+def _check_shapes(skeleton: nn.Module, stored: dict[str, tuple[int, ...]], directory: Path) -> None:
+    """The model the spec describes holds exactly the tensors of the weights file, shape for shape.
+
+    Run on the meta-device model, before the real one is allocated: a spec whose sizes do
+    not match its weights (a damaged or crafted one asking for a huge model) stops here.
+    """
+    state = skeleton.state_dict(keep_vars=True)
+    weights = directory / WEIGHTS_FILE
+    for name, shape in stored.items():
+        if name not in state:
+            raise SavedModelError(f"{weights} holds {name!r}, which the model {SPEC_FILE} describes lacks: the files "
+                                  "come from different saves; save the model again")
+        if tuple(state[name].shape) != shape:
+            raise SavedModelError(f"{SPEC_FILE} describes {name!r} as {tuple(state[name].shape)} but {weights} holds "
+                                  f"{shape}: the files come from different saves; save the model again")
+    present = {id(state[name]) for name in stored}  # a tied weight is stored once, under one of its names
+    missing = [name for name, value in state.items() if name not in stored and id(value) not in present]
+    if missing:
+        raise SavedModelError(f"{weights} lacks {missing[0]!r} (and {len(missing) - 1} more) that {SPEC_FILE} "
+                              "describes: the files come from different saves; save the model again")
+    stored_numel = sum(_numel(shape) for shape in stored.values())
+    unstored = sum(b.numel() for name, b in skeleton.named_buffers() if name not in state)
+    if unstored > 4 * stored_numel + (1 << 24):  # buffers built from the config alone (position tables, masks)
+        raise SavedModelError(f"{directory / SPEC_FILE}: field 'config' asks for {unstored} elements of buffers "
+                              f"beside {stored_numel} stored weights; save the model again")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
 
 
 def load(directory: str | Path) -> nn.Module:
     """Rebuild a model saved by ``result.save(directory)``; its logits equal the saved model's."""
-    directory = Path(directory)
-    spec = read_spec(directory)
-    weights = directory / WEIGHTS_FILE
+    directory = _save_folder(directory)
+    with atomic.reading(directory) as files:
+        return load_from(files, directory)
+
+
+def load_from(files: Path, directory: Path) -> nn.Module:
+    """:func:`load` inside :func:`eigenfast.saving.atomic.reading`: ``files`` holds the save in ``directory``."""
+    spec = _read_spec(files, directory)
+    weights = files / WEIGHTS_FILE
     if not weights.is_file():
         raise SavedModelError(f"{directory} has no {WEIGHTS_FILE}; the save is incomplete, save the model again")
-    _check_size(directory, spec, WEIGHTS_FILE)
-    config = _base_config(directory, spec)
-    if config.model_type != spec.get("model_type"):
+    _verify(files, spec, directory)
+    config = _base_config(files, spec, directory)
+    if config.model_type != spec["model_type"]:
         raise SavedModelError(
-            f"config.json says model type {config.model_type!r} but {SPEC_FILE} says {spec.get('model_type')!r}: "
+            f"config.json says model type {config.model_type!r} but {SPEC_FILE} says {spec['model_type']!r}: "
             "the files come from different saves"
         )
-    dtype = getattr(torch, spec.get("dtype", "float32"), torch.float32)
-    extra = {"attn_implementation": spec["attn_implementation"]} if spec.get("attn_implementation") else {}
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
-    get_adapter(model)
-    for record in spec["modules"]:
-        cls = MODULE_KINDS.get(record.get("kind"))
-        if cls is None:
-            raise SavedModelError(f"{SPEC_FILE} names an unknown module kind {record.get('kind')!r}")
-        try:
-            model.get_submodule(record["path"])
-            replace_module(model, record["path"], cls.from_spec(record["spec"]).to(dtype))
-        except (AttributeError, KeyError, TypeError, ValueError) as err:
-            raise SavedModelError(f"{SPEC_FILE} entry {record.get('path')!r} does not fit the model: {err}") from None
-    for path, values in spec.get("attributes", {}).items():
-        try:
-            set_attributes(model.get_submodule(path), values)
-        except (AttributeError, TypeError) as err:
-            raise SavedModelError(f"{SPEC_FILE} attributes of {path!r} do not fit the model: {err}") from None
+    stored = _stored_shapes(weights, directory)
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > len(stored):
+        raise SavedModelError(f"{directory / SPEC_FILE}: field 'config' asks for {layers} layers but "
+                              f"{WEIGHTS_FILE} holds only {len(stored)} tensors; save the model again")
+    _check_shapes(_build(config, spec, directory, meta=True), stored, directory)
+    model = _build(config, spec, directory, meta=False)
     try:
         load_model(model, str(weights), strict=True)
     except (SafetensorError, RuntimeError, OSError) as err:
         raise SavedModelError(
-            f"{weights} does not match {SPEC_FILE} or is corrupted: {str(err)[:500]}; save the model again"
+            f"{directory / WEIGHTS_FILE} does not match {SPEC_FILE} or is corrupted: {str(err)[:500]}; "
+            "save the model again"
         ) from None
     if spec["modules"]:
         install(model)
@@ -304,13 +410,18 @@ def load(directory: str | Path) -> nn.Module:
 
 
 def load_extras(directory: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors saved beside the model (scores, frozen masks...), or {} if none."""
-    directory = Path(directory)
-    path = directory / EXTRAS_FILE
-    if not path.is_file():
-        return {}
-    _check_size(directory, read_spec(directory), EXTRAS_FILE)
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise SavedModelError(f"{path} is corrupted ({str(err)[:300]}); save the model again") from None
+    """The tensors saved beside the model (scores, frozen masks...), or {} if the save has none."""
+    directory = _save_folder(directory)
+    with atomic.reading(directory) as files:
+        spec = _read_spec(files, directory)
+        path = files / EXTRAS_FILE
+        if spec["version"] >= 3 and EXTRAS_FILE not in spec["files"]:
+            return {}
+        if spec["version"] < 3 and not path.is_file():
+            return {}
+        _verify(files, spec, directory, [EXTRAS_FILE])
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise SavedModelError(f"{directory / EXTRAS_FILE} is corrupted ({str(err)[:300]}); "
+                                  "save the model again") from None

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import eigenfast
-from eigenfast.saving import serialization
+from eigenfast.saving import atomic, serialization
 from eigenfast.saving.serialization import save_model
 
 from conftest import make_data, make_model
@@ -30,7 +30,8 @@ def pruned(family: str = "gpt2", p: float = 0.2):
 
 
 def snapshot(folder):
-    return {path.name: path.read_bytes() for path in folder.iterdir()}
+    """What a reader of the folder sees: every top-level file (links followed) and its bytes."""
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
 
 
 def test_saving_over_a_save_keeps_other_files_and_replaces_its_own(tmp_path):
@@ -60,31 +61,29 @@ def test_a_failure_while_writing_leaves_the_previous_save_intact(tmp_path, monke
         raise OSError("disk full")
 
     monkeypatch.setattr(serialization, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(eigenfast.SaveError, match="disk full"):
         pruned(p=0.3).save(folder)
     assert snapshot(folder) == before
 
 
-def test_a_failure_while_moving_files_in_puts_the_previous_save_back(tmp_path, monkeypatch):
+def test_a_failure_at_the_switch_leaves_the_previous_save_and_no_leftovers(tmp_path, monkeypatch):
     folder = tmp_path / "m"
     old = pruned(p=0.1)
     old.save(folder)
     (folder / "notes.txt").write_text("mine")
     before = snapshot(folder)
-    real_replace, calls = os.replace, []
 
     def failing_replace(src, dst):
-        calls.append(dst)
-        if len(calls) == 6:  # a few files already moved in
-            raise OSError("rename failed")
-        real_replace(src, dst)
+        raise OSError("rename failed")
 
-    monkeypatch.setattr(serialization.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="rename failed"):
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
+    with pytest.raises(eigenfast.SaveError, match="rename failed"):
         pruned(p=0.3).save(folder)
-    monkeypatch.setattr(serialization.os, "replace", real_replace)
+    monkeypatch.undo()
     assert snapshot(folder) == before
     assert torch.equal(logits(eigenfast.load(folder), make_data()), logits(old.model, make_data()))
+    generations = [p for p in (folder / ".eigenfast").iterdir() if p.name.startswith("gen-")]
+    assert generations == [(folder / ".eigenfast" / "current").resolve()]
 
 
 def test_a_foreign_folder_or_a_file_is_refused(tmp_path):
@@ -108,15 +107,16 @@ def test_truncated_files_are_noticed(tmp_path, name):
         eigenfast.load(folder) if name == "model.safetensors" else serialization.load_extras(folder)
 
 
-def test_truncated_extras_without_a_recorded_size_are_still_refused(tmp_path):
+@pytest.mark.parametrize("name", ["model.safetensors", "extras.safetensors", "config.json"])
+def test_flipped_bytes_of_the_same_size_are_noticed(tmp_path, name):
     folder = pruned().save(tmp_path / "m")
-    spec = json.loads((folder / "eigenfast.json").read_text())
-    del spec["files"]["extras.safetensors"]
-    (folder / "eigenfast.json").write_text(json.dumps(spec))
-    path = folder / "extras.safetensors"
-    path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(eigenfast.SavedModelError, match="corrupted"):
-        serialization.load_extras(folder)
+    path = folder / name
+    data = bytearray(path.read_bytes())
+    for offset in (len(data) // 5, len(data) // 3, len(data) // 2, len(data) - 9):
+        data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(eigenfast.SavedModelError, match=f"{name} is not the file its save wrote"):
+        eigenfast.load(folder)
 
 
 @pytest.mark.parametrize("family", ["llama", "neox"])
