@@ -37,7 +37,7 @@ ENGINES = "load the eigenfast save instead (result.save(folder), then eigenfast.
 
 def save_hf_checkpoint(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write ``model`` (and ``tokenizer``) as a folder that ``AutoModelForCausalLM.from_pretrained`` loads as is."""
-    directory = _check_new_directory(Path(directory))
+    directory = check_new_directory(Path(directory))
     config = plain_config(model)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging.", dir=directory.parent))
@@ -132,7 +132,7 @@ def _check_shapes(model: nn.Module, config: PretrainedConfig) -> None:
             )
 
 
-def _check_new_directory(directory: Path) -> Path:
+def check_new_directory(directory: Path) -> Path:
     """A plain checkpoint goes into a new or empty directory: nothing of the user's is replaced."""
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise OutputExistsError(
