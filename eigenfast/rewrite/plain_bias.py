@@ -24,12 +24,12 @@ POSITIONS = ("indexed", "mean")
 
 def validate_positions(positions: str) -> str:
     """The one check of ``positions``, for every entry point that takes it."""
-    if positions not in POSITIONS:
-        raise ArgumentError(
-            f"positions must be one of {POSITIONS} (what replaces a removed or frozen part: its mean at each token "
-            f"position, a table, or its mean over all positions, an ordinary bias), got {positions!r}"
-        )
-    return positions
+    if positions in POSITIONS:
+        return positions
+    raise ArgumentError(
+        f"positions must be one of {POSITIONS} (what replaces a removed or frozen part: its mean at each token "
+        f"position, a table, or its mean over all positions, an ordinary bias), got {positions!r}"
+    )
 
 
 def mean_over_positions(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
