@@ -39,22 +39,27 @@ def save_hf_checkpoint(model: nn.Module, directory: str | Path, tokenizer: Any =
     """Write ``model`` (and ``tokenizer``) as a folder that ``AutoModelForCausalLM.from_pretrained`` loads as is."""
     directory = check_new_directory(Path(directory))
     config = plain_config(model)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging.", dir=directory.parent))
-    try:
-        config.save_pretrained(staging)
-        if model.can_generate() and getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(staging)
-        # save_model drops the duplicate names of tied tensors (the LM head tied to the embedding), as HF does.
-        save_state(model, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-            config.save_pretrained(staging)  # some tokenizers write a config of their own; the model's wins
-        if directory.exists():
-            directory.rmdir()  # empty: checked
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    def write() -> None:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging.", dir=directory.parent))
+        try:
+            config.save_pretrained(staging)
+            if model.can_generate() and getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(staging)
+            # save_model drops the duplicate names of tied tensors (the LM head tied to the embedding), as HF does.
+            save_state(model, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+                config.save_pretrained(staging)  # some tokenizers write a config of their own; the model's wins
+            if directory.exists():
+                directory.rmdir()  # empty: checked
+            os.replace(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # Under a process group every rank holds the same model: rank 0 alone writes it.
+    distributed.on_main(write)
     return directory
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import eigenfast
-from eigenfast.errors import UnsupportedModelError
+from eigenfast.circuit.options import CircuitOptions
+from eigenfast.errors import ArgumentError, UnsupportedModelError
 from eigenfast.rewrite.position_tables import PositionTable
 from eigenfast.rewrite.stand_ins import ConstantOutput
 
@@ -63,3 +64,13 @@ def test_an_output_projection_without_a_possible_bias_is_refused_before_any_work
         eigenfast.extract_circuit(model, data, data, progress=False, latency_repeats=0, positions="mean")
     with pytest.raises(UnsupportedModelError, match="positions='indexed'"):
         eigenfast.edges.extract_nodes(model, type("C", (), {"heads": [], "mlps": []})(), data, positions="mean")
+
+
+def test_bad_positions_are_refused_by_every_entry_point():
+    model, data = make_model("gpt2"), make_data()
+    with pytest.raises(ArgumentError, match="positions must be one of"):
+        CircuitOptions(0.1, positions="average")
+    with pytest.raises(ArgumentError, match="positions must be one of"):
+        eigenfast.edges.extract_nodes(model, type("C", (), {"heads": [], "mlps": []})(), data, positions="average")
+    with pytest.raises(ArgumentError, match="positions must be one of"):
+        removed(model, data, HEADS, (), positions="average")

@@ -115,3 +115,15 @@ def test_a_mean_pruned_model_still_round_trips_through_eigenfast_save(tmp_path):
     result = prune(make_model("llama"), make_data())
     back = eigenfast.load(result.save(tmp_path / "save"))
     assert torch.equal(logits(back, make_data()), logits(result.model, make_data()))
+
+
+def test_a_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch):
+    result = prune(make_model("gpt2"), make_data())
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("eigenfast.saving.hf_checkpoint.save_state", broken)
+    with pytest.raises(OSError, match="disk full"):
+        result.save(tmp_path / "plain", format="hf")
+    assert list(tmp_path.iterdir()) == []
