@@ -125,6 +125,9 @@ class Adapter:
     projections: dict[str, str] = {}
     layer_arguments: tuple[str, ...] = ()  # a decoder layer's parameters the family's layer_call deals with itself
     mlp_activation: str = "act"  # the MLP's activation attribute
+    # The HF config flag that gives each projection a bias when the class builds it (absent: always built with
+    # one, or never); folding a constant into a missing bias turns the flag on (eigenfast/rewrite/plain_bias.py).
+    bias_flags: dict[str, str] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -253,6 +256,10 @@ class Adapter:
     def head_columns(self, component: str, n_heads: int, n_kv_heads: int) -> torch.Tensor:
         """Output columns of the q/k/v projection owned by each head (separate projections by default)."""
         return contiguous_heads(n_heads if component == "q" else n_kv_heads, self.d_head)
+
+    def bias_flag(self, component: str) -> str | None:
+        """The config flag that makes this family's HF class build ``component``'s projection with a bias."""
+        return self.bias_flags.get(component)
 
     # --- head removal ----------------------------------------------------
     def kv_head(self, head: int) -> int:

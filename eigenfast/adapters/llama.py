@@ -29,6 +29,14 @@ class LlamaAdapter(Adapter):
         "mlp_out": "mlp.down_proj",
     }
     mlp_activation = "act_fn"
+    # LlamaConfig's flags; Mistral's and Qwen2's classes take none (Qwen2's q/k/v always have a bias, o never).
+    bias_flags = {
+        **dict.fromkeys(("q", "k", "v", "o"), "attention_bias"),
+        **dict.fromkeys(("mlp_in", "mlp_gate", "mlp_out"), "mlp_bias"),
+    }
+
+    def bias_flag(self, component: str) -> str | None:
+        return self.bias_flags.get(component) if self.config.model_type == "llama" else None
 
     @classmethod
     def rotary_embedding(cls) -> Callable:

@@ -29,6 +29,7 @@ class NeoXAdapter(Adapter):
         "mlp_in": "mlp.dense_h_to_4h",
         "mlp_out": "mlp.dense_4h_to_h",
     }
+    bias_flags = dict.fromkeys(("q", "k", "v", "o"), "attention_bias")  # the MLP always has biases
     @property
     def parallel(self) -> bool:  # type: ignore[override]
         return bool(getattr(self.config, "use_parallel_residual", True))

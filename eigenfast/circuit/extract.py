@@ -11,7 +11,7 @@ from torch import nn
 from ..adapters import Adapter, get_adapter
 from ..data.task_data import TaskData, model_data
 from ..errors import ArgumentError
-from ..rewrite.removal import remove_pruned
+from ..rewrite.removal import check_plain_removal, remove_pruned
 from ..runtime.forward import Evaluation, evaluate
 from ..runtime.sizes import ParameterCount, count_parameters
 from ..saving.results import ModelResult, kept_masks
@@ -64,6 +64,7 @@ def extract_circuit(
     progress: bool = True,
     tokenizer: Any = None,
     latency_repeats: int = 9,
+    positions: str = "indexed",
 ) -> CircuitResult:
     """Extract the circuit of the task in ``val_data`` (docs/MATH.md §4).
 
@@ -71,11 +72,14 @@ def extract_circuit(
     ``val_data`` by less than ``threshold`` are removed, walking from the last
     layer down; ``patch_data`` gives the means that mean ablation substitutes (it
     may be None for zero ablation). The input model is left untouched unless
-    ``inplace``. ``ground_truth`` (known circuit heads) adds TPR/FPR to the report;
+    ``inplace``. ``positions="mean"`` folds the removed components' means over all positions
+    (not per position) into ordinary biases, so a circuit that keeps whole layers' shapes
+    saves as a plain HF checkpoint (``result.save(folder, format="hf")``); the circuit is
+    found the same way either way. ``ground_truth`` (known circuit heads) adds TPR/FPR to the report;
     the report's latencies are medians of ``latency_repeats`` forwards of the model and the circuit
     taken in turns (0: not measured; too wide a spread is reported as such, not as a number).
     """
-    options = CircuitOptions(threshold, ablation, include_mlps, extrapolate, batch_size)
+    options = CircuitOptions(threshold, ablation, include_mlps, extrapolate, batch_size, positions)
     adapter, truth, val = _check_inputs(model, patch_data, val_data, options, ground_truth, latency_repeats)
     batch_size = batch_size or 64  # evaluation and latency batches; discovery picks its own when None
 
@@ -89,7 +93,7 @@ def extract_circuit(
 
     start = time.perf_counter()
     target = remove_pruned(model, discovery.pruned_heads, discovery.pruned_mlps, discovery.means, ablation,
-                           extrapolate, inplace)
+                           extrapolate, inplace, positions)
     timings["remove"] = time.perf_counter() - start
 
     after = evaluate(target, val, batch_size, desc="evaluate the circuit" if progress else None)
@@ -113,6 +117,7 @@ def _check_inputs(
 ) -> tuple[Adapter, frozenset[tuple[int, int]] | None, TaskData]:
     """Everything ``extract_circuit`` refuses, before any work: the adapter, the known heads and ``val_data`` as TaskData."""
     options.check_patch_data(patch_data)
+    check_plain_removal(model, options.ablation, options.positions)
     if latency_repeats < 0:
         raise ArgumentError(f"latency_repeats must be >= 0 (0 skips the latency measurement), got {latency_repeats}")
     adapter = get_adapter(model)

@@ -12,7 +12,10 @@ class CircuitOptions:
     """Algorithm 1's settings (docs/MATH.md §4); constructing one checks them all.
 
     ``batch_size`` bounds the rows of one forward (candidates × examples when
-    discovery stacks candidates); ``None`` picks it from the device.
+    discovery stacks candidates); ``None`` picks it from the device. ``positions`` is how the
+    extracted model holds removed components' means: ``"indexed"`` per token position (tables
+    eigenfast serves), ``"mean"`` over all positions (ordinary biases and constants). Discovery
+    itself always ablates with the per-position means.
     """
 
     threshold: float
@@ -20,6 +23,7 @@ class CircuitOptions:
     include_mlps: bool = False
     extrapolate: str = "mean"
     batch_size: int | None = None
+    positions: str = "indexed"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", float(self.threshold))
@@ -28,7 +32,7 @@ class CircuitOptions:
                 "threshold must be a number >= 0 (the KL increase a component must cause to stay; inf prunes "
                 f"everything), got {self.threshold}"
             )
-        check_ablation(self.ablation, self.extrapolate)
+        check_ablation(self.ablation, self.extrapolate, self.positions)
         if self.batch_size is not None and self.batch_size < 1:
             raise ArgumentError(f"batch_size must be >= 1 (or None to pick it from the device), got {self.batch_size}")
 

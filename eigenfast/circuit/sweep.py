@@ -99,6 +99,7 @@ def sweep(
     extrapolate: str = "mean",
     batch_size: int = 64,
     progress: bool = True,
+    positions: str = "indexed",
 ) -> Sweep:
     """Extract one circuit per threshold (the model is never modified) and record its size and accuracy."""
     if not thresholds:
@@ -107,7 +108,7 @@ def sweep(
     for threshold in sorted(thresholds):
         result = extract_circuit(
             model, patch_data, val_data, threshold, ablation=ablation, include_mlps=include_mlps,
-            extrapolate=extrapolate, batch_size=batch_size, progress=progress, latency_repeats=0,
+            extrapolate=extrapolate, batch_size=batch_size, progress=progress, latency_repeats=0, positions=positions,
         )
         report = result.report
         accuracy_before = report.before.accuracy

@@ -8,6 +8,11 @@ from typing import Callable, TypeVar
 from ..adapters import COMPONENTS
 from ..data.splits import Part
 from ..data.tasks import TASKS
+from ..errors import ArgumentError
+from ..rewrite.plain_bias import POSITIONS
+from ..saving.hf_checkpoint import check_new_directory
+from ..saving.results import SAVE_FORMATS
+from ..saving.serialization import check_output_directory
 
 MODEL_HELP = "built-in model name (int_sum_gpt2), eigenfast save, or Hugging Face model folder with its tokenizer"
 T = TypeVar("T")
@@ -92,3 +97,23 @@ def print_parts(*parts: Part) -> None:
     print("data (every number below names one of these):")
     for part in parts:
         print(f"  {part.describe()}")
+
+
+def add_plain_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """--positions and --format: whether the result is a plain transformers checkpoint (docs/SERVING.md)."""
+    parser.add_argument("--positions", choices=POSITIONS, default="indexed",
+                        help=f"what {what} become: their mean at each token position (a table eigenfast serves), or "
+                             "their mean over all positions (ordinary biases: a plain HF model)")
+    parser.add_argument("--format", choices=SAVE_FORMATS, default="eigenfast",
+                        help="how --out is written: an eigenfast save (eigenfast.load), or a plain transformers "
+                             "checkpoint (needs --positions mean; --out must be new or empty)")
+
+
+def check_plain_options(args: argparse.Namespace) -> None:
+    """Refuse, before any work, a plain checkpoint of a model that would hold position tables, or an --out it cannot use."""
+    if args.format == "hf":
+        if args.positions != "mean":
+            raise ArgumentError("--format hf writes a plain checkpoint, which cannot hold position tables: add --positions mean")
+        check_new_directory(args.out)
+    else:
+        check_output_directory(args.out)

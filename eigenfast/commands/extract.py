@@ -20,8 +20,17 @@ from ..errors import DataError
 from ..rewrite.position_tables import EXTRAPOLATE
 from ..rewrite.removal import ABLATIONS
 from ..saving.loading import check_model_name, load_model
-from ..saving.serialization import check_output_directory, check_writable_directory
-from .arguments import TASK_HELP, add_model_options, comma_list, non_negative_float, positive_int, print_parts
+from ..saving.serialization import check_writable_directory
+from .arguments import (
+    TASK_HELP,
+    add_model_options,
+    add_plain_options,
+    check_plain_options,
+    comma_list,
+    non_negative_float,
+    positive_int,
+    print_parts,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlps", action="store_true", help="prune MLPs too, not only attention heads")
     parser.add_argument("--extrapolate", choices=EXTRAPOLATE, default="mean",
                         help="what position tables do past the patching data's length")
+    add_plain_options(parser, "removed components' means")
     parser.add_argument("--n-patch", type=positive_int, default=250, help="examples for the mean activations (D_a)")
     parser.add_argument("--n-val", type=positive_int, default=250, help="examples for the KL and accuracy (D_v)")
     parser.add_argument("--out", required=True,
@@ -46,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)
     check_task(args.task)
     # A sweep writes only sweep.json and sweep.png (replacing an earlier sweep's); a circuit is a full save.
-    (check_writable_directory if args.sweep else check_output_directory)(args.out)
+    if args.sweep:
+        check_writable_directory(args.out)
+    else:
+        check_plain_options(args)
     loaded = load_model(args.model)
     unseen = task_parts(args.task, load_task(args.task, loaded.tokenizer), loaded.training, args.seed)["unseen"]
     patch_data, val_data = draw(unseen.data, args.n_patch, args.n_val, args.seed)
@@ -54,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         Part("D_a", patch_data, f"random draw (seed {args.seed}) from {unseen.origin}"),
         Part("D_v", val_data, f"random draw from {unseen.origin}, disjoint from D_a"),
     )
-    options = dict(ablation=args.ablation, include_mlps=args.mlps, extrapolate=args.extrapolate, batch_size=args.batch_size)
+    options = dict(ablation=args.ablation, include_mlps=args.mlps, extrapolate=args.extrapolate, batch_size=args.batch_size,
+                   positions=args.positions)
     if args.sweep:
         result = sweep(loaded.model, patch_data, val_data, args.sweep, **options)
         print(result.table())
@@ -63,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     circuit = extract_circuit(loaded.model, patch_data, val_data, args.threshold, tokenizer=loaded.tokenizer, **options)
     print(circuit.report.table())
-    print(f"saved the extracted circuit to {circuit.save(args.out)}")
+    print(f"saved the extracted circuit to {circuit.save(args.out, format=args.format)}")
     return 0
 
 

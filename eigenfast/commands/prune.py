@@ -15,10 +15,11 @@ from ..eigenprune.attribution import REDUCE
 from ..eigenprune.prune import DEFAULT_CANDIDATES, prune
 from ..rewrite.position_tables import EXTRAPOLATE
 from ..saving.loading import check_model_name, load_model
-from ..saving.serialization import check_output_directory
 from .arguments import (
     TASK_HELP,
     add_model_options,
+    add_plain_options,
+    check_plain_options,
     comma_list,
     component,
     fraction,
@@ -42,13 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what the position-indexed biases do past the scoring data's length")
     parser.add_argument("--candidates", type=comma_list(fraction), default=",".join(map(str, DEFAULT_CANDIDATES)),
                         help="p values tried by --p auto")
+    add_plain_options(parser, "frozen terms")
     parser.add_argument("--out", required=True, help="folder to save the pruned model in (new, empty, or an earlier save)")
 
 
 def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)
     check_task(args.task)
-    check_output_directory(args.out)
+    check_plain_options(args)
     loaded = load_model(args.model)
     parts = task_parts(args.task, load_task(args.task, loaded.tokenizer), loaded.training, args.seed)
     print_parts(parts["train"], parts["val"], parts["test"])
@@ -66,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
         test_data=parts["test"].data,
         seed=args.seed,
         tokenizer=loaded.tokenizer,
+        positions=args.positions,
     )
     print(result.report.table())
-    out = result.save(args.out)
+    out = result.save(args.out, format=args.format)
     print(f"saved the pruned model (p={result.report.p:g}) to {out}")
     return 0

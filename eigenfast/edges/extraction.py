@@ -16,7 +16,7 @@ from torch import nn
 from ..adapters import get_adapter
 from ..data.task_data import TaskData
 from ..errors import ArgumentError
-from ..rewrite.removal import check_ablation, remove_pruned
+from ..rewrite.removal import check_ablation, check_plain_removal, remove_pruned
 from ..runtime.means import component_means
 from ..runtime.sizes import ParameterCount, count_parameters
 from ..saving.results import ModelResult, heads_by_layer, kept_masks
@@ -67,22 +67,25 @@ def extract_nodes(
     batch_size: int = 64,
     inplace: bool = False,
     tokenizer: Any = None,
+    positions: str = "indexed",
 ) -> NodeCircuitResult:
     """``model`` cut down to ``circuit.heads`` and ``circuit.mlps`` (any method's result), everything else removed.
 
     ``tokenizer``, if given, is saved with the model by ``.save(folder)``, so the folder
-    works as ``--model`` on the command line.
+    works as ``--model`` on the command line. ``positions="mean"`` gives removed nodes their mean
+    over all positions, in ordinary biases (see :func:`eigenfast.extract_circuit`).
     """
-    check_ablation(ablation, extrapolate)
+    check_ablation(ablation, extrapolate, positions)
     if ablation == "mean" and patch_data is None:
         raise ArgumentError("mean ablation needs patch_data for the removed nodes' means (e.g. the corrupted data)")
+    check_plain_removal(model, ablation, positions)
     adapter = get_adapter(model)
     kept_heads, kept_mlps = set(map(tuple, circuit.heads)), set(circuit.mlps)
     pruned_heads = [(l, h) for l in range(adapter.n_layers) for h in range(adapter.n_heads) if (l, h) not in kept_heads]
     pruned_mlps = [l for l in range(adapter.n_layers) if l not in kept_mlps]
     means = component_means(model, patch_data, batch_size) if ablation == "mean" else None
     size_before = count_parameters(model)  # before an inplace removal changes it
-    smaller = remove_pruned(model, pruned_heads, pruned_mlps, means, ablation, extrapolate, inplace)
+    smaller = remove_pruned(model, pruned_heads, pruned_mlps, means, ablation, extrapolate, inplace, positions)
     return NodeCircuitResult(
         smaller, sorted(kept_heads), sorted(kept_mlps), getattr(circuit, "method", type(circuit).__name__),
         "mean over patch_data" if ablation == "mean" else "zero", adapter.n_layers, adapter.n_heads,

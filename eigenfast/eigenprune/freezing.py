@@ -4,6 +4,9 @@ Freezing term i of a matrix: ``A' = A − E_i`` and ``b'[t] = b + x̄[t] E_i``.
 All sites that live in one projection module (GPT-2 and NeoX fuse q, k and v)
 are folded into that module together, then it is replaced by a
 :class:`~eigenfast.rewrite.position_tables.TokenBiasLinear`.
+With ``positions="mean"`` the frozen terms take their mean over every calibration token
+instead, ``b' = b + x̄ E_i`` with ``x̄`` the count-weighted mean of the ``x̄[t]``: the module
+keeps its class and the shift joins its ordinary bias (eigenfast/rewrite/plain_bias.py).
 
 A model sharded by FSDP2 holds each weight as a DTensor that its FSDP unit all-gathers
 by reference to the module and the Parameter object, so there the module keeps both:
@@ -19,8 +22,9 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..adapters import projection_matrix
+from ..adapters import get_adapter, projection_matrix
 from ..errors import ArgumentError
+from ..rewrite.plain_bias import add_to_bias, mean_over_positions, validate_positions
 from ..rewrite.position_limit import guard_positions
 from ..rewrite.position_tables import (
     TokenBiasLinear,
@@ -60,13 +64,20 @@ def select_frozen(scores: dict[Key, torch.Tensor], p: float) -> dict[Key, torch.
     return frozen
 
 
-def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.Tensor], extrapolate: str = "mean") -> None:
-    """Fold the frozen terms into ``model`` in place; modules with nothing frozen stay untouched."""
+def freeze(
+    model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.Tensor], extrapolate: str = "mean",
+    positions: str = "indexed",
+) -> None:
+    """Fold the frozen terms into ``model`` in place; modules with nothing frozen stay untouched.
+
+    ``positions="indexed"``: per-position biases (TokenBiasLinear); ``"mean"``: their mean over all
+    calibration tokens, folded into the projection's ordinary bias.
+    """
+    if validate_positions(positions) == "mean":
+        _freeze_mean(model, attribution, frozen)
+        return
     reshard(model)  # FSDP2: edit the sharded Parameters, not whole copies left by a forward
-    by_module: dict[str, list[Key]] = defaultdict(list)
-    for key, mask in frozen.items():
-        if bool(mask.any()):
-            by_module[attribution.stats[key].site.path].append(key)
+    by_module = _frozen_by_module(attribution, frozen)
     for path, keys in by_module.items():
         module = model.get_submodule(path)
         sharded = isinstance(module.weight, DTensor)
@@ -97,6 +108,30 @@ def freeze(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.T
     if by_module:
         install(model)
         guard_positions(model)
+
+
+def _frozen_by_module(attribution: Attribution, frozen: dict[Key, torch.Tensor]) -> dict[str, list[Key]]:
+    by_module: dict[str, list[Key]] = defaultdict(list)
+    for key, mask in frozen.items():
+        if bool(mask.any()):
+            by_module[attribution.stats[key].site.path].append(key)
+    return by_module
+
+
+@torch.no_grad()
+def _freeze_mean(model: nn.Module, attribution: Attribution, frozen: dict[Key, torch.Tensor]) -> None:
+    """``A' = A − ΔA`` in the module's own weight, ``b' = b + x̄ ΔA`` in its bias (prune refuses sharded models here)."""
+    adapter = get_adapter(model)
+    for path, keys in _frozen_by_module(attribution, frozen).items():
+        module = model.get_submodule(path)
+        A = projection_matrix(module).detach().double()
+        delta = torch.zeros_like(A)
+        for key in keys:
+            _add_frozen_terms(delta, attribution, key, frozen[key].to(A.device))
+        x_mean = mean_over_positions(attribution.mean_input(keys[0]).to(A.device), attribution.counts)
+        projection_matrix(module).copy_(A - delta)
+        layer, component = keys[0]  # any site of the module names it: the fold is into the module's one bias
+        add_to_bias(adapter, layer, component, x_mean @ delta)
 
 
 def check_foldable_in_place(model: nn.Module, paths: list[str]) -> None:

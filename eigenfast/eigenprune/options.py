@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ArgumentError
+from ..rewrite.plain_bias import validate_positions
 from ..rewrite.position_tables import validate_extrapolate
 from .freezing import validate_fraction
 from .scoring import check_settings
@@ -16,7 +17,9 @@ class PruneOptions:
     """:func:`eigenfast.prune`'s settings (docs/MATH.md §2, §3); constructing one checks them all.
 
     ``p`` is a fraction in [0, 1] or ``"auto"`` (then every ``candidates`` value is
-    tried on held-out data); ``layers=None`` scores every layer.
+    tried on held-out data); ``layers=None`` scores every layer. ``positions`` is what frozen
+    terms become: ``"indexed"`` their mean at each token position (a table eigenfast serves),
+    ``"mean"`` their mean over all positions (an ordinary bias: a plain HF model).
     """
 
     p: float | str = 0.05
@@ -26,6 +29,7 @@ class PruneOptions:
     reduce: str = "max"
     candidates: tuple[float, ...] = DEFAULT_CANDIDATES
     extrapolate: str = "mean"
+    positions: str = "indexed"
     batch_size: int = 32
     val_fraction: float = 0.2
     seed: int = 0
@@ -34,6 +38,7 @@ class PruneOptions:
 
     def __post_init__(self) -> None:
         validate_extrapolate(self.extrapolate)
+        validate_positions(self.positions)
         if isinstance(self.p, str):
             if self.p != "auto":
                 raise ArgumentError(f"p must be a fraction in [0, 1] or 'auto', got {self.p!r}")

@@ -12,6 +12,7 @@ from torch import nn
 from ..adapters import get_adapter
 from ..data.task_data import TaskData, model_data
 from ..errors import ArgumentError
+from ..rewrite.plain_bias import check_bias_possible
 from ..runtime import distributed
 from ..runtime.deprecation import renamed_keywords
 from ..runtime.forward import Evaluation, evaluate
@@ -44,6 +45,7 @@ class PruneReport:
     timings: dict[str, float] = field(default_factory=dict)
     size_before: ParameterCount | None = None
     size_after: ParameterCount | None = None  # the kept model: its bias tables are buffers the forward reads
+    positions: str = "indexed"  # what the frozen terms became: per-position tables or ordinary biases
 
     def table(self) -> str:
         """One row per p: what it froze, held-out accuracy/loss (chooses p) and test accuracy/loss (reported only)."""
@@ -66,6 +68,9 @@ class PruneReport:
         why = "eigenpruning keeps every matrix whole (frozen terms fold into biases)"
         if after.total == before.total:
             return f"the same size: {why}"
+        if self.positions == "mean":
+            return (f"{after.total - before.total:+,} parameters: {why}; projections built without a bias got one "
+                    "(zeros where nothing was frozen), as their HF class does once its config's bias flag is on")
         return (
             f"{after.total - before.total:+,} elements: {why}; each pruned projection's bias became a position table "
             f"of {self.calib_len + 1} rows ({self.calib_len} scored positions + 1 for later ones): "
@@ -87,6 +92,7 @@ class PruneReport:
             "timings": self.timings,
             "size_before": None if self.size_before is None else self.size_before.as_dict(),
             "size_after": None if self.size_after is None else self.size_after.as_dict(),
+            "positions": self.positions,
         }
 
 
@@ -140,6 +146,7 @@ def prune(
     progress: bool = True,
     reduce: str = "max",
     layers: Sequence[int] | None = None,
+    positions: str = "indexed",
 ) -> PruneResult:
     """Eigenprune ``model`` for the task in ``data`` (docs/MATH.md §2, §3).
 
@@ -149,12 +156,16 @@ def prune(
     the most accurate. ``test_data``, if given, is evaluated for the report only,
     never to choose p. ``reduce`` is how scores pool over pairs ("max" or "mean",
     see :func:`eigenfast.score`); ``layers`` limits scoring and freezing to those
-    layers (None: all). The input model is left untouched unless ``inplace``.
+    layers (None: all). ``positions`` is what the frozen terms become: ``"indexed"`` (default)
+    their mean at each token position, a table past whose length ``extrapolate`` decides;
+    ``"mean"`` their mean over all calibration tokens, folded into ordinary biases, so the
+    result is a plain HF model (``result.save(folder, format="hf")``). The input model is left
+    untouched unless ``inplace``.
     """
     options = PruneOptions(
         p=p, components=components, layers=layers, pairs=pairs, reduce=reduce, candidates=candidates,
-        extrapolate=extrapolate, batch_size=batch_size, val_fraction=val_fraction, seed=seed, backend=backend,
-        inplace=inplace,
+        extrapolate=extrapolate, positions=positions, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
+        backend=backend, inplace=inplace,
     )
     _check_model(model, options)
     splits = _split(model, options, data, val_data, test_data)
@@ -164,7 +175,7 @@ def prune(
     results, (pruned, frozen, chosen) = _sweep(model, attribution, splits, options, progress, timings)
     report = PruneReport(
         chosen.p, tuple(dict.fromkeys(options.components)), options.pairs, attribution.calib_len, baseline[0], results,
-        baseline[1], timings, size_before, count_parameters(pruned),
+        baseline[1], timings, size_before, count_parameters(pruned), options.positions,
     )
     return PruneResult(pruned, attribution.scores, frozen, report, tokenizer)
 
@@ -181,13 +192,21 @@ class _Splits:
 def _check_model(model: nn.Module, options: PruneOptions) -> None:
     """Refuse, before any work, a model ``prune`` cannot handle under these options."""
     adapter = get_adapter(model)  # fail early on an unsupported architecture
+    sites = select_sites(adapter, options.components, options.layers)
+    if options.positions == "mean":
+        if distributed.is_sharded(model):
+            raise ArgumentError(
+                "positions='mean' rewrites each pruned projection's weight and bias, which an FSDP2-sharded model "
+                "cannot take in place: prune the model unsharded, or use positions='indexed'"
+            )
+        check_bias_possible(adapter, [site.key for site in sites])
     if distributed.is_sharded(model):
         if not options.inplace:
             raise ArgumentError(
                 "the model is sharded by FSDP2, which cannot deep-copy it (prune copies the model unless inplace): "
                 "pass inplace=True and a fixed p to prune the sharded model itself"
             )
-        check_foldable_in_place(model, [site.path for site in select_sites(adapter, options.components, options.layers)])
+        check_foldable_in_place(model, [site.path for site in sites])
 
 
 def _split(
@@ -239,7 +258,7 @@ def _sweep(
         started = time.perf_counter()
         frozen = select_frozen(attribution.scores, value)
         target = model if options.inplace else copy.deepcopy(model)
-        freeze(target, attribution, frozen, options.extrapolate)
+        freeze(target, attribution, frozen, options.extrapolate, options.positions)
         timings["freeze"] = timings.get("freeze", 0.0) + time.perf_counter() - started
         evaluation, test = _evaluate_both(target, splits, options.batch_size, progress and f"p={value:g}", timings)
         candidate = Candidate(value, _count_by_component(frozen), evaluation, test)

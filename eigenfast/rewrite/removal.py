@@ -3,10 +3,12 @@
 A head's contribution to the residual stream is ``z_h W_O^h``, so removing it means
 dropping its Q/K/V output columns and its rows of O. Under mean ablation its mean
 contribution at each true position joins the output projection's bias, which becomes
-a position-indexed table (:class:`~eigenfast.rewrite.position_tables.TokenBiasLinear`); under zero
-ablation the original bias is all that is left. A layer with no head left, or a
+a position-indexed table (:class:`~eigenfast.rewrite.position_tables.TokenBiasLinear`), or with
+``positions="mean"`` its mean over every calibration token, added to the ordinary bias
+(eigenfast/rewrite/plain_bias.py); under zero ablation the original bias is all that is left. A layer with no head left, or a
 pruned MLP, becomes a stand-in that returns the mean (or constant) output and never
-reads its input, so the norm feeding it goes as well unless another reader shares it.
+reads its input, so the norm feeding it goes as well unless another reader shares it
+(with ``positions="mean"``, a constant).
 
 GQA: a KV head leaves with the last query head that reads it, and each kept KV head is
 kept once, in its weights and in the KV cache. HF attention repeats each KV head
@@ -36,6 +38,7 @@ from torch import nn
 
 from ..adapters import Adapter, get_adapter, projection_matrix
 from ..errors import ArgumentError
+from .plain_bias import add_to_bias, check_bias_possible, mean_over_positions, validate_positions
 from .position_limit import guard_positions
 from .position_tables import (
     PositionTable,
@@ -53,19 +56,30 @@ from .surgery import ATTRIBUTES, replace_module, set_attributes
 ABLATIONS = ("mean", "zero")
 
 
-def check_ablation(ablation: str, extrapolate: str) -> None:
-    """The one check of the ablation kind and of the rule for positions past the means' calibration length."""
+def check_ablation(ablation: str, extrapolate: str, positions: str = "indexed") -> None:
+    """The one check of the ablation kind, of the rule for positions past the means' calibration length and of
+    whether the means stay per position."""
     if ablation not in ABLATIONS:
         raise ArgumentError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     validate_extrapolate(extrapolate)
+    validate_positions(positions)
+
+
+def check_plain_removal(model: nn.Module, ablation: str, positions: str) -> None:
+    """Refuse, before any work, a model whose output projections cannot hold the heads' means as a plain bias."""
+    if ablation == "mean" and positions == "mean":
+        adapter = get_adapter(model)
+        check_bias_possible(adapter, [(layer, "o") for layer in range(adapter.n_layers)])
 
 
 @dataclass
 class ComponentMeans:
-    """Per-position mean outputs over D_a: ``heads (layers, heads, calib_len, d_model)``, ``mlps (layers, calib_len, d_model)``."""
+    """Per-position mean outputs over D_a: ``heads (layers, heads, calib_len, d_model)``, ``mlps (layers, calib_len, d_model)``,
+    and the real tokens seen at each position, ``counts (calib_len,)``."""
 
     heads: torch.Tensor
     mlps: torch.Tensor
+    counts: torch.Tensor
 
     @property
     def calib_len(self) -> int:
@@ -102,6 +116,7 @@ def remove_components(
     means: ComponentMeans | None,
     ablation: str = "mean",
     extrapolate: str = "mean",
+    positions: str = "indexed",
 ) -> None:
     """Remove heads (per layer) and MLPs from an unpruned ``model`` in place (docs/MATH.md §4).
 
@@ -110,15 +125,19 @@ def remove_components(
     result's logits equal the hook-ablated model's (:func:`eigenfast.circuit.ablated`).
     The parameter count drops by the removed weights; under mean ablation a shrunk
     output projection's bias also leaves the parameters, for its position table (a buffer).
+    With ``positions="mean"`` each mean is taken over every token instead of per position:
+    removed heads' means join the output projection's ordinary bias, a removed MLP or
+    attention becomes a constant, and the result equals hook ablation with those means.
     """
-    check_ablation(ablation, extrapolate)
+    check_ablation(ablation, extrapolate, positions)
     if ablation == "mean" and means is None:
         raise ArgumentError("mean ablation needs the components' means: pass means=component_means(model, patch_data)")
+    check_plain_removal(model, ablation, positions)
     adapter = get_adapter(model)
     heads = _validated_heads(adapter, heads_removed)
     mlps = _validated_layers(adapter, mlps_removed)
     _refuse_pruned(adapter, set(heads) | set(mlps))
-    stand_in = _StandIns(adapter, means if ablation == "mean" else None, extrapolate)
+    stand_in = _StandIns(adapter, means if ablation == "mean" else None, extrapolate, positions)
 
     attention_gone = set()
     for layer, removed in heads.items():
@@ -126,6 +145,8 @@ def remove_components(
         if kept:
             bias_rows = stand_in.attention_bias(layer, removed)
             _shrink_attention(adapter, layer, head_layout(adapter, kept), bias_rows, extrapolate)
+            if stand_in.constants is not None:
+                add_to_bias(adapter, layer, "o", stand_in.constants.heads[layer, removed].sum(dim=0))
         else:
             output = stand_in.attention(layer)
             module = RemovedAttention(output, layer)
@@ -142,12 +163,15 @@ class _StandIns:
     """Builds what replaces removed components: mean tables (mean ablation) or constants (zero ablation).
 
     Tables are extended ones (``calib_len + 1`` rows, the last serving every later position), so an
-    output projection that already has a position table (a pruned model) adds to it exactly.
+    output projection that already has a position table (a pruned model) adds to it exactly. With
+    ``positions="mean"`` the means are taken over all positions (``constants``) and no table is made
+    from them.
     """
 
-    def __init__(self, adapter: Adapter, means: ComponentMeans | None, extrapolate: str) -> None:
+    def __init__(self, adapter: Adapter, means: ComponentMeans | None, extrapolate: str, positions: str) -> None:
         self.adapter = adapter
-        self.means = means
+        self.constants = None if means is None or positions == "indexed" else _over_positions(means)
+        self.means = None if self.constants is not None else means
         self.extrapolate = extrapolate
         weight = next(adapter.model.parameters())
         self.like = {"dtype": weight.dtype, "device": weight.device}
@@ -167,12 +191,15 @@ class _StandIns:
         return bias_table(o, length) + self._mean_table(self.means.heads[layer, list(removed)].sum(dim=0), length)
 
     def attention(self, layer: int) -> nn.Module:
+        shift = 0.0 if self.constants is None else self.constants.heads[layer].sum(dim=0).to(**self.like)
         table = self.attention_bias(layer, range(self.adapter.n_heads))
         if table is None:
-            return self._constant(bias_table(self._o(layer), 0)[0])
-        return self._table(table)
+            return self._constant(bias_table(self._o(layer), 0)[0] + shift)
+        return self._table(table + shift)
 
     def mlp(self, layer: int) -> nn.Module:
+        if self.constants is not None:
+            return self._constant(self.constants.mlps[layer].to(**self.like))
         if self.means is None:
             return self._constant(torch.zeros(self.adapter.d_model, **self.like))
         return self._table(self._mean_table(self.means.mlps[layer], self.means.calib_len))
@@ -186,6 +213,18 @@ class _StandIns:
         module = ConstantOutput(value.shape[0]).to(**self.like)
         module.value.copy_(value)
         return module
+
+
+@dataclass
+class _Constants:
+    """Each component's mean output over every token: ``heads (layers, heads, d_model)``, ``mlps (layers, d_model)``."""
+
+    heads: torch.Tensor
+    mlps: torch.Tensor
+
+
+def _over_positions(means: ComponentMeans) -> _Constants:
+    return _Constants(mean_over_positions(means.heads, means.counts), mean_over_positions(means.mlps, means.counts))
 
 
 def _shrink_attention(
@@ -312,11 +351,14 @@ def remove_pruned(
     ablation: str = "mean",
     extrapolate: str = "mean",
     inplace: bool = False,
+    positions: str = "indexed",
 ) -> nn.Module:
     """``model`` (or a copy, unless ``inplace``) with the pruned heads and MLPs physically removed."""
+    check_ablation(ablation, extrapolate, positions)
+    check_plain_removal(model, ablation, positions)  # before the copy
     target = model if inplace else copy.deepcopy(model)
     heads_removed: dict[int, list[int]] = {}
     for layer, head in sorted(pruned_heads):
         heads_removed.setdefault(layer, []).append(head)
-    remove_components(target, heads_removed, sorted(pruned_mlps), means, ablation, extrapolate)
+    remove_components(target, heads_removed, sorted(pruned_mlps), means, ablation, extrapolate, positions)
     return target

@@ -61,7 +61,7 @@ def component_means(model: nn.Module, patch_data: "TaskData | dict", batch_size:
     heads = torch.stack([
         _head_contributions(adapter, layer, z_sums[layer] / counts) for layer in range(n_layers)
     ])
-    return ComponentMeans(heads.to(A_o.dtype), (mlp_sums / counts).to(A_o.dtype))
+    return ComponentMeans(heads.to(A_o.dtype), (mlp_sums / counts).to(A_o.dtype), counts[:, 0])
 
 
 def _head_contributions(adapter: Adapter, layer: int, z_mean: torch.Tensor) -> torch.Tensor:

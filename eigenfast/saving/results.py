@@ -13,6 +13,10 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
+from ..errors import ArgumentError
+
+SAVE_FORMATS = ("eigenfast", "hf")  # eigenfast's own save, or a plain transformers checkpoint
+
 
 class ModelResult:
     """Mixin for a result dataclass with fields ``model`` and ``tokenizer``."""
@@ -29,8 +33,19 @@ class ModelResult:
         """Tensors kept beside the weights (extras.safetensors, read with :func:`eigenfast.serialization.load_extras`)."""
         raise NotImplementedError
 
-    def save(self, directory: str | Path) -> Path:
-        """safetensors + JSON (and the tokenizer, when the result has one); reload with :func:`eigenfast.load`."""
+    def save(self, directory: str | Path, format: str = "eigenfast") -> Path:
+        """safetensors + JSON (and the tokenizer, when the result has one); reload with :func:`eigenfast.load`.
+
+        ``format="hf"`` writes a plain transformers checkpoint instead, which
+        ``AutoModelForCausalLM.from_pretrained(folder)`` loads without eigenfast; only a model
+        that is still an ordinary instance of its HF class can be (eigenfast/saving/hf_checkpoint.py).
+        """
+        if format not in SAVE_FORMATS:
+            raise ArgumentError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
+        if format == "hf":
+            from .hf_checkpoint import save_hf_checkpoint
+
+            return save_hf_checkpoint(self.model, directory, self.tokenizer)
         from .serialization import save_model
 
         return save_model(self.model, directory, kind=self.kind, report=self.saved_report(),

@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 import eigenfast
 from eigenfast.builtin import load_builtin
 from eigenfast.builtin.train import int_sum_split
@@ -42,6 +44,21 @@ def test_prune_then_eval_round_trip(tmp_path, capsys):
     assert reported["n"] == 80 and "20% of int_mult" in reported["examples"]
     frozen = eigenfast.saving.serialization.load_extras(out)["frozen.0.k"]
     assert frozen.dtype == torch.uint8
+
+
+def test_prune_writes_a_plain_checkpoint(tmp_path, capsys):
+    out = tmp_path / "plain"
+    assert main(["prune", "--model", "int_sum_gpt2", "--task", "int_mult", "--p", "0.1", "--components", "v",
+                 "--reduce", "mean", "--positions", "mean", "--format", "hf", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"saved the pruned model (p=0.1) to {out}" in printed
+    row = next(line.split() for line in printed.splitlines() if line.strip().startswith("0.10"))
+    plain = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")  # no eigenfast module in it
+    _, tokenizer = load_builtin()
+    test = task_parts("int_mult", int_mult(tokenizer), None, seed=0)["test"].data
+    # The plain checkpoint scores what the command reported for the pruned model on the test part.
+    assert eigenfast.evaluate(plain, test).accuracy == pytest.approx(float(row[4].rstrip("%")) / 100, abs=5e-5)
+    assert AutoTokenizer.from_pretrained(out)("12 + 34 =").input_ids == tokenizer("12 + 34 =").input_ids
 
 
 def test_jsonl_task(tmp_path, capsys):
@@ -138,6 +155,10 @@ def test_failures_exit_1_before_any_work(tmp_path, capsys, monkeypatch, command)
         (["--model", str(tmp_path / "missing"), "--task", "int_mult", "--out", str(tmp_path / "o")],
          "neither a directory nor a built-in model"),
         (["--model", "int_sum_gpt2", "--task", "int_mult", "--out", str(foreign / "my_results.csv")], "is a file"),
+        (["--model", "int_sum_gpt2", "--task", "int_mult", "--format", "hf", "--out", str(tmp_path / "o")],
+         "add --positions mean"),
+        (["--model", "int_sum_gpt2", "--task", "int_mult", "--format", "hf", "--positions", "mean", "--out",
+          str(foreign)], "new or empty"),
     ]
     for rest, message in cases:
         assert main([*command, *rest]) == 1
