@@ -18,6 +18,7 @@ from .eigenprune.scoring import score
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
+    CircuitFileError,
     DataError,
     EigenfastError,
     MissingFilesError,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
+    "CircuitFileError",
     "CircuitResult",
     "DataError",
     "EigenfastError",

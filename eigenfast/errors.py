@@ -66,3 +66,7 @@ class MissingFilesError(EigenfastError, FileNotFoundError):
 class TransformersVersionError(EigenfastError, TypeError):
     """The installed transformers calls a decoder layer, attention function, rotary embedding, cache or model
     with parameters eigenfast's adapters cannot map (a release outside the supported range)."""
+
+
+class CircuitFileError(EigenfastError, ValueError):
+    """A circuit file (the MIB / EAP-IG graph JSON) that is malformed or whose graph does not match the model's."""

@@ -1,4 +1,4 @@
-"""Edge Pruning, EAP, ACDC and Algorithm 1 side by side on a task; a table and a PNG."""
+"""Edge Pruning, EAP, ACDC and Algorithm 1 side by side on a task: KL and MIB faithfulness (CPR/CMD) tables, PNGs."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +12,11 @@ from ..edges import registry
 from ..edges.compare import compare
 from ..edges.corrupt import corrupt_by_shuffling
 from ..edges.evaluate import PreparedTask
+from ..edges.faithfulness import METRICS
 from ..edges.options import EdgeOptions
 from ..edges.runner import EdgeMethod, Found
+from ..edges.selection import SELECTIONS
+from ..edges.stability import check_resamples
 from ..errors import DataError
 from ..saving.loading import check_model_name, load_model
 from ..saving.serialization import check_writable_directory
@@ -68,12 +71,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alg1-thresholds", type=_floats, default="0.01", help="Algorithm 1's KL thresholds α")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="examples per forward")
     parser.add_argument("--seed", type=int, default=0, help="seed of the example draw and the shuffling")
-    parser.add_argument("--out", default="edges-out", help="directory for edges.json and edges.png")
+    parser.add_argument("--selection", choices=SELECTIONS, default="top_n",
+                        help="how the faithfulness curve builds each size's circuit from a method's edge scores")
+    parser.add_argument("--metric", choices=METRICS, default="logit_diff",
+                        help="faithfulness metric: the answer's logit minus the counterfactual answer's, or its probability")
+    parser.add_argument("--resamples", type=int, default=0,
+                        help="bootstrap draws of the examples (0: none, else >= 2): CPR/CMD intervals and circuit IoU")
+    parser.add_argument("--out", default="edges-out", help="directory for edges.json, edges.png and faithfulness.png")
 
 
 def run(args: argparse.Namespace) -> int:
     options = EdgeOptions(batch_size=args.batch_size, steps=args.steps)
     settings = {m: getattr(args, SETTINGS[m]) for m in args.methods}
+    check_resamples(args.resamples)
     if args.n < 2:
         raise DataError(f"--n must be >= 2 (examples need counterfactual partners), got {args.n}")
     check_model_name(args.model)
@@ -89,8 +99,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"data    {args.n} examples drawn (seed {args.seed}) from {unseen.origin}")
     clean = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.n])
     corrupted = corrupt_by_shuffling(clean, args.seed)
-    result = compare(model, clean, corrupted, settings, options, methods=METHODS)
+    result = compare(model, clean, corrupted, settings, options, methods=METHODS, selection=args.selection,
+                     metric=args.metric, resamples=args.resamples, seed=args.seed)
     print(result.table())
-    table, plot = result.save(args.out)
-    print(f"wrote {table} and {plot}")
+    print(f"\nfaithfulness ({args.selection} circuits of 0.1%-100% of the edges, {args.metric}; docs/EDGES.md)")
+    print(result.faithfulness_table())
+    table, plot, curves = result.save(args.out)
+    print(f"wrote {table}, {plot} and {curves}")
     return 0

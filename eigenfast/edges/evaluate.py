@@ -156,6 +156,12 @@ class PreparedTask:
     batches: list[Prepared]
     batch_sizes: list[int]
     seconds: float  # the wall time of the forwards
+    rows: list[range] = field(default_factory=list)  # which examples of clean/corrupted each batch holds
+
+    @property
+    def corrupted_labels(self) -> list[torch.Tensor]:
+        """Each batch's counterfactual answers (the corrupted examples' own labels), on the batch's device."""
+        return [self.corrupted.labels[list(r)].to(b.clean.labels.device) for r, b in zip(self.rows, self.batches)]
 
     @property
     def graph(self) -> EdgeGraph:
@@ -168,12 +174,13 @@ def prepare_batches(forward: EdgeForward, clean: TaskData, corrupted: TaskData, 
 
 
 def _prepare_rows(forward: EdgeForward, clean: TaskData, corrupted: TaskData,
-                  batch_size: int) -> tuple[list[Prepared], list[int]]:
-    """This rank's rows of each batch, prepared, and each batch's size over every rank."""
+                  batch_size: int) -> tuple[list[Prepared], list[int], list[range]]:
+    """This rank's rows of each batch, prepared, each batch's size over every rank, and the rows themselves."""
     if len(clean) != len(corrupted):
         raise DataError(f"clean ({len(clean)}) and corrupted ({len(corrupted)}) data must pair up one to one")
     rows = distributed.local_rows(len(clean), batch_size, "the edge methods' data")
-    return [forward.prepare(clean.subset(r), corrupted.subset(r)) for r, _ in rows], [n for _, n in rows]
+    prepared = [forward.prepare(clean.subset(r), corrupted.subset(r)) for r, _ in rows]
+    return prepared, [n for _, n in rows], [r for r, _ in rows]
 
 
 def prepare(model: nn.Module, clean: TaskData, corrupted: TaskData, batch_size: int) -> PreparedTask:
@@ -181,8 +188,8 @@ def prepare(model: nn.Module, clean: TaskData, corrupted: TaskData, batch_size: 
     start = time.perf_counter()
     forward = EdgeForward(model)
     with eval_mode(model):
-        batches, sizes = _prepare_rows(forward, clean, corrupted, batch_size)
-    return PreparedTask(model, forward, clean, corrupted, batches, sizes, time.perf_counter() - start)
+        batches, sizes, rows = _prepare_rows(forward, clean, corrupted, batch_size)
+    return PreparedTask(model, forward, clean, corrupted, batches, sizes, time.perf_counter() - start, rows)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -18,9 +19,12 @@ def test_edges_command_prints_the_table_and_writes_the_plot(tmp_path, capsys):
                  "--methods", "edge_prune,eap,algorithm1", "--sparsities", "0.9", "--out", str(out)])
     assert code == 0
     text = capsys.readouterr().out
-    for label in ("edge pruning s=0.9", "EAP s=0.9", "Algorithm 1 α=0.01", "KL", "edges"):
+    for label in ("edge pruning s=0.9", "EAP s=0.9", "Algorithm 1 α=0.01", "KL", "edges", "CPR", "CMD"):
         assert label in text
     assert (out / "edges.png").stat().st_size > 0 and (out / "edges.json").is_file()
+    assert (out / "faithfulness.png").stat().st_size > 0
+    saved = json.loads((out / "edges.json").read_text())
+    assert [len(r["faithfulness"]["curve"]["faithfulness"]) for r in saved] == [10, 10, 10]
 
 
 def test_every_option_has_help_and_a_default():

@@ -52,6 +52,10 @@ def test_compare_prepares_once_for_every_method_and_setting(task, forwards):
     assert forwards == [5, 5]
     assert [r.method for _, r in result.reports] == ["EAP s=0.5", "EAP s=0.9", "ACDC τ=0.01"]
     assert result.reports[0][1].edges_kept > result.reports[1][1].edges_kept
+    # Every circuit also gets its MIB curve on the same batches; EAP's scores do not depend on its sparsity.
+    cprs = [f.cpr for f in result.faithfulness]
+    assert len(cprs) == 3 and cprs[0] == cprs[1]
+    assert result.faithfulness_table().splitlines()[1].startswith("EAP s=0.5")
 
 
 @pytest.mark.parametrize("method", list(METHODS))
