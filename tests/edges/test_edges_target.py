@@ -67,13 +67,19 @@ def test_explicit_knobs_keep_their_meaning(tiny):
     assert int(circuit.kept.sum()) == round(0.25 * task.graph.n_edges)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
-def test_every_method_finds_the_true_heads_with_its_defaults(model_type):
-    task = synthetic_task(model_type)
-    clean = task.val_data
-    corrupted = clean.subset(torch.roll(torch.arange(len(clean)), 1))
-    for method in ("eap", "eap_ig_inputs", "eap_ig_activations", "ensemble", "edge_prune", "acdc"):
-        circuit = run(task.model, clean, corrupted, method, EdgeOptions(progress=False, evaluate=False))
-        report = eigenfast.edges.evaluate_circuit(task.model, circuit, clean, corrupted, true_heads=task.true_heads)
-        assert set(circuit.heads) == set(task.true_heads), (model_type, method, circuit.heads)
-        assert report.fpr <= 0.25 and report.edges_kept < report.n_edges, (model_type, method, report)
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def synthetic(request):
+    task = synthetic_task(request.param)
+    return task, task.val_data.subset(torch.roll(torch.arange(len(task.val_data)), 1))
+
+
+# Edge Pruning and ACDC bisect their knob over six whole runs: minutes on a shared CPU, so they run with the slow tests.
+@pytest.mark.parametrize("method", ["eap", "eap_ig_inputs", "eap_ig_activations", "ensemble",
+                                    pytest.param("edge_prune", marks=pytest.mark.slow),
+                                    pytest.param("acdc", marks=pytest.mark.slow)])
+def test_every_method_finds_the_true_heads_with_its_defaults(synthetic, method):
+    task, corrupted = synthetic
+    circuit = run(task.model, task.val_data, corrupted, method, EdgeOptions(progress=False, evaluate=False))
+    report = eigenfast.edges.evaluate_circuit(task.model, circuit, task.val_data, corrupted, true_heads=task.true_heads)
+    assert set(circuit.heads) == set(task.true_heads), (method, circuit.heads)
+    assert report.fpr <= 0.25 and report.edges_kept < report.n_edges, (method, report)
