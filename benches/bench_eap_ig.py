@@ -189,12 +189,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="integrated-gradients steps")
-    parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--n", type=int, default=64, help="int_sum prompts (agreement, warm)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     {"memory": bench_memory, "memory-one": memory_one, "agreement": bench_agreement, "warm": bench_warm}[args.what](args)
 
 
