@@ -50,7 +50,7 @@ def test_bad_arguments_are_eigenfast_errors():
         "models have no 'mlp_gate' matrix": lambda: eigenfast.score(model, data, components=("mlp_gate",)),
         "layers [5] go past": lambda: eigenfast.score(model, data, layers=[5], progress=False),
         "ablation must be one of": lambda: eigenfast.extract_circuit(model, data, data, ablation="resample"),
-        "ablation must be one of ": lambda: extract_nodes(model, eigenfast.eap(model, data, data, progress=False,
+        "ablation must be one of ": lambda: extract_nodes(model, eigenfast.eap(model, data, data, 0.9, progress=False,
                                                                                evaluate=False), data, ablation="x"),
         "target_sparsity must be in": lambda: eigenfast.edge_prune(model, data, data, target_sparsity=1.5),
         "target_sparsity must be in ": lambda: eigenfast.eap(model, data, data, target_sparsity=1.5),

@@ -37,7 +37,9 @@ def _algorithm_1(task: PreparedTask, options: EdgeOptions) -> Found:
 ALGORITHM_1 = EdgeMethod("algorithm1", "Algorithm 1", "threshold", "α", _algorithm_1, reads_batches=False)
 METHODS = {**registry.METHODS, ALGORITHM_1.name: ALGORITHM_1}
 # Which option lists each method's settings: the edge sparsities are shared, the KL thresholds are each method's own.
-SETTINGS = {"edge_prune": "sparsities", "eap": "sparsities", "acdc": "acdc_thresholds", "algorithm1": "alg1_thresholds"}
+SETTINGS = {"edge_prune": "sparsities", "eap": "sparsities", "eap_ig_inputs": "sparsities",
+            "eap_ig_activations": "sparsities", "ensemble": "sparsities", "acdc": "acdc_thresholds",
+            "algorithm1": "alg1_thresholds"}
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -65,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", type=_methods, default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
     parser.add_argument("--n", type=positive_int, default=64,
                         help="examples drawn from the task; each is paired with a shuffled same-length counterfactual")
-    parser.add_argument("--sparsities", type=_floats, default="0.9,0.95", help="edge sparsities for edge pruning and EAP")
+    parser.add_argument("--sparsities", type=_floats, default="0.9,0.95", help="edge sparsities for edge pruning, EAP, EAP-IG and the ensemble")
     parser.add_argument("--steps", type=positive_int, default=300, help="edge-pruning optimisation steps")
     parser.add_argument("--acdc-thresholds", type=_floats, default="0.01", help="ACDC's KL thresholds τ")
     parser.add_argument("--alg1-thresholds", type=_floats, default="0.01", help="Algorithm 1's KL thresholds α")

@@ -2,6 +2,7 @@
 
     circuit = eigenfast.edge_prune(model, clean, corrupted, target_sparsity=0.95, steps=300)
     circuit = eigenfast.edges.run(model, clean, corrupted, "eap", EdgeOptions(target_sparsity=0.9))
+    circuit = eigenfast.eap(model, clean, corrupted, method="ig-inputs", faithfulness=0.9)   # EAP-IG, a target
     circuit.edges, circuit.heads, circuit.mlps, circuit.report
     smaller = eigenfast.edges.extract_nodes(model, circuit, corrupted)   # smaller.model, smaller.save(folder)
     report = eigenfast.edges.evaluate_faithfulness(model, clean, corrupted, "eap", resamples=10)  # MIB CPR/CMD
@@ -12,6 +13,7 @@ from .benchmark import FaithfulnessReport, evaluate_faithfulness
 from .corrupt import corrupt_by_shuffling
 from .eap import eap
 from .edge_prune import edge_prune
+from .ensemble import average_ranks
 from .evaluate import EdgeCircuit, EdgeReport, evaluate_circuit, roc_auc, true_edges
 from .extraction import NodeCircuitResult, extract_nodes
 from .faithfulness import FaithfulnessCurve, faithfulness_curve
@@ -35,6 +37,7 @@ __all__ = [
     "ReaderGroup",
     "Stability",
     "acdc",
+    "average_ranks",
     "corrupt_by_shuffling",
     "eap",
     "edge_prune",

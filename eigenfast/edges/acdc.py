@@ -8,6 +8,8 @@ resumes the masked forward at ``l`` from the cached writer differences below it.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -16,6 +18,7 @@ from ..runtime import distributed
 from ..runtime.deprecation import renamed_keywords
 from ..runtime.metrics import kl_divergence
 from ..runtime.progress import progress_bar
+from . import target
 from .evaluate import EdgeCircuit, PreparedTask
 from .graph import EdgeGraph
 from .masked_forward import EdgeForward, Prepared
@@ -48,8 +51,21 @@ def mean_kl(forward: EdgeForward, batches: list[Prepared], edges: torch.Tensor, 
     return float(total / n)
 
 
-@torch.no_grad()
+# The τ interval a target's bisection searches (log scale): from nearly every edge kept to nearly none.
+TAU_RANGE = (1e-6, 1.0)
+
+
 def search(task: PreparedTask, options: EdgeOptions) -> Found:
+    """ACDC at τ = ``options.threshold``, or τ bisected for the sparsest circuit that reaches the target."""
+    if options.threshold is not None:
+        return greedy(task, options)
+    plain = replace(options, faithfulness=None, kl=None)
+    return target.bisect_knob(task, options, lambda tau: greedy(task, replace(plain, threshold=tau)), *TAU_RANGE,
+                              log=True)
+
+
+@torch.no_grad()
+def greedy(task: PreparedTask, options: EdgeOptions) -> Found:
     """ACDC over the edge graph with KL threshold τ = ``options.threshold``; one masked forward per edge."""
     forward, graph, batches = task.forward, task.graph, task.batches
     prefixes = [forward.differences(b) for b in batches]
@@ -87,11 +103,19 @@ def acdc(
     model: nn.Module,
     clean: "TaskData | dict",
     corrupted: "TaskData | dict",
-    threshold: float = 0.01,
+    threshold: float | None = None,
+    faithfulness: float | None = None,
+    kl: float | None = None,
+    search_runs: int = 6,
     batch_size: int = 32,
     progress: bool = True,
     evaluate: bool = True,
 ) -> EdgeCircuit:
-    """ACDC over the edge graph with KL threshold τ = ``threshold``; one masked forward per edge."""
-    options = EdgeOptions(batch_size=batch_size, threshold=threshold, progress=progress, evaluate=evaluate)
+    """ACDC over the edge graph with KL threshold τ = ``threshold``; one masked forward per edge.
+
+    Without ``threshold``, τ is bisected (log scale, ``search_runs`` whole runs) for the
+    sparsest circuit that reaches ``faithfulness`` (default 0.99) or ``kl``.
+    """
+    options = EdgeOptions(batch_size=batch_size, threshold=threshold, faithfulness=faithfulness, kl=kl,
+                          search_runs=search_runs, progress=progress, evaluate=evaluate)
     return run_method(model, clean, corrupted, METHOD, options)

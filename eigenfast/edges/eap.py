@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from ..data.task_data import TaskData
+from ..errors import ArgumentError
 from ..runtime import distributed
 from ..runtime.deprecation import renamed_keywords
 from ..runtime.progress import progress
+from . import eap_ig, target
 from .evaluate import EdgeCircuit, PreparedTask
 from .masked_forward import EdgeForward, Prepared
 from .options import EdgeOptions
@@ -35,16 +37,13 @@ def edge_attributions(forward: EdgeForward, batches: list[Prepared], desc: str |
 
 
 def search(task: PreparedTask, options: EdgeOptions) -> Found:
-    """Keep the ``(1 − target_sparsity)`` fraction of edges with the largest ``|attribution|``."""
+    """Rank edges by ``|attribution|``; keep a fraction of them or the fewest that reach the target."""
     attributions = edge_attributions(task.forward, task.batches, "EAP: batches" if options.progress else None)
-    scores = attributions.abs().float()
-    k = int(round((1.0 - options.target_sparsity) * task.graph.n_edges))
-    kept = torch.zeros(task.graph.n_edges, dtype=torch.bool)
-    kept[torch.argsort(scores, descending=True, stable=True)[:k]] = True
-    return Found(kept, scores)
+    return target.choose(task, attributions.abs().float(), options)
 
 
 METHOD = EdgeMethod("eap", "EAP", "target_sparsity", "s", search)
+VARIANTS = {"eap": METHOD, "ig-inputs": eap_ig.INPUTS, "ig-activations": eap_ig.ACTIVATIONS}
 
 
 @renamed_keywords(clean_data="clean", corrupted_data="corrupted")
@@ -52,12 +51,23 @@ def eap(
     model: nn.Module,
     clean: "TaskData | dict",
     corrupted: "TaskData | dict",
-    target_sparsity: float = 0.95,
+    target_sparsity: float | None = None,
+    method: str = "eap",
+    steps: int = 5,
+    faithfulness: float | None = None,
+    kl: float | None = None,
     batch_size: int = 32,
     progress: bool = True,
     evaluate: bool = True,
 ) -> EdgeCircuit:
-    """EAP: keep the ``(1 − target_sparsity)`` fraction of edges with the largest ``|attribution|``."""
-    options = EdgeOptions(batch_size=batch_size, target_sparsity=target_sparsity, progress=progress,
-                          evaluate=evaluate)
-    return run_method(model, clean, corrupted, METHOD, options)
+    """EAP (``method="eap"``) or EAP-IG (``"ig-inputs"``, ``"ig-activations"``, ``steps`` points on the path).
+
+    Edges are ranked by ``|score|``. With ``target_sparsity`` the ``(1 − target_sparsity)``
+    fraction is kept; otherwise the fewest top edges whose circuit reaches ``faithfulness``
+    (default 0.99) or ``kl`` (docs/EDGES.md, "Targets").
+    """
+    if method not in VARIANTS:
+        raise ArgumentError(f"unknown EAP method {method!r}; choose from {', '.join(VARIANTS)}")
+    options = EdgeOptions(batch_size=batch_size, target_sparsity=target_sparsity, ig_steps=steps,
+                          faithfulness=faithfulness, kl=kl, progress=progress, evaluate=evaluate)
+    return run_method(model, clean, corrupted, VARIANTS[method], options)

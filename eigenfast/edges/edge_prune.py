@@ -1,15 +1,19 @@
 """Edge Pruning (docs/EDGES.md): learn hard-concrete masks on edges and nodes against KL to the full model."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from ..data.task_data import TaskData
+from ..errors import ArgumentError
 from ..runtime import distributed
 from ..runtime.deprecation import renamed_keywords
 from ..runtime.metrics import kl_divergence
 from ..runtime.progress import progress_bar
-from . import hard_concrete
+from . import hard_concrete, target
+from .ensemble import rank_normalised
 from .evaluate import EdgeCircuit, PreparedTask
 from .options import EdgeOptions
 from .runner import EdgeMethod, Found, run_method
@@ -23,12 +27,31 @@ def round_masks(edges: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return kept
 
 
+def initial_log_alpha(options: EdgeOptions, n_edges: int, generator: torch.Generator) -> torch.Tensor:
+    """``init_log_alpha`` for every edge (plus a little noise), or with ``init_scores`` from +a (best) to −a (worst)."""
+    noise = 0.01 * torch.randn(n_edges, generator=generator)
+    if options.init_scores is None:
+        return options.init_log_alpha + noise
+    return options.init_log_alpha * (2 * rank_normalised(options.init_scores) - 1) + noise
+
+
 def search(task: PreparedTask, options: EdgeOptions) -> Found:
+    """Learn the masks at ``target_sparsity``, or bisect it for the sparsest circuit that reaches the target."""
+    if options.init_scores is not None and len(options.init_scores) != task.graph.n_edges:
+        raise ArgumentError(f"init_scores has {len(options.init_scores)} entries but the model's edge graph has "
+                            f"{task.graph.n_edges} edges: pass scores found on this model (circuit.scores)")
+    if options.target_sparsity is not None:
+        return learn(task, options)
+    plain = replace(options, faithfulness=None, kl=None)
+    return target.bisect_knob(task, options, lambda s: learn(task, replace(plain, target_sparsity=s)), 0.0, 1.0)
+
+
+def learn(task: PreparedTask, options: EdgeOptions) -> Found:
     """Learn the masks over the prepared batches, one batch per step (each rank its slice of it)."""
     graph, forward, batches = task.graph, task.forward, task.batches
     generator = torch.Generator().manual_seed(options.seed)
     device = batches[0].clean.logits.device
-    edge_alpha = (options.init_log_alpha + 0.01 * torch.randn(graph.n_edges, generator=generator)).to(device)
+    edge_alpha = initial_log_alpha(options, graph.n_edges, generator).to(device)
     node_alpha = torch.full((graph.n_writers,), float(options.init_log_alpha), device=device)
     edge_alpha.requires_grad_(True)
     node_alpha.requires_grad_(options.node_masks)
@@ -81,7 +104,7 @@ def edge_prune(
     model: nn.Module,
     clean: "TaskData | dict",
     corrupted: "TaskData | dict",
-    target_sparsity: float = 0.95,
+    target_sparsity: float | None = None,
     steps: int = 300,
     batch_size: int = 32,
     lr: float = 0.1,
@@ -90,6 +113,10 @@ def edge_prune(
     init_log_alpha: float = 3.0,
     node_masks: bool = True,
     seed: int = 0,
+    faithfulness: float | None = None,
+    kl: float | None = None,
+    init_scores: torch.Tensor | None = None,
+    search_runs: int = 6,
     progress: bool = True,
     evaluate: bool = True,
 ) -> EdgeCircuit:
@@ -100,11 +127,16 @@ def edge_prune(
     ``ramp`` fraction of ``steps``, and λ rises by gradient ascent (``lambda_lr``).
     Edges and (with ``node_masks``) writer nodes each carry a mask; an edge counts as
     present when both do. At the end the expected masks are rounded so the kept
-    fraction equals their mean. ``clean`` and ``corrupted`` pair up row by
+    fraction equals their mean. Without ``target_sparsity`` it is bisected over
+    ``search_runs`` whole runs for the sparsest circuit that reaches ``faithfulness``
+    (default 0.99) or ``kl``. ``init_scores`` (another method's ``circuit.scores``)
+    starts the best-ranked edges' masks on and the worst off instead of all on.
+    ``clean`` and ``corrupted`` pair up row by
     row (same lengths and padding); the corrupted run supplies the counterfactual
     activations. With ``evaluate`` the result carries a report on the same batches.
     """
     options = EdgeOptions(batch_size=batch_size, target_sparsity=target_sparsity, steps=steps, lr=lr,
                           lambda_lr=lambda_lr, ramp=ramp, init_log_alpha=init_log_alpha, node_masks=node_masks,
-                          seed=seed, progress=progress, evaluate=evaluate)
+                          seed=seed, faithfulness=faithfulness, kl=kl, init_scores=init_scores,
+                          search_runs=search_runs, progress=progress, evaluate=evaluate)
     return run_method(model, clean, corrupted, METHOD, options)

@@ -188,6 +188,7 @@ class EdgeForward:
         nodes: torch.Tensor | None = None,
         start_layer: int = 0,
         prefix: torch.Tensor | None = None,
+        probe: "Probe | None" = None,
     ) -> torch.Tensor:
         """Last-token logits ``(B, V)`` with edge masks ``(E,)`` and optional writer node masks ``(W,)``.
 
@@ -195,6 +196,8 @@ class EdgeForward:
         the counterfactual. With ``start_layer`` > 0 the run resumes there from ``prefix``,
         the differences ``y − ỹ`` of the writers before it (see :meth:`differences`); only
         masks of edges into layers ≥ ``start_layer`` (and the logits) then matter.
+        With ``probe`` the backward also gives ``∂L/∂x_i · probe.differences_j`` per edge
+        in ``probe.weights.grad`` (see :class:`Probe`); the logits do not change.
         """
         graph, adapter, ctx, cf = self.graph, self.adapter, prepared.clean, prepared.corrupted
         if edges.shape != (graph.n_edges,):
@@ -217,14 +220,22 @@ class EdgeForward:
                 readers = groups[g].n_readers + groups[g + 1].n_readers + groups[g + 2].n_readers
                 z = edges[offsets[g] : offsets[g + 3]].view(readers, first)
                 x = _mix(cf.stages[2 * layer], z, delta)
+                if probe is not None:
+                    x = probe.attach(x, offsets[g], offsets[g + 3], first)
                 heads = self._attention(layer, ctx, adapter.attn_norm(layer)(x))
                 mlp_reads = groups[g + 3].n_writers
                 delta = torch.cat([delta, heads - cf.writers[first : first + adapter.n_heads]])
                 z = edges[offsets[g + 3] : offsets[g + 4]].view(1, mlp_reads)
-                x = _mix(cf.stages[2 * layer + 1], z, delta[:mlp_reads])[0]
+                x = _mix(cf.stages[2 * layer + 1], z, delta[:mlp_reads])
+                if probe is not None:
+                    x = probe.attach(x, offsets[g + 3], offsets[g + 4], mlp_reads)
+                x = x[0]
                 mlp = adapter.mlp(layer)(adapter.mlp_norm(layer)(x))
                 delta = torch.cat([delta, (mlp - cf.writers[graph.mlp_writer(layer)]).unsqueeze(0)])
-        x = _mix(cf.stages[-1], edges[offsets[-2] :].view(1, -1), delta[:, :, -1])[0]
+        x = _mix(cf.stages[-1], edges[offsets[-2] :].view(1, -1), delta[:, :, -1])
+        if probe is not None:
+            x = probe.attach(x, offsets[-2], offsets[-1], graph.n_writers, last=True)
+        x = x[0]
         return _at_least_float32(adapter.lm_head()(adapter.final_norm()(x)))
 
     @torch.no_grad()
@@ -292,6 +303,42 @@ class EdgeForward:
         finally:
             for path, module in originals.items():
                 _set_submodule(self.model, path, module)
+
+
+class _Attributed(torch.autograd.Function):
+    """Identity on a reader group's inputs ``(R, ...)``; its backward dots their gradient with fixed differences.
+
+    The gradient reaching ``weights`` ``(R, W)`` is ``Σ ∂L/∂x_r · differences_w``: the EAP
+    product for writer ``w``'s fixed ``y − ỹ``, whatever the forward mixed in (an
+    integrated-gradients step runs the model off the clean point but scores the clean one).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weights: torch.Tensor, differences: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(differences)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        (differences,) = ctx.saved_tensors
+        products = grad.flatten(1).to(differences.dtype) @ differences.flatten(1).T  # (R, W)
+        return grad, products.float(), None
+
+
+@dataclass
+class Probe:
+    """Per-edge weights ``(E,)`` (ones, requiring grad) and every writer's fixed difference ``(W, B, T, d)``.
+
+    Passed to :meth:`EdgeForward.logits`, it leaves the logits alone and after the backward
+    ``weights.grad`` holds ``∂L/∂x_i · differences_j`` for every edge ``j → i``.
+    """
+
+    weights: torch.Tensor
+    differences: torch.Tensor
+
+    def attach(self, x: torch.Tensor, start: int, stop: int, n_writers: int, last: bool = False) -> torch.Tensor:
+        differences = self.differences[:n_writers, :, -1] if last else self.differences[:n_writers]
+        return _Attributed.apply(x, self.weights[start:stop].view(len(x), n_writers), differences)
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import ArgumentError
+
+# The target when no knob (target_sparsity, threshold) and no other target is given.
+DEFAULT_FAITHFULNESS = 0.99
 
 
 @dataclass(frozen=True)
@@ -13,12 +18,25 @@ class EdgeOptions:
 
     Each method reads the fields it needs: Edge Pruning and EAP ``target_sparsity``,
     ACDC (and Algorithm 1 in the comparison) ``threshold``, Edge Pruning the
-    optimisation fields. ``evaluate`` adds a report on the same batches the method read.
+    optimisation fields, EAP-IG ``ig_steps``. ``evaluate`` adds a report on the same
+    batches the method read.
+
+    Without a knob (``target_sparsity`` or ``threshold`` left ``None``) a method looks
+    for the smallest circuit that reaches a target (edges/target.py): ``faithfulness``
+    (the answer's probability, normalised between the corrupted run and the full
+    model) or ``kl`` (KL(f‖circuit) at most this), by default faithfulness
+    ``DEFAULT_FAITHFULNESS``. Edge Pruning and ACDC bisect their knob in
+    ``search_runs`` runs. ``init_scores`` ``(E,)`` starts Edge Pruning's masks from
+    another method's edge scores (higher means more important).
     """
 
     batch_size: int = 32
-    target_sparsity: float = 0.95
-    threshold: float = 0.01
+    target_sparsity: float | None = None
+    threshold: float | None = None
+    faithfulness: float | None = None
+    kl: float | None = None
+    search_runs: int = 6
+    ig_steps: int = 5
     steps: int = 300
     lr: float = 0.1
     lambda_lr: float = 1.0
@@ -28,20 +46,38 @@ class EdgeOptions:
     seed: int = 0
     progress: bool = True
     evaluate: bool = True
+    init_scores: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ArgumentError(f"batch_size must be an integer >= 1 (examples per forward), got {self.batch_size!r}")
-        if not 0.0 <= self.target_sparsity <= 1.0:  # NaN fails this too
+        for name, meaning in (("batch_size", "examples per forward"), ("steps", "edge-pruning optimisation steps"),
+                              ("search_runs", "runs of a knob bisection"), ("ig_steps", "integrated-gradients steps")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ArgumentError(f"{name} must be an integer >= 1 ({meaning}), got {value!r}")
+        if self.target_sparsity is not None and not 0.0 <= self.target_sparsity <= 1.0:  # NaN fails this too
             raise ArgumentError(
                 f"target_sparsity must be in [0, 1] (the fraction of edges removed), got {self.target_sparsity}"
             )
-        if not self.threshold >= 0:
+        if self.threshold is not None and not self.threshold >= 0:
             raise ArgumentError(
                 f"threshold must be a number >= 0 (the KL increase an edge must cause to stay), got {self.threshold}"
             )
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ArgumentError(f"steps must be an integer >= 1 (edge-pruning optimisation steps), got {self.steps!r}")
+        if self.faithfulness is not None and not 0.0 < self.faithfulness <= 1.0:
+            raise ArgumentError(f"faithfulness must be in (0, 1] (the share of the full model's answer probability "
+                                f"over the corrupted run's the circuit must keep), got {self.faithfulness}")
+        if self.kl is not None and not (self.kl > 0 and math.isfinite(self.kl)):
+            raise ArgumentError(f"kl must be a finite number > 0 (the largest KL(f||circuit) allowed), got {self.kl}")
+        targets = [n for n in ("faithfulness", "kl") if getattr(self, n) is not None]
+        knobs = [n for n in ("target_sparsity", "threshold") if getattr(self, n) is not None]
+        if len(targets) == 2 or (targets and knobs):
+            raise ArgumentError(f"{' and '.join(knobs + targets)} are both set: give one target (faithfulness or kl) "
+                                "or one knob (target_sparsity or threshold), not several")
+        if self.init_scores is not None and (
+            not isinstance(self.init_scores, torch.Tensor) or self.init_scores.dim() != 1
+            or not bool(torch.isfinite(self.init_scores).all())
+        ):
+            raise ArgumentError("init_scores must be a 1-D tensor of finite edge scores (one per edge of the graph, "
+                                "e.g. another method's circuit.scores)")
         if not 0.0 < self.ramp <= 1.0:
             raise ArgumentError(
                 f"ramp (the fraction of steps over which the target rises) must be in (0, 1], got {self.ramp}"
@@ -53,3 +89,10 @@ class EdgeOptions:
         if not math.isfinite(self.init_log_alpha):
             raise ArgumentError(f"init_log_alpha must be a finite number (the masks' starting logit), got "
                                 f"{self.init_log_alpha}")
+
+    @property
+    def target(self) -> tuple[str, float]:
+        """The target a method without its knob searches for: ("faithfulness", x) or ("kl", x)."""
+        if self.kl is not None:
+            return "kl", float(self.kl)
+        return "faithfulness", float(DEFAULT_FAITHFULNESS if self.faithfulness is None else self.faithfulness)

@@ -9,12 +9,15 @@ from ..data.task_data import TaskData
 from ..errors import ArgumentError
 from .acdc import METHOD as ACDC
 from .eap import METHOD as EAP
+from .eap_ig import ACTIVATIONS as EAP_IG_ACTIVATIONS
+from .eap_ig import INPUTS as EAP_IG_INPUTS
+from .ensemble import ENSEMBLE
 from .edge_prune import METHOD as EDGE_PRUNE
 from .evaluate import EdgeCircuit
 from .options import EdgeOptions
 from .runner import EdgeMethod, run_method
 
-METHODS: Mapping[str, EdgeMethod] = {m.name: m for m in (EDGE_PRUNE, EAP, ACDC)}
+METHODS: Mapping[str, EdgeMethod] = {m.name: m for m in (EDGE_PRUNE, EAP, EAP_IG_INPUTS, EAP_IG_ACTIVATIONS, ENSEMBLE, ACDC)}
 
 
 def method_named(name: str, methods: Mapping[str, EdgeMethod] = METHODS) -> EdgeMethod:

@@ -103,3 +103,21 @@ def naive_eap(model, clean: TaskData, corrupted: TaskData) -> torch.Tensor:
     logits, writers, inputs = naive_run(model, clean, lambda w, r: 1.0, None)
     torch.nn.functional.cross_entropy(logits, clean.labels).backward()
     return torch.tensor([float(((cf[w] - writers[w].detach()) * inputs[r].grad).sum()) for w, r in graph.edge_names])
+
+
+def naive_integrated(model, clean: TaskData, corrupted: TaskData, nodes: list[set[str]], alphas: list[float]) -> torch.Tensor:
+    """EAP-IG written out: for each node set and α, that set's writers read ``ỹ + α(y − ỹ)`` everywhere,
+    ∂L/∂x of every reader is taken by autograd, averaged, and dotted with the clean-minus-corrupted difference."""
+    graph = EdgeGraph.of(get_adapter(model))
+    with torch.no_grad():
+        _, cf, _ = naive_run(model, corrupted, lambda w, r: 1.0, None)
+        _, full, _ = naive_run(model, clean, lambda w, r: 1.0, None)
+    gradients: dict[str, torch.Tensor] = {}
+    for moving in nodes:
+        for alpha in alphas:
+            logits, _, inputs = naive_run(model, clean, lambda w, r: alpha if w in moving else 1.0, cf)
+            torch.nn.functional.cross_entropy(logits, clean.labels).backward()
+            for reader, x in inputs.items():
+                gradients[reader] = gradients.get(reader, 0) + x.grad / (len(nodes) * len(alphas))
+    return torch.tensor([float(((cf[w] - full[w]) * gradients[r]).sum()) for w, r in graph.edge_names],
+                        dtype=torch.float64)

@@ -89,7 +89,7 @@ def test_bad_inputs_are_refused_before_any_work():
         eigenfast.acdc(model, clean, clean, threshold=-1, progress=False)
     with pytest.raises(ValueError, match="threshold"):
         eigenfast.acdc(model, clean, clean, threshold=float("nan"), progress=False)
-    circuit = eigenfast.eap(model, clean, clean, progress=False, evaluate=False)
+    circuit = eigenfast.eap(model, clean, clean, target_sparsity=0.9, progress=False, evaluate=False)
     with pytest.raises(ValueError, match="patch_data"):
         extract_nodes(model, circuit, None)
     with pytest.raises(eigenfast.ArgumentError, match="extrapolate must be one of"):

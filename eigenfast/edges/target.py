@@ -1,0 +1,139 @@
+"""The smallest circuit that reaches a target: faithfulness or KL, found over a method's own knob.
+
+Faithfulness is MIB's normalised score ``(m(C) − m(∅)) / (m(M) − m(∅))``: ``m`` is the
+mean probability of the clean answer, ``M`` the full model, ``∅`` the empty circuit
+(every edge takes its counterfactual: the corrupted run), ``C`` the circuit with the
+other edges patched. Score methods rank their edges once and bisect the number kept
+(about log2(E) masked forwards); Edge Pruning and ACDC bisect their knob, one whole
+run per probe, ``search_runs`` runs in all.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ..errors import DataError
+from ..runtime import distributed
+from ..runtime.metrics import kl_divergence
+from .evaluate import PreparedTask
+from .masked_forward import EdgeForward, Prepared
+from .options import EdgeOptions
+from .runner import Found
+
+
+def answer_probability(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The clean answer's probability per example ``(B,)``: the metric ``m`` of faithfulness."""
+    return torch.softmax(logits.float(), -1).gather(-1, labels.view(-1, 1)).squeeze(-1)
+
+
+class Judge:
+    """Faithfulness and KL of circuits on a prepared task's batches (summed over every rank)."""
+
+    def __init__(self, task: PreparedTask) -> None:
+        self.forward: EdgeForward = task.forward
+        self.batches: list[Prepared] = task.batches
+        sums = torch.zeros(3, dtype=torch.float64)  # m(M), m(∅), examples
+        for b in self.batches:
+            sums += torch.tensor([float(answer_probability(b.clean.logits, b.clean.labels).sum()),
+                                  float(answer_probability(b.corrupted.logits, b.clean.labels).sum()),
+                                  len(b.clean.labels)], dtype=torch.float64)
+        full, empty, n = distributed.summed(sums).tolist()
+        self.full, self.empty = full / n, empty / n
+        self.evaluations = 0
+
+    def check(self, kind: str) -> None:
+        """Refuse a faithfulness target the data cannot define (before any search runs)."""
+        if kind == "faithfulness" and not abs(self.full - self.empty) > 1e-6:
+            raise DataError(
+                f"faithfulness is undefined here: the answer's mean probability is {self.full:.6g} with the clean "
+                f"inputs and {self.empty:.6g} with the corrupted ones; use corrupted inputs that change the answer, "
+                "or ask for a KL target (kl=...) or give the method's knob (target_sparsity, threshold)"
+            )
+
+    @torch.no_grad()
+    def measure(self, kept: torch.Tensor) -> tuple[float, float]:
+        """(faithfulness, KL(f‖C)) of the circuit ``kept`` ``(E,)`` bool."""
+        self.evaluations += 1
+        sums = torch.zeros(3, dtype=torch.float64)  # m(C), KL, examples
+        for b in self.batches:
+            logits = self.forward.logits(b, kept.to(b.clean.logits.device).float())
+            sums += torch.tensor([float(answer_probability(logits, b.clean.labels).sum()),
+                                  float(kl_divergence(torch.log_softmax(b.clean.logits, -1), logits).sum()),
+                                  len(logits)], dtype=torch.float64)
+        metric, kl, n = distributed.summed(sums).tolist()
+        return (metric / n - self.empty) / (self.full - self.empty), kl / n
+
+    def reaches(self, kept: torch.Tensor, options: EdgeOptions) -> bool:
+        kind, goal = options.target
+        faithfulness, kl = self.measure(kept)
+        return faithfulness >= goal if kind == "faithfulness" else kl <= goal
+
+
+def top(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` edges with the highest scores (ties by index), ``(E,)`` bool."""
+    kept = torch.zeros(len(scores), dtype=torch.bool)
+    kept[torch.argsort(scores.cpu(), descending=True, stable=True)[:n]] = True
+    return kept
+
+
+def smallest_top(task: PreparedTask, scores: torch.Tensor, options: EdgeOptions) -> Found:
+    """The fewest top-scored edges whose circuit reaches ``options.target``, by bisection over their number.
+
+    Bisection assumes that keeping more edges never loses the target; the full graph
+    always reaches it (faithfulness 1, KL 0). Each probe is one masked forward per batch.
+    """
+    judge = Judge(task)
+    judge.check(options.target[0])
+    low, high = 0, len(scores)  # top(low) is not known to reach the target, top(high) does
+    trace = []
+    while high - low > 1:
+        middle = (low + high) // 2
+        reached = judge.reaches(top(scores, middle), options)
+        trace.append({"kept": middle, "reached": float(reached)})
+        low, high = (low, middle) if reached else (middle, high)
+    if low == 0 and judge.reaches(top(scores, 0), options):
+        high = 0
+    return Found(top(scores, high), scores, trace)
+
+
+def bisect_knob(
+    task: PreparedTask,
+    options: EdgeOptions,
+    run: Callable[[float], Found],
+    low: float,
+    high: float,
+    log: bool = False,
+) -> Found:
+    """The circuit of the largest knob in ``[low, high]`` (larger = sparser) that reaches ``options.target``.
+
+    ``run(knob)`` is one whole run of the method; there are ``options.search_runs`` of
+    them, each halving the interval (in log space with ``log``). When none reaches the
+    target the full graph is returned: it always does.
+    """
+    judge = Judge(task)
+    judge.check(options.target[0])
+    to = (lambda v: math.log(v)) if log else (lambda v: v)
+    back = (lambda v: math.exp(v)) if log else (lambda v: v)
+    a, b = to(low), to(high)
+    best, trace = None, []
+    for _ in range(options.search_runs):
+        knob = back((a + b) / 2)
+        found = run(knob)
+        reached = judge.reaches(found.kept, options)
+        trace.append({"knob": knob, "kept": float(found.kept.sum()), "reached": float(reached)})
+        if reached:
+            best, a = found, to(knob)
+        else:
+            b = to(knob)
+    if best is None:
+        best = Found(torch.ones(task.graph.n_edges, dtype=torch.bool), found.scores)
+    return Found(best.kept, best.scores, trace)
+
+
+def choose(task: PreparedTask, scores: torch.Tensor, options: EdgeOptions) -> Found:
+    """A score method's circuit: the ``(1 − target_sparsity)`` best edges, or the fewest that reach the target."""
+    if options.target_sparsity is not None:
+        return Found(top(scores, int(round((1.0 - options.target_sparsity) * len(scores)))), scores)
+    return smallest_top(task, scores, options)
