@@ -93,7 +93,10 @@ $(LLAMA_WHEEL): $(PYTHON)
 .PHONY: install demo test test-oldest test-latest bench bench-gpu
 install: $(STAMP)
 
-demo: $(STAMP)
+# The demo needs no llama.cpp: a first `make demo` installs without the [gguf] extra (the same
+# stamp, so a later `make test` sees the wheel missing, builds it and installs the extra).
+demo:
+	@$(MAKE) --no-print-directory GGUF=0 install
 	$(PYTHON) -m eigenfast.cli demo
 
 test: $(STAMP)
