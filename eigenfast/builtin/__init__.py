@@ -20,6 +20,8 @@ from ..runtime.progress import transformers_bars_off
 BUILTIN_MODELS: dict[str, str] = {
     "int_sum_gpt2": "4-layer GPT-2 (d_model 128) trained on the int_sum train split; "
     "stopped early at about 54% test accuracy so pruning has room to help",
+    "int_sum_llama": "4-layer Llama (d_model 128, 4 query heads sharing 2 KV heads, SwiGLU, RoPE, biases on) "
+    "trained like int_sum_gpt2 on the int_sum train split; stopped early at about 51% test accuracy",
     "mix_gpt2": "4-layer GPT-2 (d_model 96) pretrained on a synthetic mix (sums and products in other "
     "formats, induction over other numbers, filler text); never tuned on the table's task formats",
     "conflict_gpt2": "4-layer GPT-2 (d_model 96) that learned sums and products as 'a + b is', while after "
@@ -33,7 +35,7 @@ BUILTIN_MODELS: dict[str, str] = {
 
 _HERE = Path(__file__).resolve().parent
 # The module under eigenfast.builtin whose ``--out DIR`` run rebuilds each model.
-_TRAINERS = {"int_sum_gpt2": "train", "mix_gpt2": "train_mix", "conflict_gpt2": "train_conflict",
+_TRAINERS = {"int_sum_gpt2": "train", "int_sum_llama": "train_llama", "mix_gpt2": "train_mix", "conflict_gpt2": "train_conflict",
              "conflict2_gpt2": "train_conflict2",
              "conflict3_gpt2": "train_conflict3"}
 
@@ -69,7 +71,7 @@ def heldout_task(name: str, task: str, tokenizer: Any) -> TaskData:
     """A task's examples that the built-in model ``name`` never trained on (the pruning table uses only these)."""
     from eigenfast.data.tasks import TASKS
 
-    if name == "int_sum_gpt2":
+    if name in ("int_sum_gpt2", "int_sum_llama"):
         from .train import int_sum_split
 
         if task == "int_sum":

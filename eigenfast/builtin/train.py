@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from tqdm.auto import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerFast
 
 from eigenfast.builtin.tokenizer import build_tokenizer
 from eigenfast.data.task_data import TaskData, from_pairs, int_sum_pairs
@@ -52,16 +52,19 @@ def make_deterministic(seed: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
+def config_fields(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    """What every built-in's HF config takes from the tokenizer, whatever the architecture."""
+    return {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "attn_implementation": "eager",
+    }
+
+
 def build_model(tokenizer: PreTrainedTokenizerFast, architecture: dict[str, Any] = ARCHITECTURE) -> GPT2LMHeadModel:
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        attn_implementation="eager",
-        **architecture,
-    )
-    return GPT2LMHeadModel(config)
+    return GPT2LMHeadModel(GPT2Config(**config_fields(tokenizer), **architecture))
 
 
 def int_sum_split(tokenizer: Any) -> tuple[TaskData, TaskData]:
@@ -96,7 +99,7 @@ class Fit:
 
 
 def fit(
-    model: GPT2LMHeadModel,
+    model: PreTrainedModel,
     train_data: TaskData,
     evals: dict[str, TaskData],
     seed: int,
@@ -153,25 +156,36 @@ def versions() -> dict[str, str]:
     return {"torch_version": torch.__version__, "transformers_version": transformers.__version__}
 
 
-def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str, Any]:
-    """Train, save model + tokenizer + ``training.json`` into ``out``; return the record."""
+def train(
+    out: str | Path,
+    seed: int = 0,
+    steps: int | None = None,
+    *,
+    name: str = "int_sum_gpt2",
+    build: Callable[[PreTrainedTokenizerFast, dict[str, Any]], PreTrainedModel] = build_model,
+    architecture: dict[str, Any] = ARCHITECTURE,
+    epochs: int = EPOCHS,
+    notes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``build(tokenizer, architecture)`` on the int_sum train split, save model + tokenizer +
+    ``training.json`` into ``out``; return the record. ``notes`` join the recorded hyperparameters."""
     make_deterministic(seed)
     tokenizer = build_tokenizer()
     train_data, test_data = int_sum_split(tokenizer)
-    model = build_model(tokenizer)
-    run = fit(model, train_data, {"train": train_data, "test": test_data}, seed, EPOCHS, steps, "int_sum_gpt2")
+    model = build(tokenizer, architecture)
+    run = fit(model, train_data, {"train": train_data, "test": test_data}, seed, epochs, steps, name)
 
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     record = {
-        "model": "int_sum_gpt2",
+        "model": name,
         "task": "int_sum",
         "seed": seed,
         "split": {"train_fraction": TRAIN_FRACTION, "seed": SPLIT_SEED, "train": len(train_data), "test": len(test_data)},
         "steps": run.steps,
         "steps_per_epoch": run.steps_per_epoch,
-        "hyperparameters": hyperparameters(tokenizer, ARCHITECTURE, run),
+        "hyperparameters": {**hyperparameters(tokenizer, architecture, run), **(notes or {})},
         "final_train_accuracy": run.history[-1]["train_accuracy"],
         "final_test_accuracy": run.history[-1]["test_accuracy"],
         "history": run.history,
@@ -182,18 +196,20 @@ def train(out: str | Path, seed: int = 0, steps: int | None = None) -> dict[str,
     return record
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None, train_model: Callable[..., dict[str, Any]] = train,
+         doc: str = __doc__, epochs: int = EPOCHS) -> None:
+    """The ``--out/--seed/--steps`` command line of an int_sum trainer (``train_model`` takes those three)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="folder to write the model, tokenizer and training.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--steps", type=int, default=None,
-        help=f"optimizer steps to run (default: {EPOCHS} epochs); the LR schedule is fitted to it",
+        help=f"optimizer steps to run (default: {epochs} epochs); the LR schedule is fitted to it",
     )
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
-    record = train(args.out, seed=args.seed, steps=args.steps)
+    record = train_model(args.out, seed=args.seed, steps=args.steps)
     print(
         f"saved {args.out}: train {record['final_train_accuracy']:.1%}, "
         f"test {record['final_test_accuracy']:.1%}, {record['train_seconds']:.0f} s"

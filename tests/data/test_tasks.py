@@ -85,10 +85,12 @@ def test_conflict_mix_holds_out_the_table_pairs_and_echoes_on_the_test_format(de
         assert any(f" {word} " in p for p, _ in examples) == design.word_format
 
 
-def test_int_sum_gpt2_held_out_int_sum_is_its_test_split():
+@pytest.mark.parametrize("name", ["int_sum_gpt2", "int_sum_llama"])
+def test_int_sum_models_held_out_int_sum_is_their_test_split(name):
     from eigenfast.builtin.train import int_sum_split
 
-    _, tokenizer = load_builtin("int_sum_gpt2")
-    held = heldout_task("int_sum_gpt2", "int_sum", tokenizer)
-    train, _ = int_sum_split(tokenizer)
+    _, tokenizer = load_builtin(name)
+    held = heldout_task(name, "int_sum", tokenizer)
+    train, test = int_sum_split(tokenizer)
     assert not set(held.prompts) & set(train.prompts)
+    assert held.prompts == test.prompts
