@@ -53,7 +53,9 @@ class Setting:
         return f"{train} then {rule}" if self.prune else train
 
 
-def default_settings(model_components: Sequence[str]) -> list[Setting]:
+def default_settings(
+    model_components: Sequence[str], estimates: Sequence[str] = ("linear", "ig", "verified"), baselines: bool = True,
+) -> list[Setting]:
     """Per component: the paper's rule (max over pairs) and the mean over pairs under each estimate;
     then the training baselines at equal data: fine-tune alone (the reference pipeline's lr and a
     tuned one), fine-tune then prune (the reference pipeline: k, shift pairs, max), and a low-rank
@@ -62,7 +64,9 @@ def default_settings(model_components: Sequence[str]) -> list[Setting]:
     settings = []
     for c in model_components:
         settings += [Setting((c,), "all", "max")]
-        settings += [Setting((c,), "all", "mean", estimate) for estimate in ("linear", "ig", "verified")]
+        settings += [Setting((c,), "all", "mean", estimate) for estimate in estimates]
+    if not baselines:
+        return settings
     first = (model_components[0],)
     reference = Setting(("k",), "shift", "max") if "k" in model_components else Setting(first, "all", "max")
     settings += [
