@@ -38,7 +38,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=_names, default=",".join(BUILTIN_MODELS),
-                        help="comma-separated built-in names or model directories (default: every built-in)")
+                        help="comma-separated built-in names or model directories")
     parser.add_argument("--tasks", type=_names, default=",".join(TABLE_TASKS),
                         help=f"comma-separated, from {', '.join(TABLE_TASKS)}")
     parser.add_argument("--seeds", type=_ints, default="0,1,2", help="seeds of the score/val/test split")
