@@ -13,6 +13,7 @@ from ..data.splits import task_parts
 from ..data.tasks import check_task, load_task
 from ..eigenprune.attribution import REDUCE
 from ..eigenprune.prune import DEFAULT_CANDIDATES, prune
+from ..eigenprune.scoring import ESTIMATES
 from ..rewrite.position_tables import EXTRAPOLATE
 from ..saving.loading import check_model_name, load_model
 from .arguments import (
@@ -24,6 +25,7 @@ from .arguments import (
     component,
     fraction,
     p_or_auto,
+    positive_int,
     print_parts,
 )
 
@@ -39,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="partners of each example in the score: every example, or the previous one in the batch")
     parser.add_argument("--reduce", choices=REDUCE, default="max",
                         help="how a term's score pools over pairs: the paper's max, or the mean")
+    parser.add_argument("--estimate", choices=ESTIMATES, default="linear",
+                        help="how a term's effect is estimated: first-order (linear), integrated gradients (ig: "
+                             "needs --reduce mean --pairs all), or checked by exact forwards (verified)")
+    parser.add_argument("--steps", type=positive_int, default=8,
+                        help="points on the integrated-gradients path (--estimate ig); 1 is the linear estimate")
     parser.add_argument("--extrapolate", choices=EXTRAPOLATE, default="mean",
                         help="what the position-indexed biases do past the scoring data's length")
     parser.add_argument("--candidates", type=comma_list(fraction), default=",".join(map(str, DEFAULT_CANDIDATES)),
@@ -61,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         components=args.components,
         pairs=args.pairs,
         reduce=args.reduce,
+        estimate=args.estimate,
+        steps=args.steps,
         batch_size=args.batch_size,
         extrapolate=args.extrapolate,
         candidates=args.candidates,

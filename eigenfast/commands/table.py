@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..builtin import BUILTIN_MODELS
 from ..data.task_data import TaskData
 from ..data.tasks import TASKS, load_task
+from ..eigenprune.scoring import ESTIMATES
 from ..eigenprune.table import Row, default_settings, markdown, plot, run_table
 from ..runtime import distributed
 from ..saving.loading import load_model
@@ -36,7 +38,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", type=_names, default="int_sum_gpt2,mix_gpt2,conflict_gpt2",
+    parser.add_argument("--models", type=_names, default=",".join(BUILTIN_MODELS),
                         help="comma-separated built-in names or model directories")
     parser.add_argument("--tasks", type=_names, default=",".join(TABLE_TASKS),
                         help=f"comma-separated, from {', '.join(TABLE_TASKS)}")
@@ -44,9 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=comma_list(fraction), default="0.01,0.05,0.1,0.3", help="p values")
     parser.add_argument("--components", type=comma_list(component), default=None,
                         help="component types to table, e.g. k,mlp_in (default: every one the model has)")
+    parser.add_argument("--estimates", type=comma_list(_estimate), default=",".join(ESTIMATES),
+                        help="estimates tabled with the mean over pairs (the paper's max is always tabled)")
+    parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                        help="also table the fine-tuning baselines (fine-tune alone, fine-tune then prune, low-rank)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="examples per forward pass")
     parser.add_argument("--out", type=Path, default=Path("docs/eigenpruning_table/table.md"),
                         help="Markdown file to write; the .json record and .png plot go beside it")
+
+
+def _estimate(text: str) -> str:
+    if text not in ESTIMATES:
+        raise argparse.ArgumentTypeError(f"unknown estimate {text!r}; choose from {', '.join(ESTIMATES)}")
+    return text
 
 
 def heldout(name: str, task: str, tokenizer: Any) -> TaskData:
@@ -63,6 +75,7 @@ def command_line(args: argparse.Namespace) -> str:
     parts = ["eigenfast", "table", "--models", ",".join(args.models), "--tasks", ",".join(args.tasks),
              "--seeds", ",".join(map(str, args.seeds)), "--candidates", ",".join(f"{p:g}" for p in args.candidates)]
     parts += ["--components", ",".join(args.components)] if args.components else []
+    parts += ["--estimates", ",".join(args.estimates)] + ([] if args.baselines else ["--no-baselines"])
     return " ".join(shlex.quote(p) for p in [*parts, "--out", str(args.out)])
 
 
@@ -90,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     check_writable_directory(Path(args.out).parent)  # before the minutes of work, not after
 
     def settings(components):
-        return default_settings([c for c in components if not args.components or c in args.components])
+        chosen = [c for c in components if not args.components or c in args.components]
+        return default_settings(chosen, args.estimates, args.baselines)
 
     def load(name: str) -> tuple:
         loaded = load_model(name)

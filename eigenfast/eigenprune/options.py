@@ -16,10 +16,12 @@ DEFAULT_CANDIDATES = (0.01, 0.05, 0.10, 0.30)
 class PruneOptions:
     """:func:`eigenfast.prune`'s settings (docs/MATH.md §2, §3); constructing one checks them all.
 
-    ``p`` is a fraction in [0, 1] or ``"auto"`` (then every ``candidates`` value is
-    tried on held-out data); ``layers=None`` scores every layer. ``positions`` is what frozen
-    terms become: ``"indexed"`` their mean at each token position (a table eigenfast serves),
-    ``"mean"`` their mean over all positions (an ordinary bias: a plain HF model).
+    ``p`` is a fraction in [0, 1] or ``"auto"`` (then p = 0, the unpruned model, and every
+    ``candidates`` value are tried on held-out data); ``layers=None`` scores every layer.
+    ``estimate`` is how a term's effect is estimated ("linear", "ig" over ``steps`` points,
+    or "verified": see :func:`eigenfast.score`). ``positions`` is what frozen terms become:
+    ``"indexed"`` their mean at each token position (a table eigenfast serves), ``"mean"``
+    their mean over all positions (an ordinary bias: a plain HF model).
     """
 
     p: float | str = 0.05
@@ -27,6 +29,8 @@ class PruneOptions:
     layers: tuple[int, ...] | None = None
     pairs: str = "all"
     reduce: str = "max"
+    estimate: str = "linear"
+    steps: int = 8
     candidates: tuple[float, ...] = DEFAULT_CANDIDATES
     extrapolate: str = "mean"
     positions: str = "indexed"
@@ -46,8 +50,12 @@ class PruneOptions:
                 raise ArgumentError("inplace=True needs a fixed p: p='auto' builds one pruned copy per candidate")
             # Sorted and deduplicated: the sweep tries each once, smallest first.
             candidates = tuple(sorted({validate_fraction(c, "candidate p") for c in self.candidates}))
-            if not candidates:
-                raise ArgumentError("p='auto' needs at least one candidate p; pass candidates=(0.01, 0.05, ...) or a fixed p")
+            if not any(candidates):
+                raise ArgumentError("p='auto' needs at least one candidate p above 0; pass candidates=(0.01, 0.05, ...) "
+                                    "or a fixed p")
+            # p = 0 (the unpruned model) is always a choice, so p="auto" never picks a model
+            # that does worse on validation than the one it was given.
+            candidates = (0.0, *(c for c in candidates if c > 0))
             object.__setattr__(self, "candidates", candidates)
         else:
             object.__setattr__(self, "p", validate_fraction(self.p))
@@ -56,7 +64,7 @@ class PruneOptions:
         object.__setattr__(self, "components", components)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
-        check_settings(self.pairs, self.reduce, self.batch_size)
+        check_settings(self.pairs, self.reduce, self.batch_size, self.estimate, self.steps)
         if not 0.0 < self.val_fraction < 1.0:
             raise ArgumentError(
                 f"val_fraction must be in (0, 1) (the share of data held out to choose p under p='auto'; or pass "

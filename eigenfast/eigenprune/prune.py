@@ -21,6 +21,9 @@ from ..saving.results import ModelResult
 from .freezing import check_foldable_in_place, freeze, select_frozen
 from .options import DEFAULT_CANDIDATES, PruneOptions
 from .scoring import Attribution, Key, attribute, select_sites
+from .verification import verify_lowest
+
+NOTHING_BEAT_BASE = "no p beat the unpruned model; p=0 chosen"
 
 
 @dataclass
@@ -43,9 +46,15 @@ class PruneReport:
     candidates: list[Candidate]
     baseline_test: Evaluation | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    estimate: str = "linear"
     size_before: ParameterCount | None = None
     size_after: ParameterCount | None = None  # the kept model: its bias tables are buffers the forward reads
     positions: str = "indexed"  # what the frozen terms became: per-position tables or ordinary biases
+
+    @property
+    def note(self) -> str | None:
+        """Said when validation chose the unpruned model among several p."""
+        return NOTHING_BEAT_BASE if self.p == 0 and len(self.candidates) > 1 else None
 
     def table(self) -> str:
         """One row per p: what it froze, held-out accuracy/loss (chooses p) and test accuracy/loss (reported only)."""
@@ -59,6 +68,8 @@ class PruneReport:
             lines.append(f"size before  {self.size_before.describe()}")
             lines.append(f"size after   {self.size_after.describe()}")
             lines.append(f"             {self.size_change()}")
+        if self.note:
+            lines.append(self.note)
         return "\n".join(lines)
 
     def size_change(self) -> str:
@@ -82,6 +93,8 @@ class PruneReport:
             "p": self.p,
             "components": list(self.components),
             "pairs": self.pairs,
+            "estimate": self.estimate,
+            "note": self.note,
             "calib_len": self.calib_len,
             "baseline": _as_dict(self.baseline),
             "baseline_test": _as_dict(self.baseline_test),
@@ -147,16 +160,23 @@ def prune(
     reduce: str = "max",
     layers: Sequence[int] | None = None,
     positions: str = "indexed",
+    estimate: str = "linear",
+    steps: int = 8,
 ) -> PruneResult:
     """Eigenprune ``model`` for the task in ``data`` (docs/MATH.md §2, §3).
 
     ``p`` is the fraction of each component type's singular values to freeze, or
     ``"auto"``: score once, try every candidate p (plus the defaults) on held-out
     data (``val_data``, else a seeded ``val_fraction`` split of ``data``) and keep
-    the most accurate. ``test_data``, if given, is evaluated for the report only,
+    the most accurate; p = 0 (the unpruned model) is always among the choices, so
+    the kept model never does worse on validation than ``model``. ``test_data``, if given, is evaluated for the report only,
     never to choose p. ``reduce`` is how scores pool over pairs ("max" or "mean",
     see :func:`eigenfast.score`); ``layers`` limits scoring and freezing to those
-    layers (None: all). ``positions`` is what the frozen terms become: ``"indexed"`` (default)
+    layers (None: all). ``estimate`` is how a term's effect is estimated:
+    "linear" (first-order), "ig" (integrated gradients over ``steps`` points) or
+    "verified" (the lowest candidates for every p tried are each frozen and measured
+    on ``data``; those that raise the loss are never frozen, so p is then an upper
+    bound). ``positions`` is what the frozen terms become: ``"indexed"`` (default)
     their mean at each token position, a table past whose length ``extrapolate`` decides;
     ``"mean"`` their mean over all calibration tokens, folded into ordinary biases, so the
     result is a plain HF model (``result.save(folder, format="hf")``). The input model is left
@@ -165,19 +185,19 @@ def prune(
     options = PruneOptions(
         p=p, components=components, layers=layers, pairs=pairs, reduce=reduce, candidates=candidates,
         extrapolate=extrapolate, positions=positions, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
-        backend=backend, inplace=inplace,
+        backend=backend, inplace=inplace, estimate=estimate, steps=steps,
     )
     _check_model(model, options)
     splits = _split(model, options, data, val_data, test_data)
     size_before = count_parameters(model)  # before an inplace prune changes it
-    attribution, timings = _score(model, splits.data, options, progress)
+    attribution, scores, timings = _score(model, splits.data, options, progress)
     baseline = _evaluate_both(model, splits, options.batch_size, progress and "base model", timings)
-    results, (pruned, frozen, chosen) = _sweep(model, attribution, splits, options, progress, timings)
+    results, (pruned, frozen, chosen) = _sweep(model, attribution, scores, baseline, splits, options, progress, timings)
     report = PruneReport(
         chosen.p, tuple(dict.fromkeys(options.components)), options.pairs, attribution.calib_len, baseline[0], results,
-        baseline[1], timings, size_before, count_parameters(pruned), options.positions,
+        baseline[1], timings, options.estimate, size_before, count_parameters(pruned), options.positions,
     )
-    return PruneResult(pruned, attribution.scores, frozen, report, tokenizer)
+    return PruneResult(pruned, scores, frozen, report, tokenizer)
 
 
 @dataclass
@@ -225,13 +245,21 @@ def _split(
 
 def _score(
     model: nn.Module, data: TaskData, options: PruneOptions, progress: bool
-) -> tuple[Attribution, dict[str, float]]:
+) -> tuple[Attribution, dict[Key, torch.Tensor], dict[str, float]]:
+    """The attribution (factors and means for freezing) and the scores the sweep ranks by."""
     started = time.perf_counter()
     attribution = attribute(
         model, data, options.components, options.pairs, options.batch_size, options.layers, backend=options.backend,
-        progress=progress, reduce=options.reduce,
+        progress=progress, reduce=options.reduce, steps=options.steps if options.estimate == "ig" else 1,
     )
-    return attribution, {"score": time.perf_counter() - started, **attribution.timings}
+    timings = {"score": time.perf_counter() - started, **attribution.timings}
+    scores = attribution.scores
+    if options.estimate == "verified":
+        started = time.perf_counter()
+        # Every term any tried p could freeze is checked.
+        scores = verify_lowest(model, attribution, data, max(options.tried), options.batch_size, progress).scores
+        timings["verify"] = time.perf_counter() - started
+    return attribution, scores, timings
 
 
 def _evaluate_both(
@@ -248,7 +276,8 @@ def _evaluate_both(
 
 
 def _sweep(
-    model: nn.Module, attribution: Attribution, splits: _Splits, options: PruneOptions, progress: bool,
+    model: nn.Module, attribution: Attribution, scores: dict[Key, torch.Tensor],
+    baseline: tuple[Evaluation | None, Evaluation | None], splits: _Splits, options: PruneOptions, progress: bool,
     timings: dict[str, float],
 ) -> tuple[list[Candidate], tuple[nn.Module, dict[Key, torch.Tensor], Candidate]]:
     """Freeze and evaluate every p tried; every candidate and the best (model, frozen masks, candidate)."""
@@ -256,11 +285,16 @@ def _sweep(
     best: tuple[nn.Module, dict[Key, torch.Tensor], Candidate] | None = None
     for value in options.tried:
         started = time.perf_counter()
-        frozen = select_frozen(attribution.scores, value)
+        frozen = select_frozen(scores, value)
+        if options.estimate == "verified":  # a term measured to raise the loss (or never measured) stays
+            frozen = {key: mask & (scores[key] <= 0) for key, mask in frozen.items()}
         target = model if options.inplace else copy.deepcopy(model)
         freeze(target, attribution, frozen, options.extrapolate, options.positions)
         timings["freeze"] = timings.get("freeze", 0.0) + time.perf_counter() - started
-        evaluation, test = _evaluate_both(target, splits, options.batch_size, progress and f"p={value:g}", timings)
+        if value == 0:  # nothing frozen: the base model's evaluations
+            evaluation, test = baseline
+        else:
+            evaluation, test = _evaluate_both(target, splits, options.batch_size, progress and f"p={value:g}", timings)
         candidate = Candidate(value, _count_by_component(frozen), evaluation, test)
         results.append(candidate)
         if best is None or _better(candidate, best[2]):

@@ -34,9 +34,13 @@ from ..runtime.hooks import Hooks
 from ..runtime.progress import progress as with_progress
 from .attribution import REDUCE, pass1_update, pass2_update
 from .graph_budget import graph_budget
-from .svd import Factors, site_factors
+from .svd import Factors, placed_terms, site_factors
 
 PAIRS = ("all", "shift")
+# How a term's effect on the loss is estimated (docs/MATH.md §2, "Estimates"): the first-order
+# estimate at the model, integrated gradients along the path to the frozen values, or the first-order
+# ranking with its lowest candidates checked by exact forwards (eigenfast/eigenprune/verification.py).
+ESTIMATES = ("linear", "ig", "verified")
 Key = tuple[int, str]
 
 
@@ -88,15 +92,31 @@ def score(
     backend: str = "auto",
     progress: bool = True,
     reduce: str = "max",
+    estimate: str = "linear",
+    steps: int = 8,
+    verify: float = 0.3,
 ) -> dict[Key, torch.Tensor]:
     """ΔL of every rank-one term: ``{(layer, component): (heads, rank)}``, singular values descending.
 
     ``reduce="max"`` (the paper's) takes the max over examples, positions and partners;
     ``reduce="mean"`` the mean over all those (example, position, partner) pairs.
+    ``estimate="linear"`` is the first-order estimate at the model; ``"ig"`` integrates the
+    gradient over ``steps`` points of the path from every term's value to its frozen value
+    (``reduce="mean"``, ``pairs="all"``; costs ``steps`` forward+backward passes where
+    ``"linear"`` costs one); ``"verified"`` measures the true ΔL (mean loss change per
+    example) of freezing each of the lowest-scored ``verify`` fraction of every component's
+    terms alone, in exact forwards, and scores the terms it did not check ``+inf``.
     """
+    check_settings(pairs, reduce, batch_size, estimate, steps)
+    if estimate == "verified":
+        from .verification import verify_lowest  # it runs on the attribution this module makes
+
+        attribution = attribute(model, data, components, pairs, batch_size, layers, backend, progress, reduce=reduce)
+        return verify_lowest(model, attribution, data, verify, batch_size, progress).scores
     # Scores alone need pass 1 only for the all-pairs statistics, never for the means.
     return attribute(
-        model, data, components, pairs, batch_size, layers, backend, progress, need_means=False, reduce=reduce
+        model, data, components, pairs, batch_size, layers, backend, progress, need_means=False, reduce=reduce,
+        steps=steps if estimate == "ig" else 1,
     ).scores
 
 
@@ -112,9 +132,15 @@ def attribute(
     progress: bool = True,
     need_means: bool = True,
     reduce: str = "max",
+    steps: int = 1,
 ) -> Attribution:
-    """Run both passes and keep the statistics (``prune`` needs the means as well as the scores)."""
-    check_settings(pairs, reduce, batch_size)
+    """Run both passes and keep the statistics (``prune`` needs the means as well as the scores).
+
+    ``steps > 1`` is the integrated-gradients estimate: pass 2 runs at ``steps`` points
+    ``alpha = k / steps`` (k = 0..steps-1, a left Riemann sum) of the path on which every
+    selected term moves from its value to its frozen value together, and the scores average them.
+    """
+    check_settings(pairs, reduce, batch_size, "ig" if steps > 1 else "linear", steps)
     data = model_data(data, model)
     adapter = get_adapter(model)
     sites = select_sites(adapter, components, layers)
@@ -158,13 +184,17 @@ def attribute(
             timings["pass1"] = time.perf_counter() - start
         if pairs == "all" and reduce == "mean":
             _set_mean_projections(stats, input_sums, counts)
+        if steps > 1:
+            scorer.path = _path_tables(adapter, stats, input_sums, counts)
         start = time.perf_counter()
         desc = "pass 2: forward+backward scores" if progress else None
-        for i, batch in enumerate(with_progress(batches, len(batches), desc)):
+        points = [(k / steps, i) for k in range(steps) for i in range(len(batches))]
+        for alpha, i in with_progress(points, len(points), desc):
+            batch = batches[i]
             weight = _pass2_weight(batch, pairs, reduce, counts)
             if reduce == "mean":
-                total += weight.sum()
-            _pass2_batch(scorer, batch, weight, graphs[i])
+                total += weight.sum()  # summed over the steps too: the scores come out averaged over them
+            _pass2_batch(scorer, batch, weight, graphs[i], alpha)
             graphs[i] = None  # frees the graph's activations
         if reduce == "max":
             distributed.all_max_(st.scores for st in stats.values())
@@ -180,8 +210,20 @@ def attribute(
     return Attribution(stats, input_sums, counts[:calib_len], pairs, reduce, timings)
 
 
-def check_settings(pairs: str, reduce: str, batch_size: int) -> None:
+def check_settings(pairs: str, reduce: str, batch_size: int, estimate: str = "linear", steps: int = 1) -> None:
     """The scoring settings a caller can get wrong, checked before any work (``PruneOptions`` checks them too)."""
+    if estimate not in ESTIMATES:
+        raise ArgumentError(
+            f"estimate must be one of {ESTIMATES} ('linear': first-order, 'ig': integrated gradients, 'verified': "
+            f"the lowest candidates checked by exact forwards), got {estimate!r}"
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ArgumentError(f"steps (integrated-gradient points) must be an integer >= 1, got {steps!r}")
+    if estimate == "ig" and (pairs != "all" or reduce != "mean"):
+        raise ArgumentError(
+            f"estimate='ig' integrates the effect of freezing a term to its mean, which is pairs='all' with "
+            f"reduce='mean'; got pairs={pairs!r}, reduce={reduce!r}: pass pairs='all', reduce='mean'"
+        )
     if pairs not in PAIRS:
         raise ArgumentError(f"pairs must be one of {PAIRS}, got {pairs!r}")
     if reduce not in REDUCE:
@@ -315,6 +357,7 @@ class _Pass2:
     reduce: str
     backend: str
     weights: frozenset[int] = frozenset()  # storages of the model's tensors, not counted as graph memory
+    path: dict[str, "_PathTable"] | None = None  # per module: what moving every term to its frozen value adds
 
     def __post_init__(self) -> None:
         model = self.adapter.model
@@ -322,8 +365,9 @@ class _Pass2:
         tensors = [getattr(t, "_local_tensor", t) for t in (*model.parameters(), *model.buffers())]
         self.weights = frozenset(t.untyped_storage().data_ptr() for t in tensors)
 
-    def forward(self, batch: _DeviceBatch, on_input=None) -> _Graph:
-        """The loss of ``batch`` with gradient hooks on every site (and ``on_input`` on their inputs)."""
+    def forward(self, batch: _DeviceBatch, on_input=None, alpha: float = 0.0) -> _Graph:
+        """The loss of ``batch`` with gradient hooks on every site (and ``on_input`` on their inputs),
+        at the point ``alpha`` of the integrated-gradients path (0: the model itself)."""
         graph = _Graph()
         pos = batch.pos
 
@@ -364,6 +408,9 @@ class _Pass2:
             _grad_from(hooks, bottom)
             if on_input is not None:
                 _on_inputs(hooks, self.stats, on_input)
+            if alpha:
+                for path, table in self.path.items():
+                    hooks.post(path, table.shifter(alpha, batch))
             logits = last_logits(adapter, batch.data)
             # Summed, not averaged: each example's gradient is its own loss's, whatever the batch.
             labels = batch.data.labels.to(logits.device)  # the head may sit on another device than the batch
@@ -406,11 +453,50 @@ def _pass1_batch(
     return None
 
 
-def _pass2_batch(scorer: _Pass2, batch: _DeviceBatch, weight: torch.Tensor | None, graph: _Graph | None) -> None:
+def _pass2_batch(
+    scorer: _Pass2, batch: _DeviceBatch, weight: torch.Tensor | None, graph: _Graph | None, alpha: float = 0.0
+) -> None:
     """Backward of one batch (its forward too, unless pass 1 kept the graph): the hooks fold it into the scores."""
-    graph = scorer.forward(batch) if graph is None else graph
+    graph = scorer.forward(batch, alpha=alpha) if graph is None else graph
     graph.weight = weight
     graph.loss.backward()
+
+
+@dataclass
+class _PathTable:
+    """One module on the integrated-gradients path: at ``alpha`` its output gains
+    ``alpha (x̄[t] - x) D``, ``D`` being the sum of every selected term in it (its heads' blocks)."""
+
+    mean: torch.Tensor  # (calib_len + 1, d_in): x̄[t]; the trash row is never read (padding carries weight 0)
+    D: torch.Tensor  # (d_in, d_out)
+
+    def shifter(self, alpha: float, batch: _DeviceBatch):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            at = x.device
+            diff = self.mean.index_select(0, batch.pos.to(at)).view_as(x) - x
+            diff = diff * batch.real.to(at).unsqueeze(-1)  # padding stays as it was
+            return output + alpha * (diff @ self.D).to(output.dtype)
+
+        return hook
+
+
+def _path_tables(
+    adapter: Adapter, stats: dict[Key, SiteStats], input_sums: dict[str, torch.Tensor], counts: torch.Tensor
+) -> dict[str, _PathTable]:
+    tables = {}
+    for path, sites in _sites_by_module(stats).items():
+        total = input_sums[path]
+        mean = total / counts.clamp_min(1).to(total.device).float().unsqueeze(1)
+        d_in, d_out = projection_matrix(adapter.model.get_submodule(path)).shape
+        D = torch.zeros(d_in, d_out, dtype=torch.float64, device=mean.device)
+        for st in sites:
+            for head in range(st.factors.s.shape[0]):
+                index = torch.arange(st.factors.s.shape[1], device=st.factors.s.device)
+                u, w = placed_terms(st.site, st.factors, head, index, d_in, d_out)
+                D += (u.T @ w).to(D.device)
+        tables[path] = _PathTable(mean, D.float())
+    return tables
 
 
 class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):

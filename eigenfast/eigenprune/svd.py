@@ -47,6 +47,22 @@ class Factors:
         return (U * s) @ V
 
 
+def placed_terms(site: Site, factors: Factors, head: int, index: torch.Tensor, d_in: int, d_out: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Terms of one head as full-width vectors: ``u (n, d_in)`` and ``w = s v (n, d_out)``, zero
+    outside the head's block, so term ``j`` changes the module's output by ``(x · u_j) w_j``."""
+    U, sV = factors.U[head][:, index].T, factors.s[head][index].unsqueeze(1) * factors.V[head][index]
+    if site.in_index is not None:
+        u = U.new_zeros(len(index), d_in)
+        u[:, site.in_index[head].to(U.device)] = U
+        U = u
+    if site.out_index is not None:
+        w = sV.new_zeros(len(index), d_out)
+        w[:, site.out_index[head].to(sV.device)] = sV
+        sV = w
+    return U, sV
+
+
 # weight -> {site key: (weight._version when computed, factors)}
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 

@@ -19,10 +19,16 @@ from torch import nn
 
 from ..data.task_data import TaskData
 from ..runtime import figures
+from ..runtime.forward import evaluate
+from .finetune import REFERENCE_LR, finetune, finetune_low_rank, matching_rank
 from .prune import DEFAULT_CANDIDATES, prune
 
 REDUCES = ("max", "mean")
 MIN_GAIN = 0.01  # one point of accuracy
+# Training before (or instead of) pruning, on the scoring third: the same data pruning gets.
+TRAININGS = ("", "ft", "ft-tuned", "low-rank")
+TUNED_LRS = (1e-4, 1e-3, REFERENCE_LR)  # the tuned fine-tune's choices, chosen on val
+LOW_RANK_P = 0.05  # the low-rank fine-tune trains as many values as the terms p = 0.05 freezes
 
 
 @dataclass(frozen=True)
@@ -32,21 +38,42 @@ class Setting:
     components: tuple[str, ...]
     pairs: str = "all"
     reduce: str = "max"
+    estimate: str = "linear"
+    train: str = ""  # one of TRAININGS: what runs before pruning ("" nothing)
+    prune: bool = True  # False: the training alone
 
     @property
     def label(self) -> str:
-        return f"{'+'.join(self.components)} {self.pairs}/{self.reduce}"
+        rule = f"{'+'.join(self.components)} {self.pairs}/{self.reduce}"
+        rule += "" if self.estimate == "linear" else f"/{self.estimate}"
+        if not self.train:
+            return rule
+        train = {"ft": f"fine-tune lr {REFERENCE_LR:g}", "ft-tuned": "fine-tune, lr tuned",
+                 "low-rank": f"low-rank fine-tune of {'+'.join(self.components)}"}[self.train]
+        return f"{train} then {rule}" if self.prune else train
 
 
-def default_settings(model_components: Sequence[str]) -> list[Setting]:
-    """k (the paper's best) under every pairing, then every other component with exact pairs; each aggregation.
-
-    Both aggregations for every component: the mean over pairs is the first-order estimate of what
-    freezing a term (replacing it by its mean) does to the loss, the max is the paper's score.
+def default_settings(
+    model_components: Sequence[str], estimates: Sequence[str] = ("linear", "ig", "verified"), baselines: bool = True,
+) -> list[Setting]:
+    """Per component: the paper's rule (max over pairs) and the mean over pairs under each estimate;
+    then the training baselines at equal data: fine-tune alone (the reference pipeline's lr and a
+    tuned one), fine-tune then prune (the reference pipeline: k, shift pairs, max), and a low-rank
+    fine-tune of the first component with as many trainable values as the terms p = 0.05 freezes.
     """
-    settings = [Setting(("k",), pairs, reduce) for pairs in ("shift", "all") for reduce in REDUCES
-                if "k" in model_components]
-    settings += [Setting((c,), "all", reduce) for c in model_components if c != "k" for reduce in REDUCES]
+    settings = []
+    for c in model_components:
+        settings += [Setting((c,), "all", "max")]
+        settings += [Setting((c,), "all", "mean", estimate) for estimate in estimates]
+    if not baselines:
+        return settings
+    first = (model_components[0],)
+    reference = Setting(("k",), "shift", "max") if "k" in model_components else Setting(first, "all", "max")
+    settings += [
+        Setting(first, train="ft", prune=False), Setting(first, train="ft-tuned", prune=False),
+        Setting(reference.components, reference.pairs, reference.reduce, train="ft"),
+        Setting(first, train="low-rank", prune=False),
+    ]
     return settings
 
 
@@ -73,20 +100,39 @@ def run_cell(
     model: nn.Module, data: TaskData, setting: Setting, seed: int,
     candidates: Sequence[float] = DEFAULT_CANDIDATES, batch_size: int = 256,
 ) -> Cell:
+    """One seed of one setting; base numbers are always the given model's, before any training."""
     score, val, test = protocol_splits(data, seed)
+    base_val, base_test = evaluate(model, val, batch_size).accuracy, evaluate(model, test, batch_size).accuracy
+    if setting.train:
+        model = _trained(model, score, val, setting, seed, batch_size)
+    if not setting.prune:  # the training alone: one "p", 0
+        tuned_val, tuned_test = evaluate(model, val, batch_size).accuracy, evaluate(model, test, batch_size).accuracy
+        return Cell(seed, base_val, base_test, {0.0: tuned_val}, {0.0: tuned_test}, 0.0)
     result = prune(
         model, score, p="auto", components=setting.components, pairs=setting.pairs, reduce=setting.reduce,
-        candidates=candidates, val_data=val, test_data=test, batch_size=batch_size, seed=seed, progress=False,
+        estimate=setting.estimate, candidates=candidates, val_data=val, test_data=test, batch_size=batch_size,
+        seed=seed, progress=False,
     )
     report = result.report
     return Cell(
         seed,
-        report.baseline.accuracy,
-        report.baseline_test.accuracy,
+        base_val,
+        base_test,
         {c.p: c.evaluation.accuracy for c in report.candidates},
         {c.p: c.test.accuracy for c in report.candidates},
         report.p,
     )
+
+
+def _trained(model: nn.Module, score: TaskData, val: TaskData, setting: Setting, seed: int, batch_size: int) -> nn.Module:
+    """The setting's training on the scoring third (fine-tunes use batches of 32, Adam, one pass)."""
+    if setting.train == "ft":
+        return finetune(model, score, seed=seed).model
+    if setting.train == "low-rank":
+        rank = matching_rank(model, setting.components, LOW_RANK_P)
+        return finetune_low_rank(model, score, setting.components, rank, seed=seed).model
+    tuned = [finetune(model, score, lr=lr, seed=seed).model for lr in TUNED_LRS]
+    return max(tuned, key=lambda m: evaluate(m, val, batch_size).accuracy)  # ties: the smallest lr
 
 
 @dataclass
@@ -122,7 +168,8 @@ class Row:
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> "Row":
         """The inverse of :meth:`as_dict`: a written table record can be rendered again without rerunning it."""
-        setting = Setting(tuple(record["components"]), record["pairs"], record["reduce"])
+        setting = Setting(tuple(record["components"]), record["pairs"], record["reduce"],
+                          record.get("estimate", "linear"), record.get("train", ""), record.get("prune", True))
         cells = [
             Cell(c["seed"], c["base_val"], c["base_test"], {float(p): v for p, v in c["val"].items()},
                  {float(p): v for p, v in c["test"].items()}, c["chosen_p"])
@@ -133,7 +180,8 @@ class Row:
     def as_dict(self) -> dict[str, Any]:
         return {
             "model": self.model, "task": self.task, "components": list(self.setting.components),
-            "pairs": self.setting.pairs, "reduce": self.setting.reduce, "n_heldout": self.n_heldout,
+            "pairs": self.setting.pairs, "reduce": self.setting.reduce, "estimate": self.setting.estimate,
+            "train": self.setting.train, "prune": self.setting.prune, "n_heldout": self.n_heldout,
             "cells": [
                 {"seed": c.seed, "base_val": c.base_val, "base_test": c.base_test, "chosen_p": c.chosen_p,
                  "val": {str(p): v for p, v in c.val.items()}, "test": {str(p): v for p, v in c.test.items()}}
@@ -177,13 +225,14 @@ def _pm(values: Sequence[float], sign: str = "") -> str:
 
 def markdown(rows: Sequence[Row], candidates: Sequence[float]) -> str:
     """The table: test accuracy (%) mean ± sd over seeds at the base, every p, and the p chosen on val."""
-    ps = sorted(candidates)
+    ps = sorted(p for p in candidates if p > 0)  # p = 0 is the base column
     head = ["model", "task", "scoring", "base", *(f"p={p:g}" for p in ps), "p chosen on val", "gain", "works"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         chosen = ", ".join(f"{c.chosen_p:g}" for c in row.cells)
         lines.append("| " + " | ".join([
-            row.model, row.task, row.setting.label, _pm(row.base()), *(_pm(row.at(p)) for p in ps),
+            row.model, row.task, row.setting.label, _pm(row.base()),
+            *(_pm(row.at(p)) if row.setting.prune else "-" for p in ps),
             f"{_pm(row.chosen())} (p {chosen})", _pm(row.gains(), "+"), "yes" if row.works() else "no",
         ]) + " |")
     return "\n".join(lines)
@@ -196,17 +245,19 @@ def plot(rows: Sequence[Row], candidates: Sequence[float], path: str | Path) -> 
     ps = sorted(candidates)
     panels = list(dict.fromkeys((r.model, r.task) for r in rows))
     # Up to 14 lines a panel: one colour per component, the line style and marker tell aggregation and pairing.
-    colours = {c: f"C{i}" for i, c in enumerate(dict.fromkeys(r.setting.components for r in rows))}
+    kinds = dict.fromkeys((r.setting.components, r.setting.estimate, r.setting.train) for r in rows)
+    colours = {kind: f"C{i % 10}" for i, kind in enumerate(kinds)}
     styles = {"max": "-", "mean": "--"}
     markers = {"all": "o", "shift": "s"}
     cols = min(3, len(panels))
     fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(5 * cols, 3.6 * -(-len(panels) // cols)),
                              squeeze=False)
     for ax, (model, task) in zip(axes.flat, panels):
-        for row in (r for r in rows if (r.model, r.task) == (model, task)):
+        for row in (r for r in rows if (r.model, r.task) == (model, task) and r.setting.prune):
             xs = [0.0, *ps]
             means = [statistics.fmean(row.base()), *(statistics.fmean(row.at(p)) for p in ps)]
-            ax.plot(xs, [100 * m for m in means], label=row.setting.label, color=colours[row.setting.components],
+            kind = (row.setting.components, row.setting.estimate, row.setting.train)
+            ax.plot(xs, [100 * m for m in means], label=row.setting.label, color=colours[kind],
                     linestyle=styles[row.setting.reduce], marker=markers[row.setting.pairs], markersize=4)
         ax.set_title(f"{model} / {task}")
         ax.set_xlabel("p (fraction frozen)")

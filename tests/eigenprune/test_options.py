@@ -34,10 +34,22 @@ def test_auto_checks_its_candidates_and_refuses_inplace():
         PruneOptions(p="auto", inplace=True)
 
 
+def test_estimate_options_are_checked_with_the_fix_named():
+    with pytest.raises(eigenfast.ArgumentError, match="estimate must be one of"):
+        PruneOptions(estimate="exact")
+    with pytest.raises(eigenfast.ArgumentError, match="pass pairs='all', reduce='mean'"):
+        PruneOptions(estimate="ig")
+    with pytest.raises(eigenfast.ArgumentError, match="steps"):
+        PruneOptions(estimate="ig", reduce="mean", steps=0)
+    with pytest.raises(eigenfast.ArgumentError, match="candidate p above 0"):
+        PruneOptions(p="auto", candidates=(0.0,))
+    assert PruneOptions(estimate="verified", reduce="max", pairs="shift").estimate == "verified"
+
+
 def test_options_normalise_what_prune_reads():
     auto = PruneOptions(p="auto", components="k", candidates=[0.3, 0.1, 0.3], layers=[1, 0])
     assert auto.components == ("k",) and auto.layers == (1, 0)
-    assert auto.tried == (0.1, 0.3)
+    assert auto.tried == (0.0, 0.1, 0.3)  # the unpruned model is always a choice
     fixed = PruneOptions(p=0, candidates=[2.0])  # candidates are unused under a fixed p, as before
     assert fixed.p == 0.0 and fixed.tried == (0.0,)
     assert PruneOptions().candidates == DEFAULT_CANDIDATES

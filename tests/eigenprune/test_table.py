@@ -28,17 +28,23 @@ def test_protocol_splits_are_disjoint_thirds_that_move_with_the_seed():
     assert set(protocol_splits(data, seed=1)[2].prompts) != parts[2]
 
 
-def test_default_settings_cover_k_scoring_choices_and_every_component():
+def test_default_settings_cover_every_rule_and_the_training_baselines():
     settings = default_settings(("q", "k", "v", "o", "mlp_in", "mlp_out"))
-    k = {(s.pairs, s.reduce) for s in settings if s.components == ("k",)}
-    assert k == {("shift", "max"), ("shift", "mean"), ("all", "max"), ("all", "mean")}
+    rules = {(s.pairs, s.reduce, s.estimate) for s in settings if s.components == ("v",) and not s.train}
+    assert rules == {("all", "max", "linear"), ("all", "mean", "linear"), ("all", "mean", "ig"),
+                     ("all", "mean", "verified")}
     assert {s.components for s in settings} == {(c,) for c in ("q", "k", "v", "o", "mlp_in", "mlp_out")}
+    trained = {(s.train, s.prune, s.components, s.pairs) for s in settings if s.train}
+    assert trained == {("ft", False, ("q",), "all"), ("ft-tuned", False, ("q",), "all"),
+                       ("ft", True, ("k",), "shift"), ("low-rank", False, ("q",), "all")}
+    assert not any(s.train for s in default_settings(("k",), ("linear",), baselines=False))
 
 
 def test_table_cell_is_a_direct_prune_and_evaluate(tmp_path):
     out = tmp_path / "t" / "table.md"
     code = main(["table", "--models", "int_sum_gpt2", "--tasks", "int_sum", "--seeds", "1",
-                 "--candidates", "0.3", "--components", "mlp_in", "--out", str(out)])
+                 "--candidates", "0.3", "--components", "mlp_in", "--estimates", "linear", "--no-baselines",
+                 "--out", str(out)])
     assert code == 0
     record = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert out.with_suffix(".png").stat().st_size > 0 and "| int_sum_gpt2 | int_sum |" in out.read_text()

@@ -1,0 +1,153 @@
+"""The verified estimate (docs/MATH.md §2, "Estimates"): the lowest-scored terms, frozen one at a time, measured.
+
+A first-order score can get the sign wrong: on a leading singular direction the estimate
+may say freezing lowers the loss while freezing it raises the loss a lot. So the
+``fraction`` lowest-scored terms of every component type (the ones any p up to that
+fraction would freeze) are each frozen alone, exactly as :func:`~.freezing.freeze` would
+(output ``+ (x̄[t] - x) E_i``), and the loss change is measured on the scoring data.
+
+Cost: one forward of the data for the model plus one per candidate, no backward. The
+candidates are stacked along the batch (as circuit discovery stacks its ablations):
+replica ``c`` of a batch carries candidate ``c``'s change, so one forward of ``C × B``
+rows measures ``C`` candidates.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter, get_adapter, projection_matrix
+from ..data.task_data import TaskData, model_data
+from ..runtime.forward import eval_mode, last_logits
+from ..runtime.hooks import Hooks
+from ..runtime.progress import progress as with_progress
+from .freezing import select_frozen
+from .scoring import Attribution, Key
+from .svd import placed_terms
+
+# Examples per stacked forward, in units of the caller's batch size: C candidates x B examples.
+STACK = 8
+
+
+@dataclass
+class Verification:
+    """Measured ΔL (mean loss change per scoring example) of each checked term, ``+inf`` for the rest."""
+
+    scores: dict[Key, torch.Tensor]
+    checked: int
+
+
+@dataclass
+class _Candidate:
+    key: Key
+    head: int
+    index: int
+
+
+@torch.no_grad()
+def verify_lowest(
+    model: nn.Module, attribution: Attribution, data: "TaskData | dict", fraction: float, batch_size: int = 32,
+    progress: bool = True,
+) -> Verification:
+    """Freeze each of the lowest ``fraction`` of every component type's terms alone and measure ΔL on ``data``."""
+    data = model_data(data, model)
+    adapter = get_adapter(model)
+    lowest = select_frozen(attribution.scores, fraction)
+    candidates = [
+        _Candidate(key, int(h), int(i)) for key, mask in lowest.items() for h, i in mask.nonzero().tolist()
+    ]
+    scores = {key: torch.full_like(s, torch.inf) for key, s in attribution.scores.items()}
+    if not candidates:
+        return Verification(scores, 0)
+    vectors = _vectors(adapter.model, attribution, candidates)
+    means = {path: _mean_rows(attribution, key) for path, key in _module_keys(attribution, candidates).items()}
+    sums = torch.zeros(len(candidates), dtype=torch.float64)
+    chunk = max(1, STACK * batch_size // min(batch_size, len(data)))
+    batches = list(data.batches(batch_size))
+    with eval_mode(model):
+        for batch in with_progress(batches, len(batches), "verify: exact forwards" if progress else None):
+            base = _losses(adapter, batch).sum()
+            for start in range(0, len(candidates), chunk):
+                stop = min(len(candidates), start + chunk)
+                sums[start:stop] += _stacked_losses(adapter, batch, vectors, means, start, stop) - base
+    for candidate, total in zip(candidates, sums / len(data)):
+        scores[candidate.key][candidate.head, candidate.index] = float(total)
+    return Verification(scores, len(candidates))
+
+
+def _module_keys(attribution: Attribution, candidates: list[_Candidate]) -> dict[str, Key]:
+    """One key per module the candidates live in (every site of a module reads the same mean input)."""
+    return {attribution.stats[c.key].site.path: c.key for c in candidates}
+
+
+def _mean_rows(attribution: Attribution, key: Key) -> torch.Tensor:
+    """x̄[t] with one more row of zeros for padding (its change is masked out anyway)."""
+    mean = attribution.mean_input(key).float()
+    return torch.cat([mean, mean.new_zeros(1, mean.shape[1])])
+
+
+def _vectors(
+    model: nn.Module, attribution: Attribution, candidates: list[_Candidate]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module: ``u (C, d_in)`` and ``w (C, d_out)``, row ``c`` zero unless candidate ``c`` lives there."""
+    rows: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = defaultdict(list)
+    for c, candidate in enumerate(candidates):
+        st = attribution.stats[candidate.key]
+        d_in, d_out = projection_matrix(model.get_submodule(st.site.path)).shape
+        u, w = placed_terms(st.site, st.factors, candidate.head, torch.tensor([candidate.index]), d_in, d_out)
+        rows[st.site.path].append((c, u[0], w[0]))
+    vectors = {}
+    for path, entries in rows.items():
+        u = entries[0][1].new_zeros(len(candidates), entries[0][1].numel())
+        w = entries[0][2].new_zeros(len(candidates), entries[0][2].numel())
+        for c, u_c, w_c in entries:
+            u[c], w[c] = u_c, w_c
+        weight = model.get_submodule(path).weight
+        vectors[path] = (u.to(weight.device, torch.float32), w.to(weight.device, torch.float32))
+    return vectors
+
+
+def _losses(adapter: Adapter, batch: TaskData) -> torch.Tensor:
+    """Cross-entropy of each example's next token, float64 on the CPU."""
+    logits = last_logits(adapter, batch)
+    labels = batch.labels.to(logits.device)
+    return nn.functional.cross_entropy(logits, labels, reduction="none").double().cpu()
+
+
+def _stacked_losses(
+    adapter: Adapter, batch: TaskData, vectors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    means: dict[str, torch.Tensor], start: int, stop: int,
+) -> torch.Tensor:
+    """Summed loss over ``batch`` with candidate ``c`` frozen in replica ``c``, for ``c`` in ``[start, stop)``."""
+    C, B = stop - start, len(batch)
+    mask = batch.mask
+    trash = next(iter(means.values())).shape[0] - 1  # padding reads the extra zero row
+    pos = batch.position_ids.masked_fill(~mask.bool(), trash)
+    stacked = TaskData(
+        batch.input_ids.repeat(C, 1), batch.labels.repeat(C),
+        None if batch.attention_mask is None else batch.attention_mask.repeat(C, 1),
+    )
+    with Hooks(adapter.model) as hooks:
+        for path, (u, w) in vectors.items():
+            hooks.post(path, _freezer(means[path], pos, mask, u[start:stop], w[start:stop]))
+        losses = _losses(adapter, stacked)
+    return losses.view(C, B).sum(1)
+
+
+def _freezer(mean: torch.Tensor, pos: torch.Tensor, real: torch.Tensor, u: torch.Tensor, w: torch.Tensor):
+    """A forward hook adding ``((x̄[t] - x) · u_c) w_c`` to replica ``c`` of the module's output."""
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        C = u.shape[0]
+        at = x.device
+        rows = mean.to(at).index_select(0, pos.reshape(-1).to(at))  # (B*T, d_in)
+        x = x.reshape(C, -1, x.shape[-1]).float()
+        coefficient = (rows.unsqueeze(0) - x).mul_(real.reshape(1, -1, 1).to(at)) @ u.unsqueeze(-1)  # (C, B*T, 1)
+        change = coefficient * w.unsqueeze(1)  # (C, B*T, d_out)
+        return output + change.view(output.shape).to(output.dtype)
+
+    return hook

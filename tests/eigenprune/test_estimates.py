@@ -1,0 +1,203 @@
+"""The estimates beside the first-order one: integrated gradients against a float64 Riemann sum of
+the exact path integral, the verified ΔL against freezing one term at a time and evaluating, and
+what each costs in forwards and backwards."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import eigenfast
+from eigenfast.builtin import heldout_task, load_builtin
+from eigenfast.adapters import get_adapter, projection_matrix
+from eigenfast.errors import ArgumentError
+from eigenfast.eigenprune import scoring, verification
+from eigenfast.eigenprune.freezing import freeze, select_frozen
+from eigenfast.eigenprune.prune import NOTHING_BEAT_BASE
+from eigenfast.runtime.hooks import Hooks
+from eigenfast.testing.reference import head_terms
+
+from conftest import make_data, make_model
+
+SITES = ((0, "k"), (0, "mlp_out"), (1, "k"), (1, "mlp_out"))  # every k and mlp_out of the two-layer model
+
+
+def test_ig_with_one_step_is_the_linear_estimate_exactly():
+    model = make_model("gpt2")
+    data = make_data(n=7, length=5, padded=True)
+    linear = eigenfast.score(model, data, ("k", "o"), reduce="mean", batch_size=3, progress=False)
+    ig = eigenfast.score(model, data, ("k", "o"), reduce="mean", batch_size=3, progress=False, estimate="ig", steps=1)
+    for key in linear:
+        assert torch.equal(ig[key], linear[key])
+
+
+def naive_path_integral(model, data, points: int) -> dict:
+    """(1 / (N T)) ∫_0^1 ∂L/∂c_i dα at c = α·1, every term's coefficient c_i written out: a module's output
+    gains Σ_i c_i (x̄[t] - x) E_i; midpoint rule over ``points`` in float64. Unpadded data: every
+    position has all N partners, so the mean-over-pairs score is this over N·T."""
+    model = copy.deepcopy(model).double()
+    adapter = get_adapter(model)
+    sites = [adapter.site(layer, component) for layer, component in SITES]
+    inputs = {}
+    with torch.no_grad(), Hooks(model) as hooks:
+        for site in sites:
+            hooks.on_input(site.path, lambda x, path=site.path: inputs.__setitem__(path, x.double()))
+        model(**data.model_inputs())
+    means = {path: x.mean(0, keepdim=True) for path, x in inputs.items()}  # x̄[t]: no padding, N at every t
+    terms = {}
+    for site in sites:
+        A = projection_matrix(model.get_submodule(site.path)).detach()
+        terms[site.key] = torch.stack([E for h in range(site.heads) for E in head_terms(A, site, h)])
+    totals = {key: torch.zeros(len(E), dtype=torch.float64) for key, E in terms.items()}
+    for k in range(points):
+        alpha = (k + 0.5) / points
+        c = {key: torch.full((len(E),), alpha, dtype=torch.float64, requires_grad=True) for key, E in terms.items()}
+        with Hooks(model) as hooks:
+            for site in sites:
+                def shift(module, args, output, site=site):
+                    diff = means[site.path] - args[0]
+                    return output + torch.einsum("btd,i,ide->bte", diff, c[site.key], terms[site.key])
+                hooks.post(site.path, shift)
+            logits = model(**data.model_inputs()).logits[:, -1]
+            loss = torch.nn.functional.cross_entropy(logits, data.labels, reduction="sum")
+        grads = torch.autograd.grad(loss, [c[key] for key in terms])
+        for key, grad in zip(terms, grads):
+            totals[key] += grad / points
+    n, t = data.input_ids.shape
+    return {key: (total / (n * t)).view(-1) for key, total in totals.items()}
+
+
+def test_ig_approaches_the_exact_path_integral():
+    model = make_model("gpt2")
+    data = make_data(n=6, length=5)
+    reference = naive_path_integral(model, data, points=32)  # midpoint rule: error O(1/points²)
+    components = ("k", "mlp_out")
+
+    def error(steps: int) -> float:
+        ig = eigenfast.score(model, data, components, reduce="mean", batch_size=4, progress=False, estimate="ig",
+                             steps=steps)
+        return max(float((ig[key].double().view(-1) - reference[key]).abs().max()) for key in reference)
+
+    scale = max(float(r.abs().max()) for r in reference.values())
+    coarse, fine = error(1), error(8)
+    assert coarse > 0.02 * scale  # the path bends: the first-order estimate is not already the integral
+    assert fine < coarse / 3  # a left Riemann sum converges as 1/steps
+    assert fine < 0.05 * scale
+
+
+def test_ig_needs_the_mean_over_all_pairs_and_checks_steps():
+    model = make_model("gpt2")
+    with pytest.raises(ArgumentError, match="reduce='mean'"):
+        eigenfast.score(model, make_data(), estimate="ig")
+    with pytest.raises(ArgumentError, match="steps"):
+        eigenfast.score(model, make_data(), reduce="mean", estimate="ig", steps=0)
+    with pytest.raises(ArgumentError, match="estimate must be one of"):
+        eigenfast.prune(model, make_data(), estimate="exact")
+
+
+class Counter:
+    """Forwards (calls and rows through the first block) and backwards of a scoring run."""
+
+    def __init__(self, model, monkeypatch):
+        self.calls = self.rows = self.backwards = 0
+        backward = torch.Tensor.backward
+
+        def counted(tensor, *args, **kwargs):
+            self.backwards += 1
+            return backward(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "backward", counted)
+        adapter = get_adapter(model)
+        self.hooks = Hooks(model).pre(adapter.layers()[0], self.count)
+
+    def count(self, module, args):
+        self.calls += 1
+        self.rows += args[0].shape[0]
+
+
+@pytest.mark.parametrize("steps", [2, 5])
+def test_ig_costs_steps_forward_backward_passes(monkeypatch, steps):
+    model = make_model("gpt2")
+    data = make_data(n=9, length=5, padded=True)
+    runs = {}
+    for estimate, m in (("linear", 1), ("ig", steps)):
+        counter = Counter(model, monkeypatch)
+        eigenfast.score(model, data, ("k",), reduce="mean", batch_size=4, progress=False, estimate=estimate, steps=m)
+        counter.hooks.remove()
+        runs[estimate] = (counter.calls, counter.backwards)  # now: the next run's counter wraps this one's
+    linear, ig = runs["linear"], runs["ig"]
+    batches = 3
+    (linear_forwards, linear_backwards), (ig_forwards, ig_backwards) = linear, ig
+    assert linear_backwards == batches and ig_backwards == steps * batches
+    assert ig_forwards == linear_forwards + (steps - 1) * batches  # pass 1's kept graphs serve step 0
+    assert ig_forwards + ig_backwards <= (steps + 1) * (linear_forwards + linear_backwards)
+
+
+def freeze_and_evaluate(model, attribution, data, key, head, index) -> float:
+    """ΔL (mean per example) of freezing one term alone, through the production freezing and a full evaluation."""
+    mask = {k: torch.zeros_like(v, dtype=torch.bool) for k, v in attribution.scores.items()}
+    mask[key][head, index] = True
+    frozen = copy.deepcopy(model)
+    freeze(frozen, attribution, mask)
+    return eigenfast.evaluate(frozen, data).loss - eigenfast.evaluate(model, data).loss
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_verified_measures_each_candidate_as_freezing_it_alone_does(family, monkeypatch):
+    model = make_model(family)
+    data = make_data(n=7, length=5, padded=True)
+    attribution = scoring.attribute(model, data, ("k", "o", "mlp_in"), reduce="mean", batch_size=3, progress=False)
+    monkeypatch.setattr(verification, "STACK", 2)  # several stacked forwards per batch
+    counter = Counter(model, monkeypatch)
+    checked = verification.verify_lowest(model, attribution, data, 0.1, batch_size=3, progress=False)
+    counter.hooks.remove()
+    lowest = select_frozen(attribution.scores, 0.1)
+    n = sum(int(m.sum()) for m in lowest.values())
+    assert checked.checked == n > 3
+    assert counter.rows == (1 + n) * len(data)  # the cost: one forward of the data, plus one per candidate
+    for key, mask in lowest.items():
+        assert torch.isinf(checked.scores[key][~mask]).all()
+        for head, index in mask.nonzero().tolist():
+            expected = freeze_and_evaluate(model, attribution, data, key, head, index)
+            assert checked.scores[key][head, index].item() == pytest.approx(expected, abs=2e-5, rel=1e-3)
+
+
+def test_verified_prune_never_freezes_a_term_measured_to_raise_the_loss():
+    model = make_model("gpt2")
+    data = make_data(n=10, length=5)
+    # Ranked by the paper's max, a third of the checked terms raise the loss when frozen alone.
+    result = eigenfast.prune(model, data, p=0.3, components=("k", "v"), reduce="max", estimate="verified",
+                             progress=False)
+    frozen = sum(int(m.sum()) for m in result.frozen.values())
+    measured = torch.cat([s.flatten() for s in result.scores.values()])
+    raises = torch.isfinite(measured) & (measured > 0)
+    assert 0 < frozen == int((measured <= 0).sum()) and bool(raises.any())  # some checked terms were kept
+    for key, mask in result.frozen.items():
+        assert (result.scores[key][mask] <= 0).all()
+
+
+def test_auto_counts_the_unpruned_model_and_says_when_nothing_beat_it():
+    model, tokenizer = load_builtin("int_sum_gpt2")
+    data = heldout_task("int_sum_gpt2", "int_sum", tokenizer).subset(range(120))
+    score, val = data.split(0.5, seed=0)
+    # The mean over pairs at p = 0.3 of k wrecks this model (docs/EIGENPRUNING_TABLE.md): validation must refuse it.
+    result = eigenfast.prune(model, score, p="auto", candidates=(0.3,), reduce="mean", val_data=val, progress=False)
+    report = result.report
+    assert [c.p for c in report.candidates] == [0.0, 0.3]
+    assert report.candidates[1].evaluation.accuracy < report.baseline.accuracy
+    assert report.p == 0.0 and report.note == NOTHING_BEAT_BASE and NOTHING_BEAT_BASE in report.table()
+    assert not any(bool(m.any()) for m in result.frozen.values())
+    assert eigenfast.evaluate(result.model, val).loss == report.baseline.loss
+
+
+@pytest.mark.parametrize("estimate", ["linear", "verified"])
+def test_auto_is_never_worse_on_validation_than_the_unpruned_model(estimate):
+    model = make_model("llama")
+    data = make_data(n=24, length=5, padded=True)
+    report = eigenfast.prune(model, data, p="auto", components=("q", "mlp_out"), reduce="mean", estimate=estimate,
+                             candidates=(0.05, 0.3, 0.6), progress=False).report
+    chosen = next(c for c in report.candidates if c.p == report.p)
+    base = report.baseline
+    assert (chosen.evaluation.accuracy, -chosen.evaluation.loss) >= (base.accuracy, -base.loss)
+    assert report.candidates[0].p == 0.0 and report.candidates[0].evaluation == base
