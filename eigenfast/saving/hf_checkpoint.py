@@ -137,8 +137,9 @@ def _check_shapes(model: nn.Module, config: PretrainedConfig) -> None:
             )
 
 
-def check_new_directory(directory: Path) -> Path:
+def check_new_directory(directory: str | Path) -> Path:
     """A plain checkpoint goes into a new or empty directory: nothing of the user's is replaced."""
+    directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise OutputExistsError(
             f"{directory} exists and is not an empty directory; save the plain checkpoint into a new or empty one"
