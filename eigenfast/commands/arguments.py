@@ -11,7 +11,7 @@ from ..data.tasks import TASKS
 from ..errors import ArgumentError
 from ..rewrite.plain_bias import POSITIONS
 from ..saving.hf_checkpoint import check_new_directory
-from ..saving.results import SAVE_FORMATS
+from ..saving.serialization import FORMATS as SAVE_FORMATS
 from ..saving.serialization import check_output_directory
 
 MODEL_HELP = "built-in model name (int_sum_gpt2), eigenfast save, or Hugging Face model folder with its tokenizer"

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_model as save_state
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..adapters import Adapter, get_adapter
-from ..errors import OutputExistsError, UnsupportedModelError
+from ..errors import OutputExistsError, SaveError, UnsupportedModelError
 from ..rewrite.position_tables import TokenBiasLinear
 from ..rewrite.positional import KV_SLOTS
 from ..rewrite.stand_ins import ConstantOutput, PositionMean, RemovedAttention, RemovedNorm
@@ -41,6 +42,16 @@ def save_hf_checkpoint(model: nn.Module, directory: str | Path, tokenizer: Any =
     config = plain_config(model)
 
     def write() -> None:
+        try:
+            write_staged()
+        except (OSError, SafetensorError) as err:
+            reason = getattr(err, "strerror", None) or str(err)[:300]
+            raise SaveError(
+                f"cannot write the checkpoint into {directory}: {reason}; free space or choose a folder you can "
+                "write to (nothing was left behind)"
+            ) from None
+
+    def write_staged() -> None:
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging.", dir=directory.parent))
         try:

@@ -13,9 +13,6 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from ..errors import ArgumentError
-
-SAVE_FORMATS = ("eigenfast", "hf")  # eigenfast's own save, or a plain transformers checkpoint
 
 
 class ModelResult:
@@ -40,16 +37,10 @@ class ModelResult:
         ``AutoModelForCausalLM.from_pretrained(folder)`` loads without eigenfast; only a model
         that is still an ordinary instance of its HF class can be (eigenfast/saving/hf_checkpoint.py).
         """
-        if format not in SAVE_FORMATS:
-            raise ArgumentError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
-        if format == "hf":
-            from .hf_checkpoint import save_hf_checkpoint
-
-            return save_hf_checkpoint(self.model, directory, self.tokenizer)
         from .serialization import save_model
 
         return save_model(self.model, directory, kind=self.kind, report=self.saved_report(),
-                          tensors=self.saved_tensors(), tokenizer=self.tokenizer)
+                          tensors=self.saved_tensors(), tokenizer=self.tokenizer, format=format)
 
 
 def kept_masks(heads: list[tuple[int, int]], mlps: list[int], n_layers: int, n_heads: int) -> dict[str, torch.Tensor]:

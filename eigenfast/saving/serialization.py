@@ -40,12 +40,13 @@ from ..rewrite.positional import install
 from ..rewrite.surgery import ATTRIBUTES, replace_module, set_attributes
 from ..runtime import distributed
 from . import atomic, checksums
+from .hf_checkpoint import save_hf_checkpoint
 from .spec_schema import check_spec
 
 FORMAT = "eigenfast"
 VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)  # 1 kept the HF config in config.json; 1 and 2 were written flat, without hashes
-FORMATS = ("eigenfast",)  # what save_model(format=...) writes
+FORMATS = ("eigenfast", "hf")  # what save_model(format=...) writes: this save, or a plain transformers checkpoint
 SPEC_FILE = "eigenfast.json"
 WEIGHTS_FILE = "model.safetensors"
 EXTRAS_FILE = "extras.safetensors"
@@ -117,6 +118,8 @@ def save_model(
     """
     if format not in FORMATS:
         raise ArgumentError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
+    if format == "hf":
+        return save_hf_checkpoint(model, directory, tokenizer)
     directory = check_output_directory(directory)
     # FSDP2 holds a sharded model's weights in shards: gather them whole (a collective on every rank) first.
     state = _gathered_state(model) if distributed.is_sharded(model) else None

@@ -11,7 +11,7 @@ import eigenfast
 from eigenfast.builtin import load_builtin
 from eigenfast.circuit import component_means
 from eigenfast.data.tasks import load_task
-from eigenfast.errors import ArgumentError, OutputExistsError, UnsupportedModelError
+from eigenfast.errors import ArgumentError, OutputExistsError, SaveError, UnsupportedModelError
 from eigenfast.rewrite.removal import remove_components
 from eigenfast.saving.hf_checkpoint import save_hf_checkpoint
 
@@ -124,6 +124,6 @@ def test_a_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("eigenfast.saving.hf_checkpoint.save_state", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SaveError, match="disk full"):
         result.save(tmp_path / "plain", format="hf")
     assert list(tmp_path.iterdir()) == []
