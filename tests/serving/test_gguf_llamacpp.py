@@ -143,3 +143,22 @@ def test_bench_command_writes_its_table(tmp_path, capsys):
         assert row["byte_cut"] == pytest.approx(1 - sizes["extracted"] / sizes["base"])
         assert row["decode_speedup"] > 0 and row["prefill_tokens_per_s"] > 0
     assert "decode eff." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change", ["pruned", "extracted"])
+def test_position_independent_changes_run_in_llama_cpp(change, tmp_path):
+    """positions="mean" leaves ordinary biases and constants, which GGUF holds: eigenpruned and extracted alike."""
+    model, tokenizer = load_builtin("int_sum_llama")
+    data = int_sum(tokenizer)
+    val = TaskData(data.input_ids[::50], data.labels[::50], None if data.attention_mask is None else data.attention_mask[::50])
+    if change == "pruned":
+        changed = eigenfast.prune(model, val, p=0.2, components=("v", "o"), reduce="mean", positions="mean",
+                                  progress=False).model
+    else:
+        changed = eigenfast.extract_circuit(model, val, val, threshold=0.01, include_mlps=True, positions="mean",
+                                            progress=False, latency_repeats=0).model
+    llm = engine.load(to_gguf(changed, tmp_path / "m.gguf", tokenizer=tokenizer), cache="f32")
+    prompts, _ = int_sum_pairs()
+    for text in prompts[::700]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert np.abs(engine.logits(llm, ids) - _eager(changed, ids)).max() < 1e-3, text
