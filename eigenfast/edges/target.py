@@ -18,14 +18,15 @@ from ..errors import DataError
 from ..runtime import distributed
 from ..runtime.metrics import kl_divergence
 from .evaluate import PreparedTask
+from .faithfulness import metric_values
 from .masked_forward import EdgeForward, Prepared
 from .options import EdgeOptions
 from .runner import Found
 
 
 def answer_probability(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The clean answer's probability per example ``(B,)``: the metric ``m`` of faithfulness."""
-    return torch.softmax(logits.float(), -1).gather(-1, labels.view(-1, 1)).squeeze(-1)
+    """The clean answer's probability per example ``(B,)``: the metric ``m`` of faithfulness (MIB's "prob")."""
+    return metric_values(logits, labels, labels, "prob")  # "prob" reads no counterfactual answer
 
 
 class Judge:
