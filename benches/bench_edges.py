@@ -32,6 +32,7 @@ os.environ.setdefault("EIGENFAST_QUIET", "1")
 from eigenfast.data.task_data import TaskData
 from eigenfast.edges.compare import compare  # noqa: E402
 from eigenfast.edges.corrupt import corrupt_by_shuffling  # noqa: E402
+from eigenfast.edges.options import EdgeOptions  # noqa: E402
 from eigenfast.edges.masked_forward import EdgeForward  # noqa: E402
 from eigenfast.runtime.forward import frozen_parameters as frozen  # noqa: E402
 from eigenfast.runtime.metrics import kl_divergence
@@ -105,8 +106,8 @@ def bench_methods(args: argparse.Namespace) -> None:
     data = load_task("int_sum", tokenizer)
     clean = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[: args.n])
     corrupted = corrupt_by_shuffling(clean, 0)
-    result = compare(model, clean, corrupted, sparsities=(0.9, 0.95), acdc_thresholds=(0.01, 0.03),
-                     alg1_thresholds=(0.01,), steps=args.steps, batch_size=32, progress=False)
+    settings = {"edge_prune": (0.9, 0.95), "eap": (0.9, 0.95), "acdc": (0.01, 0.03), "algorithm1": (0.01,)}
+    result = compare(model, clean, corrupted, settings, EdgeOptions(steps=args.steps, batch_size=32, progress=False))
     print(f"built-in int_sum_gpt2, {args.n} int_sum prompts with shuffled same-length counterfactuals, "
           f"{args.steps} edge-pruning steps, {args.device}, {torch.get_num_threads()} thread(s)")
     print(result.table())
@@ -117,9 +118,9 @@ def bench_synthetic(args: argparse.Namespace) -> None:
 
     task = synthetic_task()
     corrupted = task.val_data.subset(torch.roll(torch.arange(len(task.val_data)), 1))
-    result = compare(task.model, task.val_data, corrupted, sparsities=(0.6, 0.8), acdc_thresholds=(1e-4, 1e-3),
-                     alg1_thresholds=(1e-4,), steps=80, batch_size=32, true_heads=task.true_heads, progress=False,
-                     lambda_lr=0.1)
+    settings = {"edge_prune": (0.6, 0.8), "eap": (0.6, 0.8), "acdc": (1e-4, 1e-3), "algorithm1": (1e-4,)}
+    options = EdgeOptions(steps=80, batch_size=32, progress=False, lambda_lr=0.1)
+    result = compare(task.model, task.val_data, corrupted, settings, options, true_heads=task.true_heads)
     print(f"synthetic_task (GPT-2, 3 layers x 4 heads, true heads {task.true_heads}), {len(task.val_data)} prompts, "
           f"80 edge-pruning steps (λ lr 0.1), {torch.get_num_threads()} thread(s)")
     print(result.table())
