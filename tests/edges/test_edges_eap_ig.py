@@ -55,7 +55,10 @@ def test_ig_inputs_converges_to_the_path_integral():
     errors = [float((integrated_attributions(forward, batches, "ig-inputs", m) - integral).abs().max())
               for m in (1, 4, 16)]
     assert errors[0] > errors[1] > errors[2]
-    assert errors[2] < 0.15 * errors[0] and errors[2] < 0.02 * float(integral.abs().max())
+    # Right Riemann sums converge at O(1/m): m times the error settles (within a factor of 2 from m = 4 on),
+    # and at m = 16 the error is a few percent of the largest score.
+    assert 0.5 < (16 * errors[2]) / (4 * errors[1]) < 2.0
+    assert errors[2] < 0.15 * errors[0] and errors[2] < 0.05 * float(integral.abs().max())
 
 
 def test_ig_inputs_costs_at_most_m_plus_one_times_eap():
