@@ -33,7 +33,9 @@ from .arguments import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     parser.add_argument("--task", required=True, help=TASK_HELP)
-    parser.add_argument("--p", type=p_or_auto, default="auto",
+    # --fraction is the same option under a name torchrun's own parser cannot take for an abbreviation of its
+    # --print-completion (torch 2.14 and later refuse `torchrun ... -m eigenfast.cli prune --p 0.1` as ambiguous).
+    parser.add_argument("--p", "--fraction", dest="p", type=p_or_auto, default="auto",
                         help="fraction of each component type's singular values to freeze, or 'auto' to try --candidates")
     parser.add_argument("--components", type=comma_list(component), default="k",
                         help="comma-separated components to prune, e.g. k,q,mlp_in")

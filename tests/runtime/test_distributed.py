@@ -247,7 +247,7 @@ def test_one_process_needs_no_group():
 
 def test_torchrun_cli_prune_writes_once_and_equals_one_process(tmp_path):
     """``torchrun --nproc-per-node 2 -m eigenfast.cli prune`` prints and saves on rank 0 only, the one-process save."""
-    command = ["prune", "--model", "int_sum_gpt2", "--task", "int_mult", "--p", "0.1", "--batch-size", "64",
+    command = ["prune", "--model", "int_sum_gpt2", "--task", "int_mult", "--fraction", "0.1", "--batch-size", "64",
                "--components", "k", "--out"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(eigenfast.__file__).parents[1])}
     ran = subprocess.run(
