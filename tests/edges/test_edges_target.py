@@ -2,6 +2,8 @@
 defaults on circuits known by construction."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -73,10 +75,15 @@ def synthetic(request):
     return task, task.val_data.subset(torch.roll(torch.arange(len(task.val_data)), 1))
 
 
-# Edge Pruning and ACDC bisect their knob over six whole runs: minutes on a shared CPU, so they run with the slow tests.
+# Edge Pruning and ACDC bisect their knob over six whole runs: one architecture's Edge Pruning took over 12 minutes
+# on a loaded 2-core CPU, past what CI can spend, so they run only when asked (EIGENFAST_LONG_TESTS=1).
+LONG = pytest.mark.skipif(os.environ.get("EIGENFAST_LONG_TESTS") != "1",
+                          reason="the default target search of Edge Pruning/ACDC takes many minutes; EIGENFAST_LONG_TESTS=1 runs it")
+
+
 @pytest.mark.parametrize("method", ["eap", "eap_ig_inputs", "eap_ig_activations", "ensemble",
-                                    pytest.param("edge_prune", marks=pytest.mark.slow),
-                                    pytest.param("acdc", marks=pytest.mark.slow)])
+                                    pytest.param("edge_prune", marks=[pytest.mark.slow, LONG]),
+                                    pytest.param("acdc", marks=[pytest.mark.slow, LONG])])
 def test_every_method_finds_the_true_heads_with_its_defaults(synthetic, method):
     task, corrupted = synthetic
     circuit = run(task.model, task.val_data, corrupted, method, EdgeOptions(progress=False, evaluate=False))
