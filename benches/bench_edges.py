@@ -29,15 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "edges")]
 os.environ.setdefault("EIGENFAST_QUIET", "1")
 
+from edges_reference import naive_run  # noqa: E402
+
 from eigenfast.data.task_data import TaskData
 from eigenfast.edges.compare import compare  # noqa: E402
 from eigenfast.edges.corrupt import corrupt_by_shuffling  # noqa: E402
-from eigenfast.edges.options import EdgeOptions  # noqa: E402
 from eigenfast.edges.masked_forward import EdgeForward  # noqa: E402
+from eigenfast.edges.options import EdgeOptions  # noqa: E402
 from eigenfast.runtime.forward import frozen_parameters as frozen  # noqa: E402
 from eigenfast.runtime.metrics import kl_divergence
-
-from edges_reference import naive_run  # noqa: E402
 
 
 def gpt2_small(device: str) -> torch.nn.Module:

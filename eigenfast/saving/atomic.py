@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ..errors import SaveError, SavedModelError
+from safetensors import SafetensorError
+
+from ..errors import EigenfastError, SavedModelError, SaveError
 
 STATE = ".eigenfast"
 CURRENT = "current"
@@ -269,3 +271,19 @@ def reading(folder: Path) -> Iterator[Path]:
                 collect_garbage(folder)
     with _flock(state / READERS, fcntl.LOCK_SH, create=False):
         yield generation(folder) or folder
+
+
+@contextlib.contextmanager
+def failures_as_save_error(directory: Path, what: str, afterwards: str) -> Iterator[None]:
+    """The file system's refusal while writing ``what`` into ``directory`` (a full disk, no permission) as one
+    :class:`SaveError` naming the cause and the fix; ``afterwards`` says what the folder holds then."""
+    try:
+        yield
+    except EigenfastError:
+        raise
+    except (OSError, SafetensorError) as err:
+        reason = getattr(err, "strerror", None) or str(err)[:300]
+        raise SaveError(
+            f"cannot write {what} into {directory}: {reason}; free space or choose a folder you can write to "
+            f"({afterwards})"
+        ) from None

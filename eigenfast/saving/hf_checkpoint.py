@@ -19,17 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_model as save_state
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..adapters import Adapter, get_adapter
-from ..errors import OutputExistsError, SaveError, UnsupportedModelError
+from ..errors import OutputExistsError, UnsupportedModelError
 from ..rewrite.position_tables import TokenBiasLinear
 from ..rewrite.positional import KV_SLOTS
-from ..rewrite.stand_ins import ConstantOutput, PositionMean, RemovedAttention, RemovedNorm
+from ..rewrite.stand_ins import (
+    ConstantOutput,
+    PositionMean,
+    RemovedAttention,
+    RemovedNorm,
+)
 from ..runtime import distributed
+from .atomic import failures_as_save_error
 
 WEIGHTS_FILE = "model.safetensors"
 ENGINES = "load the eigenfast save instead (result.save(folder), then eigenfast.load), or for a Llama-family model " \
@@ -42,14 +47,8 @@ def save_hf_checkpoint(model: nn.Module, directory: str | Path, tokenizer: Any =
     config = plain_config(model)
 
     def write() -> None:
-        try:
+        with failures_as_save_error(directory, "the checkpoint", "nothing was left behind"):
             write_staged()
-        except (OSError, SafetensorError) as err:
-            reason = getattr(err, "strerror", None) or str(err)[:300]
-            raise SaveError(
-                f"cannot write the checkpoint into {directory}: {reason}; free space or choose a folder you can "
-                "write to (nothing was left behind)"
-            ) from None
 
     def write_staged() -> None:
         directory.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 
-
 class ModelResult:
     """Mixin for a result dataclass with fields ``model`` and ``tokenizer``."""
 

@@ -33,7 +33,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..adapters import get_adapter
-from ..errors import ArgumentError, EigenfastError, OutputExistsError, SavedModelError, SaveError
+from ..errors import ArgumentError, EigenfastError, OutputExistsError, SavedModelError
 from ..rewrite.kinds import MODULE_KINDS
 from ..rewrite.position_limit import guard_positions
 from ..rewrite.positional import install
@@ -128,16 +128,8 @@ def save_model(
         _write_save(generation, model, kind, report, tensors, tokenizer, state)
 
     def write() -> None:
-        try:
+        with atomic.failures_as_save_error(directory, "the save", "the folder keeps its previous save, if it had one"):
             atomic.write_atomically(directory, files, _flat_save_files)
-        except EigenfastError:
-            raise
-        except (OSError, SafetensorError) as err:
-            reason = getattr(err, "strerror", None) or str(err)[:300]
-            raise SaveError(
-                f"cannot write the save into {directory}: {reason}; free space or choose a folder you can write "
-                "to (the folder keeps its previous save, if it had one)"
-            ) from None
 
     # Under a process group every rank holds the same result: rank 0 alone writes it.
     distributed.on_main(write)

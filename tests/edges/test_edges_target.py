@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+from conftest import make_data, make_model
+from edges_reference import naive_masked_logits
 
 import eigenfast
 from eigenfast.circuit.synthetic import synthetic_task
@@ -13,9 +15,6 @@ from eigenfast.edges import EdgeOptions, run
 from eigenfast.edges.evaluate import prepare
 from eigenfast.edges.target import Judge, smallest_top, top
 from eigenfast.errors import ArgumentError, DataError
-
-from conftest import make_data, make_model
-from edges_reference import naive_masked_logits
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,22 @@ import copy
 
 import pytest
 import torch
+from conftest import make_data, make_model
+from hook_references import logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import eigenfast
 from eigenfast.builtin import load_builtin
 from eigenfast.circuit import component_means
 from eigenfast.data.tasks import load_task
-from eigenfast.errors import ArgumentError, OutputExistsError, SaveError, UnsupportedModelError
+from eigenfast.errors import (
+    ArgumentError,
+    OutputExistsError,
+    SaveError,
+    UnsupportedModelError,
+)
 from eigenfast.rewrite.removal import remove_components
 from eigenfast.saving.hf_checkpoint import save_hf_checkpoint
-
-from conftest import make_data, make_model
-from hook_references import logits
 
 COMPONENTS = ("k", "o", "mlp_in", "mlp_out")
 
