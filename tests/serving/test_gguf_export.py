@@ -102,7 +102,7 @@ def copy_with_constant_table() -> torch.nn.Module:
     model = base_model("qwen2")
     n_layers, n_heads, d = 5, 4, 64
     means = ComponentMeans(heads=torch.randn(n_layers, n_heads, 1, d).expand(-1, -1, 6, -1).clone(),
-                           mlps=torch.randn(n_layers, 1, d).expand(-1, 6, -1).clone())
+                           mlps=torch.randn(n_layers, 1, d).expand(-1, 6, -1).clone(), counts=torch.full((6,), 4))
     remove_components(model, {1: [0], 2: [0, 1, 2, 3]}, [3], means, ablation="mean")
     return model
 
@@ -110,7 +110,8 @@ def copy_with_constant_table() -> torch.nn.Module:
 def test_position_indexed_tables_refused_before_writing(tmp_path):
     model = base_model("llama")
     g = torch.Generator().manual_seed(0)
-    means = ComponentMeans(heads=torch.randn(5, 4, 6, 64, generator=g), mlps=torch.randn(5, 6, 64, generator=g))
+    means = ComponentMeans(heads=torch.randn(5, 4, 6, 64, generator=g), mlps=torch.randn(5, 6, 64, generator=g),
+                           counts=torch.full((6,), 4))
     remove_components(model, {1: [0]}, [3], means, ablation="mean")
     with pytest.raises(eigenfast.UnsupportedModelError, match="position-indexed table.*ablation='zero'"):
         to_gguf(model, tmp_path / "m.gguf")
