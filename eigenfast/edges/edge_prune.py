@@ -17,14 +17,13 @@ from .ensemble import rank_normalised
 from .evaluate import EdgeCircuit, PreparedTask
 from .options import EdgeOptions
 from .runner import EdgeMethod, Found, run_method
+from .selection import top
 
 
 def round_masks(edges: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Keep the ``round(mean(edges)·E)`` best-scored edges: the kept fraction matches the masks' mean."""
     k = int(round(float(edges.mean()) * edges.numel()))
-    kept = torch.zeros(edges.numel(), dtype=torch.bool)
-    kept[torch.argsort(scores.cpu(), descending=True, stable=True)[:k]] = True
-    return kept
+    return top(scores, k)
 
 
 def initial_log_alpha(options: EdgeOptions, n_edges: int, generator: torch.Generator) -> torch.Tensor:

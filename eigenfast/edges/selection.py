@@ -79,12 +79,16 @@ def _check(graph: EdgeGraph, scores: torch.Tensor, n: int) -> torch.Tensor:
     return scores.detach().double().abs().cpu()
 
 
+def top(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """``(E,)`` bool: the ``n`` edges with the highest scores (ties: the earlier edge)."""
+    kept = torch.zeros(len(scores), dtype=torch.bool)
+    kept[torch.argsort(scores.cpu(), descending=True, stable=True)[:n]] = True
+    return kept
+
+
 def top_n(graph: EdgeGraph, scores: torch.Tensor, n: int) -> torch.Tensor:
     """``(E,)`` bool: the ``n`` edges of largest ``|score|`` (ties: the earlier edge), dangling ones pruned."""
-    magnitude = _check(graph, scores, n)
-    kept = torch.zeros(graph.n_edges, dtype=torch.bool)
-    kept[torch.argsort(magnitude, descending=True, stable=True)[:n]] = True
-    return prune_dangling(graph, kept)
+    return prune_dangling(graph, top(_check(graph, scores, n), n))
 
 
 def greedy(graph: EdgeGraph, scores: torch.Tensor, n: int) -> torch.Tensor:

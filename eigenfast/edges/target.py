@@ -18,10 +18,11 @@ from ..errors import DataError
 from ..runtime import distributed
 from ..runtime.metrics import kl_divergence
 from .evaluate import PreparedTask
-from .faithfulness import metric_values
+from .faithfulness import mean_metric, metric_values
 from .masked_forward import EdgeForward, Prepared
 from .options import EdgeOptions
 from .runner import Found
+from .selection import top
 
 
 def answer_probability(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -35,13 +36,7 @@ class Judge:
     def __init__(self, task: PreparedTask) -> None:
         self.forward: EdgeForward = task.forward
         self.batches: list[Prepared] = task.batches
-        sums = torch.zeros(3, dtype=torch.float64)  # m(M), m(∅), examples
-        for b in self.batches:
-            sums += torch.tensor([float(answer_probability(b.clean.logits, b.clean.labels).sum()),
-                                  float(answer_probability(b.corrupted.logits, b.clean.labels).sum()),
-                                  len(b.clean.labels)], dtype=torch.float64)
-        full, empty, n = distributed.summed(sums).tolist()
-        self.full, self.empty = full / n, empty / n
+        self.full, self.empty = mean_metric(task, "full", "prob"), mean_metric(task, "empty", "prob")
         self.evaluations = 0
 
     def check(self, kind: str) -> None:
@@ -70,13 +65,6 @@ class Judge:
         kind, goal = options.target
         faithfulness, kl = self.measure(kept)
         return faithfulness >= goal if kind == "faithfulness" else kl <= goal
-
-
-def top(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n`` edges with the highest scores (ties by index), ``(E,)`` bool."""
-    kept = torch.zeros(len(scores), dtype=torch.bool)
-    kept[torch.argsort(scores.cpu(), descending=True, stable=True)[:n]] = True
-    return kept
 
 
 def smallest_top(task: PreparedTask, scores: torch.Tensor, options: EdgeOptions) -> Found:
