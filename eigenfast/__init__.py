@@ -8,13 +8,11 @@
 
 Every error eigenfast raises on purpose is an ``eigenfast.EigenfastError``.
 """
-from .adapters import SUPPORTED_MODEL_TYPES, get_adapter
-from .circuit import CircuitResult, extract_circuit
-from .data.task_data import TaskData, as_task_data, from_jsonl, from_pairs, int_mult, int_sum
-from .data.tasks import induction, load_task
-from .edges import acdc, eap, edge_prune
-from .eigenprune.prune import PruneResult, prune
-from .eigenprune.scoring import score
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -33,17 +31,40 @@ from .errors import (
     UnknownAttributeError,
     UnsupportedModelError,
 )
-from .runtime.forward import evaluate
-from .saving.loading import load_model
-from .saving.serialization import load
 
 __version__ = "0.1.0"
 
-__all__ = [
+# The public functions and classes, each with the module that defines it. They are imported on first
+# use (PEP 562), so `import eigenfast` loads no torch: the command line starts at once and catches a
+# Ctrl-C that comes while torch loads (eigenfast/cli.py), and the errors above stay importable alone.
+_LAZY = {
+    "SUPPORTED_MODEL_TYPES": ".adapters",
+    "get_adapter": ".adapters",
+    "CircuitResult": ".circuit",
+    "extract_circuit": ".circuit",
+    "TaskData": ".data.task_data",
+    "as_task_data": ".data.task_data",
+    "from_jsonl": ".data.task_data",
+    "from_pairs": ".data.task_data",
+    "int_mult": ".data.task_data",
+    "int_sum": ".data.task_data",
+    "induction": ".data.tasks",
+    "load_task": ".data.tasks",
+    "acdc": ".edges",
+    "eap": ".edges",
+    "edge_prune": ".edges",
+    "PruneResult": ".eigenprune.prune",
+    "prune": ".eigenprune.prune",
+    "score": ".eigenprune.scoring",
+    "evaluate": ".runtime.forward",
+    "load_model": ".saving.loading",
+    "load": ".saving.serialization",
+}
+
+__all__ = sorted([
     "ArgumentError",
     "ArgumentTypeError",
     "CircuitFileError",
-    "CircuitResult",
     "DataError",
     "EigenfastError",
     "MissingFilesError",
@@ -51,30 +72,24 @@ __all__ = [
     "OutputExistsError",
     "PositionIndexError",
     "PositionLimitError",
-    "PruneResult",
-    "SUPPORTED_MODEL_TYPES",
     "SaveError",
     "SavedModelError",
     "StateError",
-    "TaskData",
     "TransformersVersionError",
     "UnknownAttributeError",
     "UnsupportedModelError",
-    "acdc",
-    "as_task_data",
-    "eap",
-    "edge_prune",
-    "evaluate",
-    "extract_circuit",
-    "from_jsonl",
-    "from_pairs",
-    "get_adapter",
-    "induction",
-    "int_mult",
-    "int_sum",
-    "load",
-    "load_model",
-    "load_task",
-    "prune",
-    "score",
-]
+    *_LAZY,
+])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise UnknownAttributeError(f"module 'eigenfast' has no attribute {name!r}; its public names are "
+                                    f"eigenfast.__all__")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later uses skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -321,3 +322,48 @@ def test_ctrl_c_stops_a_command_with_one_line_and_status_130(tmp_path):
     _, err = command.communicate(timeout=300)
     assert command.returncode == 130 and err.endswith("interrupted\n") and "Traceback" not in err, err
     assert not out.exists()
+
+
+# Loaded by the interpreter before eigenfast (it is first on PYTHONPATH): `import torch` leaves a mark, then
+# takes a minute, as on a slow disk, so the Ctrl-C below surely comes while torch is being imported.
+SLOW_TORCH = '''
+import importlib.abc, os, sys, time
+
+class SlowTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            open(os.environ["TORCH_IMPORT_MARK"], "w").close()
+            time.sleep(60)
+        return None
+
+sys.meta_path.insert(0, SlowTorch())
+'''
+
+
+def test_ctrl_c_while_torch_loads_is_one_line_too(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(SLOW_TORCH)
+    mark = tmp_path / "importing-torch"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]), "TORCH_IMPORT_MARK": str(mark)}
+    command = subprocess.Popen([sys.executable, "-m", "eigenfast.cli", "prune", "--model", "int_sum_gpt2", "--task",
+                                "int_sum", "--out", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for _ in range(3000):
+            if mark.exists() or command.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert mark.exists(), command.communicate()
+        command.send_signal(signal.SIGINT)
+        _, err = command.communicate(timeout=60)
+    finally:
+        command.kill()
+    assert command.returncode == 130 and err == "interrupted\n", err
+
+
+def test_import_eigenfast_loads_no_torch_until_a_name_is_used():
+    code = ("import sys, eigenfast; before = 'torch' in sys.modules; eigenfast.SaveError; errors = 'torch' in sys.modules; "
+            "eigenfast.prune; print(before, errors, 'torch' in sys.modules, hasattr(eigenfast, 'no_such_name'))")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert shown.split() == ["False", "False", "True", "False"]
+    assert set(eigenfast.__all__) <= set(dir(eigenfast))
+    assert all(getattr(eigenfast, name) is not None for name in eigenfast.__all__)
