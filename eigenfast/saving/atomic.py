@@ -21,6 +21,7 @@ or deleted; everything lives inside ``out`` itself, so no rename crosses file sy
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import filecmp
 import os
@@ -90,7 +91,7 @@ def _flock(path: Path, mode: int, create: bool) -> Iterator[bool]:
         os.close(fd)  # closing releases the lock; a killed process's locks go with it
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -101,8 +102,8 @@ def _fsync(path: Path) -> None:
 def _fsync_tree(folder: Path) -> None:
     for entry in folder.iterdir():
         if entry.is_file():
-            _fsync(entry)
-    _fsync(folder)
+            fsync(entry)
+    fsync(folder)
 
 
 def collect_garbage(folder: Path) -> None:
@@ -130,22 +131,35 @@ def collect_garbage(folder: Path) -> None:
                 shutil.rmtree(entry)
 
 
+def _symlink(target: str, path: Path) -> None:
+    try:
+        os.symlink(target, path)
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        raise SaveError(
+            f"{path.parent} is on a file system without symbolic links ({err.strerror}), and a save switches from "
+            "the old files to the new ones with one: save into a folder on a local file system (ext4, xfs, APFS, "
+            "tmpfs...), then copy it where you need it with `cp -rL` (which copies the files the links name)"
+        ) from None
+
+
 def _link_names(folder: Path, names: Iterable[str]) -> None:
     """Top-level links for ``names``; an entry of that name that is not ours (the user's) is left as it is."""
     for name in names:
         entry = folder / name
         if entry.is_symlink() or entry.exists():
             continue
-        os.symlink(link_target(name), entry)
+        _symlink(link_target(name), entry)
 
 
 def _switch(folder: Path, name: str) -> None:
     """Make generation ``name`` current: one atomic rename of a new link over ``current``."""
     state = folder / STATE
     staged = state / f"{CURRENT}.{name}"
-    os.symlink(name, staged)
+    _symlink(name, staged)
     os.replace(staged, state / CURRENT)
-    _fsync(state)
+    fsync(state)
 
 
 def adopt_flat_save(folder: Path, names: Iterable[str]) -> None:
@@ -174,9 +188,9 @@ def adopt_flat_save(folder: Path, names: Iterable[str]) -> None:
         if (in_use / name).is_file() and _same_bytes(folder / name, in_use / name):
             staged = folder / f".{name}{LINK_STAGED}"
             staged.unlink(missing_ok=True)
-            os.symlink(link_target(name), staged)
+            _symlink(link_target(name), staged)
             os.replace(staged, folder / name)
-    _fsync(folder)
+    fsync(folder)
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
@@ -230,6 +244,19 @@ def write_atomically(folder: Path, write: Callable[[Path], None], adopt: Callabl
         for path in created:  # deepest first; only while still empty but for eigenfast's own state
             _remove_if_only_state(path)
         raise
+
+
+@contextlib.contextmanager
+def write_lock(folder: Path) -> Iterator[bool]:
+    """Hold ``folder``'s write lock (what a save holds), made where missing; False where none can be had."""
+    state = folder / STATE
+    with contextlib.suppress(OSError):  # a read-only folder: nothing in it can change, nothing to lock
+        state.mkdir(exist_ok=True)
+    if state.is_symlink() or not state.is_dir():
+        yield False
+        return
+    with _write_lock(state / LOCK) as mine:
+        yield mine
 
 
 @contextlib.contextmanager

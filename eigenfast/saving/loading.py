@@ -12,7 +12,7 @@ from ..errors import ModelLoadError
 from ..rewrite.position_limit import guard_positions
 from ..runtime.progress import transformers_bars_off
 from . import atomic
-from .serialization import SPEC_FILE, load_from
+from .serialization import SPEC_FILE, load_from, recover_interrupted_resaves
 
 # One of these makes a folder's tokenizer loadable; tokenizer_config.json alone does not.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
@@ -47,6 +47,7 @@ def check_model_name(name: str) -> Path | None:
             f"--model {name!r} is neither a directory nor a built-in model ({', '.join(BUILTIN_MODELS)}); "
             "pass a folder written by save_pretrained or eigenfast, or a built-in name"
         )
+    recover_interrupted_resaves(path)
     missing = [what for what, names in (("config.json", ("config.json",)), ("weights", WEIGHT_FILES))
                if not any((path / f).is_file() for f in names)]
     if missing == ["weights"] and any((path / f).is_file() for f in PICKLE_FILES):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -39,9 +40,11 @@ from ..rewrite.position_limit import guard_positions
 from ..rewrite.positional import install
 from ..rewrite.surgery import ATTRIBUTES, replace_module, set_attributes
 from ..runtime import distributed
-from . import atomic, checksums
+from . import atomic, checksums, interrupted_resaves
 from .hf_checkpoint import save_hf_checkpoint
 from .spec_schema import check_spec
+
+log = logging.getLogger(__name__)
 
 FORMAT = "eigenfast"
 VERSION = 3
@@ -92,6 +95,7 @@ def is_save_folder(directory: Path) -> bool:
 def check_output_directory(directory: str | Path) -> Path:
     """Refuse, before any work, a directory that a save could not write or that holds someone else's files."""
     directory = check_writable_directory(directory)
+    recover_interrupted_resaves(directory)
     if directory.is_dir() and not is_save_folder(directory) and any(directory.iterdir()):
         raise OutputExistsError(
             f"{directory} exists, is not empty and is not an eigenfast save; choose a new or empty directory"
@@ -205,14 +209,8 @@ def _write_save(
 
 def _flat_save_files(directory: Path) -> list[str]:
     """The files of a version 1 or 2 save (written flat into ``directory``), to be adopted before a new save."""
-    try:
-        spec = json.loads((directory / SPEC_FILE).read_text())
-    except (OSError, ValueError):  # no spec, or not one eigenfast could have written: nothing to adopt
-        return []
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT or spec.get("version") not in (1, 2):
-        return []
-    listed = spec.get("files") if spec["version"] == 2 else dict.fromkeys(VERSION_1_FILES)
-    if not isinstance(listed, dict):
+    listed = _listed_files(directory / SPEC_FILE)
+    if not listed:  # no spec, or not one eigenfast could have written: nothing to adopt
         return []
     return [SPEC_FILE] + [name for name, size in listed.items() if name in FLAT_SAVE_NAMES and name != SPEC_FILE
                           and (directory / name).is_file() and size in (None, (directory / name).stat().st_size)]
@@ -229,7 +227,36 @@ def _save_folder(directory: str | Path) -> Path:
     directory = Path(directory)
     if not directory.is_dir():
         raise SavedModelError(f"{directory} is not a directory; pass the folder written by result.save()")
+    recover_interrupted_resaves(directory)
     return directory
+
+
+def recover_interrupted_resaves(directory: Path) -> None:
+    """Finish or roll back a re-save that eigenfast before version 3 left half-done in ``directory``
+    (saving/interrupted_resaves.py), so the folder holds one whole save again."""
+    if not any(interrupted_resaves.leftovers(directory, kind)
+               for kind in (interrupted_resaves.BACKUP, interrupted_resaves.STAGING)):
+        return
+    with atomic.write_lock(directory) as mine:
+        if not mine:
+            return  # read-only, or a save is writing: the load reports what it finds
+        for line in interrupted_resaves.undo_interrupted_resaves(
+                directory, spec_file=SPEC_FILE, save_names=FLAT_SAVE_NAMES, listed=_listed_files):
+            log.warning(line)
+
+
+def _listed_files(spec_path: Path) -> dict[str, int | None]:
+    """The files a version 1 or 2 spec lists, with the sizes version 2 records (nothing for a spec that cannot be
+    read or is not one an older eigenfast wrote)."""
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT or spec.get("version") not in (1, 2):
+        return {}
+    files = spec.get("files") if spec["version"] == 2 else dict.fromkeys(VERSION_1_FILES)
+    return {n: s for n, s in files.items() if isinstance(n, str) and isinstance(s, (int, type(None)))} \
+        if isinstance(files, dict) else {}
 
 
 def _read_spec(files: Path, directory: Path) -> dict[str, Any]:
@@ -410,7 +437,7 @@ def load_extras(directory: str | Path) -> dict[str, torch.Tensor]:
     with atomic.reading(directory) as files:
         spec = _read_spec(files, directory)
         path = files / EXTRAS_FILE
-        if spec["version"] >= 3 and EXTRAS_FILE not in spec["files"]:
+        if spec["version"] >= 2 and EXTRAS_FILE not in spec["files"]:  # a file of another save is no extras of this
             return {}
         if spec["version"] < 3 and not path.is_file():
             return {}

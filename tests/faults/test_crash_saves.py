@@ -144,8 +144,9 @@ def finish(counts: Counter, process, answer) -> tuple[str, str] | None:
     return outcome
 
 
-def flat_version_2_save(folder: Path, which: str) -> None:
-    """Rewrite ``folder`` as an older eigenfast wrote a save: files at the top, a version 2 spec of sizes."""
+def flat_version_2_save(folder: Path, which: str, crafted: bool = True) -> None:
+    """Rewrite ``folder`` as an older eigenfast wrote a save: files at the top, a version 2 spec of sizes
+    (``crafted``: the spec also names the user's files, as a hostile one would)."""
     crash_writer.save(tiny_model(which), str(folder), which)
     current = (folder / atomic.STATE / atomic.CURRENT).resolve()
     spec = json.loads((current / "eigenfast.json").read_text())
@@ -154,8 +155,9 @@ def flat_version_2_save(folder: Path, which: str) -> None:
         os.replace(current / name, folder / name)
     spec.update(version=2, files={name: entry["bytes"] for name, entry in spec["files"].items()})
     spec["files"]["eigenfast.json"] = None
-    spec["files"]["notes.txt"] = (folder / "notes.txt").stat().st_size  # a crafted list naming the user's file
-    spec["files"]["tokenizer_config.json"] = 4096
+    if crafted:
+        spec["files"]["notes.txt"] = (folder / "notes.txt").stat().st_size
+        spec["files"]["tokenizer_config.json"] = 4096
     (folder / "eigenfast.json").write_text(json.dumps(spec))
     subprocess.run(["rm", "-rf", str(folder / atomic.STATE)], check=True)
 

@@ -1,6 +1,7 @@
 """Saved folders: never lose a user's files, never half-replace a save, never load silently wrong."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pty
@@ -84,6 +85,24 @@ def test_a_failure_at_the_switch_leaves_the_previous_save_and_no_leftovers(tmp_p
     assert torch.equal(logits(eigenfast.load(folder), make_data()), logits(old.model, make_data()))
     generations = [p for p in (folder / ".eigenfast").iterdir() if p.name.startswith("gen-")]
     assert generations == [(folder / ".eigenfast" / "current").resolve()]
+
+
+def test_a_file_system_without_symbolic_links_is_named_and_nothing_is_left(tmp_path, monkeypatch):
+    """vfat and some network shares refuse symbolic links (EPERM), which a save switches with."""
+    result = pruned(p=0.1)
+
+    def refused(target, path, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "symlink", refused)
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "new" / "deeper", tmp_path / "empty"):
+        with pytest.raises(eigenfast.SaveError, match="without symbolic links.*cp -rL"):
+            result.save(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # the folder the failed save made is gone
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == [".eigenfast"]  # its lock stays; no save, no file
+    with pytest.raises(eigenfast.SavedModelError, match="has no eigenfast.json"):
+        eigenfast.load(tmp_path / "empty")
 
 
 def test_a_foreign_folder_or_a_file_is_refused(tmp_path):
