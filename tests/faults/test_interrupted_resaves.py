@@ -85,18 +85,22 @@ def recover_until_killed(folder: Path, changes: int, monkeypatch) -> bool:
     return False
 
 
+def tally(counts: Counter, folder: Path, user: dict[str, str], expected: str, trial: str) -> None:
+    """Load ``folder`` (the load recovers first) and count what is wrong with what it holds."""
+    holds = which_save(folder)
+    counts["mixes"] += holds == "mix"
+    counts["lost saves"] += holds != expected
+    counts["user files touched"] += fingerprint(folder) != user
+    assert leftovers(folder) == [], leftovers(folder)
+    counts[f"trials ({trial})"] += 1
+
+
 def test_a_killed_version_2_resave_loads_whole_at_every_instant(tmp_path, counts):
     steps, switched = crashed_resave(tmp_path / "count", 0)[1:]
     for stop_after in range(1, steps + 1):
         folder, _, _ = crashed_resave(tmp_path / f"stop-{stop_after}", stop_after)
-        user = fingerprint(folder)
         expected = "new" if stop_after >= switched else "old"
-        holds = which_save(folder)  # the load recovers first
-        counts["mixes"] += holds == "mix"
-        counts["lost saves"] += holds != expected
-        counts["user files touched"] += fingerprint(folder) != user
-        assert leftovers(folder) == [], leftovers(folder)
-        counts["trials (version 2 re-save stopped after each rename)"] += 1
+        tally(counts, folder, fingerprint(folder), expected, "version 2 re-save stopped after each rename")
 
 
 def test_a_crash_during_the_recovery_is_finished_by_the_next_one(tmp_path, counts, monkeypatch):
@@ -107,17 +111,12 @@ def test_a_crash_during_the_recovery_is_finished_by_the_next_one(tmp_path, count
             folder, _, _ = crashed_resave(tmp_path / f"stop-{stop_after}-{changes}", stop_after)
             user = fingerprint(folder)
             killed = recover_until_killed(folder, changes, monkeypatch)
-            holds = which_save(folder)  # the load recovers again
-            counts["mixes"] += holds == "mix"
-            counts["lost saves"] += holds != expected
-            counts["user files touched"] += fingerprint(folder) != user
-            assert leftovers(folder) == [], leftovers(folder)
-            counts["trials (recovery killed, then run again)"] += 1
+            tally(counts, folder, user, expected, "recovery killed, then run again")
             if not killed:
                 break  # the recovery makes fewer changes than this: every crash point was covered
 
 
 def test_a_save_into_a_folder_with_a_killed_resave_is_not_refused(tmp_path):
-    folder, _, switched = crashed_resave(tmp_path, 3)
+    folder, _, _ = crashed_resave(tmp_path, 3)
     crash_writer.save(tiny_model("new"), str(folder), "new")  # the CLI's output check and the save both recover
     assert which_save(folder) == "new" and leftovers(folder) == []
