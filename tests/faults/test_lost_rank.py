@@ -13,6 +13,7 @@ TIMEOUT = 5  # seconds, through EIGENFAST_DIST_TIMEOUT
 # The command line, timed from just before main(): the imports are not part of the wait.
 ONE_RANK = """
 import sys, time
+import eigenfast.commands, eigenfast.runtime.distributed  # what main imports first: torch, the commands
 from eigenfast.cli import main
 start = time.monotonic()
 status = main(["eval", "--model", "int_sum_gpt2", "--task", "int_sum"])
