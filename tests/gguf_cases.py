@@ -82,3 +82,27 @@ def extracted(family: str, heads: dict[int, list[int]] | None = None, mlps: list
 def prompt(length: int = 12, seed: int = 0) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, SIZES["vocab_size"], (length,), generator=g).tolist()
+
+
+# Strings for byte-level BPE: contractions, digits, runs of spaces and newlines, accents, CJK, emoji, code.
+BPE_TEXTS = [
+    "Hello world", " leading space", "trailing space ", "two  spaces", "tabs\tand\nnewlines\n\n",
+    "don't I'll we're you've he'd I'm it's", "12+7=19", "3.14159 and 1,000,000", "naïve café résumé", "日本語のテキスト",
+    "emoji 🙂🙃", "  \n  ", "UPPER lower MiXeD", "a" * 30, "x=f(y)//2; z[0] += 1", "The quick brown fox.",
+    "unseen words: zebra quixotic", "'s 's'", "-- -> => !== ???",
+]
+
+
+def byte_level_bpe():
+    """A GPT-2-style byte-level BPE tokenizer trained in code on a small varied corpus (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["The quick brown fox jumps over the lazy dog.", "I don't think they'll see it; we're sure you've done it.",
+              "12 + 7 = 19, 401 + 3 = 404", "naïve café résumé — 日本語のテキスト 🙂", "def f(x):\n    return x * 2\n"] * 20
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", bos_token="<|endoftext|>")

@@ -2,11 +2,11 @@
 
 Llama, Mistral and Qwen2 models, whole or extracted with zero ablation (per-layer head counts,
 removed attention and MLPs); GPT-2, NeoX and Phi too, their removed heads and blocks zero-filled
-(exact, no faster), which the export's warning, printed here, says. The model's word-level
-tokenizer goes into the file; --no-tokenizer writes a placeholder vocabulary of the model's size
-instead (the engine then runs on token ids). What the format cannot hold (a position-indexed table:
-mean ablation, eigenpruning) is refused before anything is written. docs/SERVING.md says which
-engine serves which change.
+(exact, no faster), which the export's warning, printed here, says. The model's tokenizer
+(word-level, or GPT-2's byte-level BPE) goes into the file; --no-tokenizer writes a placeholder
+vocabulary of the model's size instead (the engine then runs on token ids). What the format
+cannot hold (a position-indexed table: mean ablation, eigenpruning) is refused before anything is
+written. docs/SERVING.md says which engine serves which change.
 """
 from __future__ import annotations
 

@@ -5,8 +5,10 @@ is refused before any file exists. (llama.cpp itself runs the files in test_gguf
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from eigenfast.serving.llamacpp.speed import decode_weight_bytes
 
 import deci_reference
 import dense_reference
-from gguf_cases import CONFIGS, DENSE_CONFIGS, REQUIRE_ENV, base_model, extracted, prompt, requires
+from gguf_cases import CONFIGS, DENSE_CONFIGS, REQUIRE_ENV, base_model, byte_level_bpe, extracted, prompt, requires
 
 
 @pytest.fixture(autouse=True)
@@ -199,14 +201,37 @@ def test_word_level_tokenizer_written(tmp_path):
     assert fields["tokenizer.ggml.unknown_token_id"] == tokenizer.unk_token_id
 
 
-def test_other_tokenizers_refused(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def test_byte_level_bpe_written(tmp_path):
+    gguf = requires("gguf")
+    tokenizer = byte_level_bpe()
+    model = base_model("gpt2")
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    path = to_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer)
+    fields = {name: f.contents() for name, f in gguf.GGUFReader(str(path)).fields.items()}
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    vocab = tokenizer.get_vocab()
+    assert fields["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    assert len(merges) > 50 and fields["tokenizer.ggml.merges"] == [" ".join(pair) for pair in merges]
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+
+
+def _bpe(prefix_space: bool = False, normalizer: bool = False) -> Any:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel()
-    with pytest.raises(eigenfast.UnsupportedModelError, match="BPE model.*tokenizer=None"):
-        to_gguf(base_model("llama"), tmp_path / "m.gguf", tokenizer=PreTrainedTokenizerFast(tokenizer_object=core))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+    if normalizer:
+        core.normalizer = normalizers.NFKC()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="a")
+
+
+@pytest.mark.parametrize("settings,message", [({"prefix_space": True}, "without GPT-2's byte-level pre-tokenizer"),
+                                              ({"normalizer": True}, "normalizes with NFKC")])
+def test_other_tokenizers_refused(settings, message, tmp_path):
+    with pytest.raises(eigenfast.UnsupportedModelError, match=f"{message}.*tokenizer=None"):
+        to_gguf(base_model("llama"), tmp_path / "m.gguf", tokenizer=_bpe(**settings))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -24,7 +24,7 @@ from eigenfast.serving.llamacpp import engine
 from eigenfast.serving.llamacpp.speed import decode_weight_bytes
 
 from dense_reference import with_ggml_gelu
-from gguf_cases import CONFIGS, DENSE_CONFIGS, base_model, extracted, prompt, requires
+from gguf_cases import BPE_TEXTS, CONFIGS, DENSE_CONFIGS, base_model, byte_level_bpe, extracted, prompt, requires
 
 CASES = [(family, kind) for family in sorted({**CONFIGS, **DENSE_CONFIGS}) for kind in ("base", "extracted")]
 
@@ -89,6 +89,18 @@ def test_word_level_tokenizer_splits_as_hf(tmp_path):
         hf = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=False) == hf, text
     assert llm.detokenize(tokenizer(" 19", add_special_tokens=False)["input_ids"]).decode().strip() == "19"
+
+
+def test_byte_level_bpe_tokenizes_as_hf(tmp_path):
+    """GPT-2's byte-level BPE, written as llama.cpp's gpt2 tokenizer, splits and merges as HF's, and decodes back."""
+    tokenizer = byte_level_bpe()
+    model = base_model("gpt2")
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    llm = engine.load(to_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer))
+    for text in BPE_TEXTS:
+        ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+        assert ids == tokenizer(text, add_special_tokens=False)["input_ids"], text
+        assert llm.detokenize(ids).decode() == text
 
 
 def test_edge_extracted_circuit(tmp_path):

@@ -74,8 +74,8 @@ def to_gguf(model: nn.Module, path: str | Path, tokenizer: Any = None, dtype: st
     llama.cpp. GPT-2, NeoX and Phi keep every head and block in llama.cpp's graphs for them: removed ones are
     written as zeros, exact but no faster, and a warning names them.
 
-    ``tokenizer``: the model's word-level tokenizer, or None for a placeholder vocabulary of the model's
-    size (the engine then runs on token ids). ``dtype``: ``"f32"``, ``"f16"`` or ``"q8_0"`` for the matrices
+    ``tokenizer``: the model's word-level or GPT-2-style byte-level BPE tokenizer (vocabulary.py), or None
+    for a placeholder vocabulary of the model's size (the engine then runs on token ids). ``dtype``: ``"f32"``, ``"f16"`` or ``"q8_0"`` for the matrices
     (norms and biases stay f32). Raises an :class:`~eigenfast.errors.EigenfastError` naming what the format
     cannot hold (a position-indexed table, say) before any file is written.
     """
