@@ -45,9 +45,21 @@ def _rope(x: torch.Tensor, base: float) -> torch.Tensor:
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
 
 
-def _linear(x: torch.Tensor, tensors: dict, name: str) -> torch.Tensor:
+def linear(x: torch.Tensor, tensors: dict, name: str) -> torch.Tensor:
     y = x @ tensors[f"{name}.weight"].T
     return y + tensors[f"{name}.bias"] if f"{name}.bias" in tensors else y
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of ``q (T, heads, d)`` over ``k, v (T, kv_heads, d)``, query head ``h`` reading KV head
+    ``h // (heads / kv_heads)``, scaled by 1/sqrt(d): ``(T, heads * d)``."""
+    T, heads, d = q.shape
+    group = heads // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    weights = F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+    return torch.einsum("hqk,khd->qhd", weights, v).reshape(T, heads * d)
 
 
 def logits(path: str | Path, ids: list[int]) -> torch.Tensor:
@@ -60,7 +72,6 @@ def logits(path: str | Path, ids: list[int]) -> torch.Tensor:
     eps, base, d = fields["deci.attention.layer_norm_rms_epsilon"], fields["deci.rope.freq_base"], fields["deci.attention.key_length"]
     x = t["token_embd.weight"][ids]
     T = len(ids)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
     for i in range(n_layers):
         blk = {name[len(f"blk.{i}."):]: value for name, value in t.items() if name.startswith(f"blk.{i}.")}
         residual = x
@@ -68,18 +79,14 @@ def logits(path: str | Path, ids: list[int]) -> torch.Tensor:
             cur = x
         else:
             h = _rms(x, blk["attn_norm.weight"], eps)
-            q = _rope(_linear(h, blk, "attn_q").view(T, heads[i], d), base)
-            k = _rope(_linear(h, blk, "attn_k").view(T, kv_heads[i], d), base)
-            v = _linear(h, blk, "attn_v").view(T, kv_heads[i], d)
-            group = heads[i] // kv_heads[i]
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
-            weights = F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-            cur = _linear(torch.einsum("hqk,khd->qhd", weights, v).reshape(T, heads[i] * d), blk, "attn_output")
+            q = _rope(linear(h, blk, "attn_q").view(T, heads[i], d), base)
+            k = _rope(linear(h, blk, "attn_k").view(T, kv_heads[i], d), base)
+            v = linear(h, blk, "attn_v").view(T, kv_heads[i], d)
+            cur = linear(attend(q, k, v), blk, "attn_output")
         if widths[i] == 0:
             continue  # deci.cpp: the layer's output is dropped, x stays its input
         ffn_in = cur + residual if heads[i] > 0 else cur
         h = _rms(ffn_in, blk["ffn_norm.weight"], eps)
-        x = _linear(F.silu(_linear(h, blk, "ffn_gate")) * _linear(h, blk, "ffn_up"), blk, "ffn_down") + ffn_in
+        x = linear(F.silu(linear(h, blk, "ffn_gate")) * linear(h, blk, "ffn_up"), blk, "ffn_down") + ffn_in
     x = _rms(x, t["output_norm.weight"], eps)
     return x @ t.get("output.weight", t["token_embd.weight"]).T

@@ -1,11 +1,14 @@
 """GGUF export, read back: the file's ``deci`` forward (tests/deci_reference.py) equals the eager
-extracted model; the GQA regrouping is exact and minimal; what the format cannot hold is refused before any
-file exists. (llama.cpp itself runs the files in test_gguf_llamacpp.py.)"""
+extracted model, and so does the ``gpt2``/``gptneox``/``phi2`` one (tests/dense_reference.py) of the
+zero-filled GPT-2, NeoX and Phi files; the GQA regrouping is exact and minimal; what the format cannot hold
+is refused before any file exists. (llama.cpp itself runs the files in test_gguf_llamacpp.py.)"""
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,9 +18,11 @@ from eigenfast.builtin.tokenizer import build_tokenizer
 from eigenfast.rewrite.removal import ComponentMeans, remove_components
 from eigenfast.serving import to_gguf
 from eigenfast.serving.llamacpp.heads import even_groups, regroup
+from eigenfast.serving.llamacpp.speed import decode_weight_bytes
 
 import deci_reference
-from gguf_cases import CONFIGS, REQUIRE_ENV, base_model, extracted, prompt, requires
+import dense_reference
+from gguf_cases import CONFIGS, DENSE_CONFIGS, REQUIRE_ENV, base_model, byte_level_bpe, extracted, prompt, requires
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +39,37 @@ def test_file_forward_equals_eager(family, kind, tmp_path):
     with torch.no_grad():
         eager = model(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(deci_reference.logits(path, ids), eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(DENSE_CONFIGS))
+@pytest.mark.parametrize("kind", ["base", "extracted"])
+def test_zero_filled_file_forward_equals_eager(family, kind, tmp_path):
+    model = base_model(family) if kind == "base" else extracted(family)
+    path = to_gguf(model, tmp_path / "m.gguf")
+    for seed in range(2):
+        ids = prompt(12, seed)
+        with torch.no_grad():
+            eager = model(torch.tensor([ids])).logits[0]
+        torch.testing.assert_close(dense_reference.logits(path, ids), eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(DENSE_CONFIGS))
+def test_zero_filled_export_says_so_and_cuts_nothing(family, tmp_path, caplog):
+    """Every head and block stays in the file, as llama.cpp's graph for the family needs: the same bytes as the
+    whole model, and a warning naming what was removed."""
+    gguf = requires("gguf")
+    base = to_gguf(base_model(family), tmp_path / "base.gguf")
+    with caplog.at_level(logging.WARNING, logger="eigenfast.serving.llamacpp"):
+        path = to_gguf(extracted(family), tmp_path / "extracted.gguf")
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    for part in ("layer 0: 2 of 4 heads removed", "layer 1: 1 of 4 heads removed", "layer 2: attention removed",
+                 "layer 3: MLP removed", "layer 4: attention removed, MLP removed",
+                 "no speed-up in llama.cpp for this architecture; the deci path for Llama-family models skips them"):
+        assert part in warning
+    assert decode_weight_bytes(path) == decode_weight_bytes(base)
+    fields = {name: f.contents() for name, f in gguf.GGUFReader(str(path)).fields.items()}
+    arch = fields["general.architecture"]
+    assert fields[f"{arch}.attention.head_count"] == 4 and fields[f"{arch}.block_count"] == 5
 
 
 def test_head_counts_and_widths(tmp_path):
@@ -107,8 +143,9 @@ def copy_with_constant_table() -> torch.nn.Module:
     return model
 
 
-def test_position_indexed_tables_refused_before_writing(tmp_path):
-    model = base_model("llama")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_position_indexed_tables_refused_before_writing(family, tmp_path):
+    model = base_model(family)
     g = torch.Generator().manual_seed(0)
     means = ComponentMeans(heads=torch.randn(5, 4, 6, 64, generator=g), mlps=torch.randn(5, 6, 64, generator=g),
                            counts=torch.full((6,), 4))
@@ -118,11 +155,30 @@ def test_position_indexed_tables_refused_before_writing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_other_families_and_options_refused(tmp_path):
-    from conftest import make_model
+@pytest.mark.parametrize("family,setting,message", [
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "gpt2 graph scales attention scores by 1/sqrt"),
+    ("gpt_neox", {"hidden_act": "relu"}, "gptneox graph applies GELU, the model 'relu'"),
+    ("phi", {"qk_layernorm": True}, "no LayerNorm on queries and keys"),
+])
+def test_what_zero_filled_architectures_cannot_express_refused(family, setting, message, tmp_path):
+    model = base_model(family)
+    for name, value in setting.items():
+        setattr(model.config, name, value)
+    with pytest.raises(eigenfast.UnsupportedModelError, match=f"{message}.*to_onnx"):
+        to_gguf(model, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
 
-    with pytest.raises(eigenfast.UnsupportedModelError, match="Llama family.*to_onnx"):
-        to_gguf(make_model("gpt2"), tmp_path / "m.gguf")
+
+def test_exact_gelu_written_with_a_warning(tmp_path, caplog):
+    """llama.cpp computes GELU's tanh approximation: a model with the exact one is written, and told so."""
+    model = base_model("gpt_neox")
+    model.config.hidden_act = "gelu"
+    with caplog.at_level(logging.WARNING, logger="eigenfast.serving.llamacpp"):
+        to_gguf(model, tmp_path / "m.gguf")
+    assert any("exact (erf) one and llama.cpp computes the tanh approximation" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_dtype_refused(tmp_path):
     with pytest.raises(eigenfast.ArgumentError, match="dtype must be one of"):
         to_gguf(base_model("llama"), tmp_path / "m.gguf", dtype="q4")
     assert list(tmp_path.iterdir()) == []
@@ -145,14 +201,37 @@ def test_word_level_tokenizer_written(tmp_path):
     assert fields["tokenizer.ggml.unknown_token_id"] == tokenizer.unk_token_id
 
 
-def test_other_tokenizers_refused(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def test_byte_level_bpe_written(tmp_path):
+    gguf = requires("gguf")
+    tokenizer = byte_level_bpe()
+    model = base_model("gpt2")
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    path = to_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer)
+    fields = {name: f.contents() for name, f in gguf.GGUFReader(str(path)).fields.items()}
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    vocab = tokenizer.get_vocab()
+    assert fields["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    assert len(merges) > 50 and fields["tokenizer.ggml.merges"] == [" ".join(pair) for pair in merges]
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+
+
+def _bpe(prefix_space: bool = False, normalizer: bool = False) -> Any:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel()
-    with pytest.raises(eigenfast.UnsupportedModelError, match="BPE model.*tokenizer=None"):
-        to_gguf(base_model("llama"), tmp_path / "m.gguf", tokenizer=PreTrainedTokenizerFast(tokenizer_object=core))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+    if normalizer:
+        core.normalizer = normalizers.NFKC()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="a")
+
+
+@pytest.mark.parametrize("settings,message", [({"prefix_space": True}, "without GPT-2's byte-level pre-tokenizer"),
+                                              ({"normalizer": True}, "normalizes with NFKC")])
+def test_other_tokenizers_refused(settings, message, tmp_path):
+    with pytest.raises(eigenfast.UnsupportedModelError, match=f"{message}.*tokenizer=None"):
+        to_gguf(base_model("llama"), tmp_path / "m.gguf", tokenizer=_bpe(**settings))
     assert list(tmp_path.iterdir()) == []
 
 

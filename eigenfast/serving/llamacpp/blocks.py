@@ -46,7 +46,7 @@ def _rope_order(d_head: int) -> torch.Tensor:
     return torch.stack([half, half + d_head // 2], dim=1).flatten()
 
 
-def _heads(rows: torch.Tensor, d_head: int, order: list[int | None]) -> torch.Tensor:
+def heads_in_order(rows: torch.Tensor, d_head: int, order: list[int | None]) -> torch.Tensor:
     """Row blocks of ``d_head`` in ``order`` (None: zeros); works for weights and biases."""
     blocks = rows.reshape(-1, d_head, *rows.shape[1:])
     zero = torch.zeros_like(blocks[0])
@@ -67,14 +67,14 @@ def _attention(block: Block, attention: Attention, d_head: int, layer: int) -> N
     block.n_head, block.n_head_kv = len(queries), len(copies)
     t = block.tensors
     t["attn_norm.weight"] = attention.norm
-    t["attn_q.weight"] = _roped(_heads(attention.q, d_head, queries), d_head)
-    t["attn_k.weight"] = _roped(_heads(attention.k, d_head, copies), d_head)
-    t["attn_v.weight"] = _heads(attention.v, d_head, copies)
-    t["attn_output.weight"] = _heads(attention.o.T, d_head, queries).T.contiguous()
+    t["attn_q.weight"] = _roped(heads_in_order(attention.q, d_head, queries), d_head)
+    t["attn_k.weight"] = _roped(heads_in_order(attention.k, d_head, copies), d_head)
+    t["attn_v.weight"] = heads_in_order(attention.v, d_head, copies)
+    t["attn_output.weight"] = heads_in_order(attention.o.T, d_head, queries).T.contiguous()
     for name, bias, order, roped in (("attn_q", attention.q_bias, queries, True), ("attn_k", attention.k_bias, copies, True),
                                      ("attn_v", attention.v_bias, copies, False)):
         if bias is not None:
-            t[f"{name}.bias"] = _roped(_heads(bias, d_head, order), d_head) if roped else _heads(bias, d_head, order)
+            t[f"{name}.bias"] = _roped(heads_in_order(bias, d_head, order), d_head) if roped else heads_in_order(bias, d_head, order)
     if attention.o_bias is not None:
         t["attn_output.bias"] = attention.o_bias
 

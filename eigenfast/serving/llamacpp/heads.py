@@ -30,10 +30,16 @@ class Grouping:
         return self.query_slots.count(None) + len(self.kv_copies) - len(kv_slots)
 
 
-def _grouped(readers: list[list[int]], group: int) -> Grouping:
+def readers(kv_slots: list[int], n_kv: int) -> list[list[int]]:
+    """The query slots reading each KV slot."""
+    return [[q for q, slot in enumerate(kv_slots) if slot == kv] for kv in range(n_kv)]
+
+
+def grouped(by_kv: list[list[int]], group: int) -> Grouping:
+    """Each KV head's readers in chunks of ``group`` query heads, padded, one KV copy per chunk."""
     query_slots: list[int | None] = []
     kv_copies: list[int] = []
-    for kv, queries in enumerate(readers):
+    for kv, queries in enumerate(by_kv):
         for start in range(0, len(queries), group):
             chunk = queries[start:start + group]
             query_slots.extend([*chunk, *[None] * (group - len(chunk))])
@@ -43,9 +49,9 @@ def _grouped(readers: list[list[int]], group: int) -> Grouping:
 
 def regroup(kv_slots: list[int], n_kv: int) -> Grouping:
     """Equal groups for query slots reading ``kv_slots`` (one KV slot per query slot), fewest added heads."""
-    readers = [[q for q, slot in enumerate(kv_slots) if slot == kv] for kv in range(n_kv)]
-    widest = max(len(queries) for queries in readers)
-    options = [_grouped(readers, group) for group in range(widest, 0, -1)]
+    by_kv = readers(kv_slots, n_kv)
+    widest = max(len(queries) for queries in by_kv)
+    options = [grouped(by_kv, group) for group in range(widest, 0, -1)]
     return min(options, key=lambda grouping: grouping.added_heads)  # min keeps the first: the larger group
 
 

@@ -1,6 +1,7 @@
-"""What each decoder layer of a Llama-family model holds, read off the model as llama.cpp's ``deci``
-graph needs it: the kept heads and their KV slots, the kept MLP, and the constants removed
-components leave.
+"""What each decoder layer holds, read off the model through its adapter (any family) as llama.cpp's
+graphs need it: the kept heads and their KV slots, the kept MLP, their norms, and the constants
+removed components leave. Fused projections (GPT-2's [Q|K|V], NeoX's per-head [q|k|v]) are split
+into per-head rows by the adapter's sites.
 
 Extraction (eigenfast/rewrite/removal.py) leaves, per layer: an attention cut down to its kept
 heads (query slots, each kept KV head once, and the KV slot each query slot reads,
@@ -44,17 +45,19 @@ class Attention:
     o_bias: torch.Tensor | None
     kv_slots: list[int]  # the KV slot each query slot reads
     norm: torch.Tensor
+    norm_bias: torch.Tensor | None  # LayerNorm's (GPT-2, NeoX, Phi); RMSNorm has none
 
 
 @dataclass
 class Mlp:
-    gate: torch.Tensor
+    gate: torch.Tensor | None  # None: an ungated MLP (GPT-2, NeoX, Phi)
     up: torch.Tensor
     down: torch.Tensor
     gate_bias: torch.Tensor | None
     up_bias: torch.Tensor | None
     down_bias: torch.Tensor | None
     norm: torch.Tensor
+    norm_bias: torch.Tensor | None
 
 
 @dataclass
@@ -95,39 +98,46 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return projection_matrix(module).detach().T
 
 
-def _norm(module: nn.Module, what: str) -> torch.Tensor:
+def _norm(module: nn.Module, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(module, RemovedNorm):
         raise UnsupportedModelError(f"{what} was removed although a kept component reads it; the model is inconsistent")
-    return module.weight.detach()
+    bias = getattr(module, "bias", None)
+    return module.weight.detach(), None if bias is None else bias.detach()
+
+
+def _head_rows(adapter: Adapter, layer: int, component: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows (``(heads * d_head, d_in)``) and bias of one of Q, K, V, cut out of a fused projection where
+    the family fuses them."""
+    site = adapter.site(layer, component)
+    module = adapter.model.get_submodule(site.path)
+    columns = site.out_index.flatten()
+    bias = _bias(module, f"layer {layer}'s {site.path.rsplit('.', 1)[-1]}")
+    return _weight(module)[columns], None if bias is None else bias[columns]
 
 
 def _attention(adapter: Adapter, layer: int) -> Attention:
     attention = adapter.attention(layer)
-    prefix = f"layer {layer}'s attention"
-    parts = {c: attention.get_submodule(adapter.projections[c].split(".", 1)[1]) for c in ("q", "k", "v", "o")}
-    q, k = _weight(parts["q"]), _weight(parts["k"])
+    (q, q_bias), (k, k_bias), (v, v_bias) = (_head_rows(adapter, layer, c) for c in ("q", "k", "v"))
+    o = adapter.model.get_submodule(adapter.site(layer, "o").path)
     n_q, n_kv = q.shape[0] // adapter.d_head, k.shape[0] // adapter.d_head
     slots = getattr(attention, KV_SLOTS, None)
     kv_slots = list(slots) if slots is not None else [slot // (n_q // n_kv) for slot in range(n_q)]
-    return Attention(
-        q=q, k=k, v=_weight(parts["v"]), o=_weight(parts["o"]),
-        q_bias=_bias(parts["q"], f"{prefix} q_proj"), k_bias=_bias(parts["k"], f"{prefix} k_proj"),
-        v_bias=_bias(parts["v"], f"{prefix} v_proj"), o_bias=_bias(parts["o"], f"{prefix} o_proj"),
-        kv_slots=kv_slots, norm=_norm(adapter.attn_norm(layer), f"layer {layer}'s {adapter.attn_norm_path}"),
-    )
+    norm, norm_bias = _norm(adapter.attn_norm(layer), f"layer {layer}'s {adapter.attn_norm_path}")
+    return Attention(q=q, k=k, v=v, o=_weight(o), q_bias=q_bias, k_bias=k_bias, v_bias=v_bias,
+                     o_bias=_bias(o, f"layer {layer}'s attention {adapter.output_projection()}"),
+                     kv_slots=kv_slots, norm=norm, norm_bias=norm_bias)
 
 
 def _mlp(adapter: Adapter, layer: int) -> Mlp:
     mlp = adapter.mlp(layer)
-    parts = {c: mlp.get_submodule(adapter.projections[c].split(".", 1)[1]) for c in ("mlp_gate", "mlp_in", "mlp_out")}
-    norm = adapter.model.get_submodule(f"{adapter.layer_path(layer)}.{adapter.mlp_norm_path}")
-    return Mlp(
-        gate=_weight(parts["mlp_gate"]), up=_weight(parts["mlp_in"]), down=_weight(parts["mlp_out"]),
-        gate_bias=_bias(parts["mlp_gate"], f"layer {layer}'s gate_proj"),
-        up_bias=_bias(parts["mlp_in"], f"layer {layer}'s up_proj"),
-        down_bias=_bias(parts["mlp_out"], f"layer {layer}'s down_proj"),
-        norm=_norm(norm, f"layer {layer}'s {adapter.mlp_norm_path}"),
-    )
+    names = adapter.mlp_parts()  # (in, gate or None, out)
+    parts = [None if name is None else mlp.get_submodule(name) for name in names]
+    (up, gate, down) = (None if part is None else _weight(part) for part in parts)
+    (up_bias, gate_bias, down_bias) = (None if part is None else _bias(part, f"layer {layer}'s {name}")
+                                       for part, name in zip(parts, names))
+    norm, norm_bias = _norm(adapter.mlp_norm(layer), f"layer {layer}'s {adapter.mlp_norm_path or adapter.attn_norm_path}")
+    return Mlp(gate=gate, up=up, down=down, gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias,
+               norm=norm, norm_bias=norm_bias)
 
 
 def read_layers(adapter: Adapter) -> list[Layer]:

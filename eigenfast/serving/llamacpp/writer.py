@@ -1,9 +1,12 @@
-"""``to_gguf``: a Llama-family model, whole or extracted, as a GGUF file llama.cpp runs.
+"""``to_gguf``: a model, whole or extracted, as a GGUF file llama.cpp runs.
 
-The file uses llama.cpp's ``deci`` architecture, whose head counts and FFN widths are per-layer
-arrays (eigenfast/serving/llamacpp/blocks.py). Everything is read and checked first; the file is
-written to a temporary name beside ``path`` and renamed at the end, so a refusal or an
-interruption leaves nothing half-written.
+Llama-family models use llama.cpp's ``deci`` architecture, whose head counts and FFN widths are
+per-layer arrays (blocks.py): removed heads and blocks are left out. GPT-2, NeoX and Phi use
+llama.cpp's own ``gpt2``, ``gptneox`` and ``phi2``, whose layers all have the same heads: removed
+parts are zero-filled (dense.py), exact but no faster. What is particular to one architecture
+lives in architectures/. Everything is read and checked first; the file is written to a temporary
+name beside ``path`` and renamed at the end, so a refusal or an interruption leaves nothing
+half-written.
 """
 from __future__ import annotations
 
@@ -18,55 +21,16 @@ from torch import nn
 
 from ...adapters import get_adapter
 from ...errors import ArgumentError, UnsupportedModelError
-from ...rewrite.stand_ins import RemovedAttention
-from .blocks import Block, build_blocks
+from .architectures import Architecture, architecture
+from .blocks import Block
 from .engine import require
 from .layers import read_layers
-from .vocabulary import Vocabulary, vocabulary, write_vocabulary
+from .vocabulary import vocabulary, write_vocabulary
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("f32", "f16", "q8_0")
-ARCH = "deci"
 Q8_BLOCK = 32  # values per Q8_0 block: a row must be a whole number of blocks
-
-
-def _rope_theta(config: Any) -> float:
-    parameters = getattr(config, "rope_parameters", None) or {}
-    kind = parameters.get("rope_type", "default")
-    if kind != "default":
-        raise UnsupportedModelError(f"rope_type {kind!r} is not written to GGUF yet (only the plain rotary embedding "
-                                    "is): export this model with eigenfast.serving.to_onnx")
-    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
-def _context_length(model: nn.Module, adapter: Any) -> int:
-    """The trained context, or the sliding window where one is set: ``deci`` attends to every earlier
-    position, which equals a windowed attention only while the sequence fits the window."""
-    length = int(model.config.max_position_embeddings)
-    attentions = [adapter.attention(layer) for layer in range(adapter.n_layers)]
-    windows = [adapter.attention_options(a).get("sliding_window") for a in attentions if not isinstance(a, RemovedAttention)]
-    window = min((w for w in windows if w is not None), default=None)
-    if window is not None and window < length:
-        log.warning("the model attends within a sliding window of %d positions and llama.cpp's deci graph attends "
-                    "to all of them: outputs match up to %d tokens, the context length written", window, window)
-        return int(window)
-    return length
-
-
-def _check(model: nn.Module, adapter: Any, dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise ArgumentError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if adapter.family != "Llama":
-        raise UnsupportedModelError(
-            f"GGUF export covers the Llama family (llama, mistral, qwen2); {model.config.model_type} is not written "
-            "yet: export it with eigenfast.serving.to_onnx or export")
-    activation = getattr(model.config, "hidden_act", "silu")
-    if activation != "silu":
-        raise UnsupportedModelError(f"llama.cpp's deci graph gates its FFN with SiLU, the model with {activation!r}: "
-                                    "export it with eigenfast.serving.to_onnx")
-    if adapter.d_head % 2:
-        raise UnsupportedModelError(f"the rotary embedding needs an even head size, the model has {adapter.d_head}")
 
 
 def _stored(name: str, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
@@ -84,64 +48,56 @@ def _stored(name: str, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, An
     return array.astype(np.float16), None
 
 
-def _tensors(model: nn.Module, adapter: Any, blocks: list[Block]) -> dict[str, torch.Tensor]:
-    backbone = model.get_submodule(adapter.backbone_path)
-    tensors = {"token_embd.weight": model.get_input_embeddings().weight,
-               "output_norm.weight": backbone.get_submodule(adapter.final_norm_path).weight}
+def _tensors(model: nn.Module, adapter: Any, arch: Architecture, blocks: list[Block]) -> dict[str, torch.Tensor]:
+    embedding = model.get_input_embeddings().weight
+    final_norm = adapter.final_norm()
+    tensors = {"token_embd.weight": embedding, "output_norm.weight": final_norm.weight}
+    if getattr(final_norm, "bias", None) is not None:
+        tensors["output_norm.bias"] = final_norm.bias
+    tensors.update(arch.extra_tensors())
     output = model.get_output_embeddings()
-    if output.weight is not model.get_input_embeddings().weight:  # tied: llama.cpp reuses token_embd
+    if output.weight is not embedding or not arch.tied_output:
         tensors["output.weight"] = output.weight
-    if getattr(output, "bias", None) is not None:
-        raise UnsupportedModelError("the LM head has a bias, which llama.cpp's deci graph does not add: "
+    bias = getattr(output, "bias", None)
+    if arch.output_bias:
+        tensors["output.bias"] = embedding.new_zeros(output.weight.shape[0]) if bias is None else bias
+    elif bias is not None:
+        raise UnsupportedModelError(f"the LM head has a bias, which llama.cpp's {arch.name} graph does not add: "
                                     "export the model with eigenfast.serving.to_onnx")
     for index, block in enumerate(blocks):
         tensors.update({f"blk.{index}.{name}": value for name, value in block.tensors.items()})
     return tensors
 
 
-def _metadata(writer: Any, model: nn.Module, adapter: Any, blocks: list[Block], vocab: Vocabulary, dtype: str) -> None:
-    import gguf
-
-    config = model.config
-    writer.add_name(f"eigenfast {config.model_type}")
-    writer.add_block_count(len(blocks))
-    writer.add_context_length(_context_length(model, adapter))
-    writer.add_embedding_length(adapter.d_model)
-    writer.add_feed_forward_length([block.n_ff for block in blocks])
-    writer.add_head_count([block.n_head for block in blocks])
-    writer.add_head_count_kv([block.n_head_kv for block in blocks])
-    writer.add_key_length(adapter.d_head)
-    writer.add_value_length(adapter.d_head)
-    writer.add_rope_dimension_count(adapter.d_head)
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    writer.add_file_type(int(file_types[dtype]))
-    write_vocabulary(writer, vocab)
-
-
 def to_gguf(model: nn.Module, path: str | Path, tokenizer: Any = None, dtype: str = "f32") -> Path:
-    """Write ``model`` (a Llama, Mistral or Qwen2, whole or extracted) as a GGUF file for llama.cpp.
+    """Write ``model`` (a Llama, Mistral, Qwen2, GPT-2, GPT-NeoX or Phi, whole or extracted) as a GGUF file for
+    llama.cpp. GPT-2, NeoX and Phi keep every head and block in llama.cpp's graphs for them: removed ones are
+    written as zeros, exact but no faster, and a warning names them.
 
-    ``tokenizer``: the model's word-level tokenizer, or None for a placeholder vocabulary of the model's
-    size (the engine then runs on token ids). ``dtype``: ``"f32"``, ``"f16"`` or ``"q8_0"`` for the matrices
+    ``tokenizer``: the model's word-level or GPT-2-style byte-level BPE tokenizer (vocabulary.py), or None
+    for a placeholder vocabulary of the model's size (the engine then runs on token ids). ``dtype``: ``"f32"``, ``"f16"`` or ``"q8_0"`` for the matrices
     (norms and biases stay f32). Raises an :class:`~eigenfast.errors.EigenfastError` naming what the format
     cannot hold (a position-indexed table, say) before any file is written.
     """
     gguf = require("gguf")
+    if dtype not in DTYPES:
+        raise ArgumentError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     adapter = get_adapter(model)
-    _check(model, adapter, dtype)
+    arch = architecture(model, adapter)
     vocab = vocabulary(tokenizer, model.get_output_embeddings().weight.shape[0])
     with torch.no_grad():
-        like = next(model.parameters())
-        blocks = build_blocks(read_layers(adapter), adapter.d_model, adapter.d_head, like)
-        tensors = {name: _stored(name, tensor, dtype) for name, tensor in _tensors(model, adapter, blocks).items()}
+        blocks = arch.blocks(read_layers(adapter), model.get_input_embeddings().weight)
+        tensors = {name: _stored(name, tensor, dtype) for name, tensor in _tensors(model, adapter, arch, blocks).items()}
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
-    writer = gguf.GGUFWriter(partial, ARCH)
+    writer = gguf.GGUFWriter(partial, arch.name)
     try:
-        _metadata(writer, model, adapter, blocks, vocab, dtype)
+        writer.add_name(f"eigenfast {model.config.model_type}")
+        arch.metadata(writer, blocks)
+        file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+        writer.add_file_type(int(file_types[dtype]))
+        write_vocabulary(writer, vocab)
         for name, (array, kind) in tensors.items():
             writer.add_tensor(name, array, raw_dtype=kind)
         writer.write_header_to_file()
