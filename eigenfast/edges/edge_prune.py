@@ -15,7 +15,7 @@ from ..runtime.progress import progress_bar
 from . import hard_concrete, target
 from .ensemble import rank_normalised
 from .evaluate import EdgeCircuit, PreparedTask
-from .options import EdgeOptions
+from .options import SEARCH_STEPS, STEPS, EdgeOptions
 from .runner import EdgeMethod, Found, run_method
 from .selection import top
 
@@ -41,7 +41,8 @@ def search(task: PreparedTask, options: EdgeOptions) -> Found:
                             f"{task.graph.n_edges} edges: pass scores found on this model (circuit.scores)")
     if options.target_sparsity is not None:
         return learn(task, options)
-    plain = replace(options, faithfulness=None, kl=None)
+    steps = SEARCH_STEPS if options.steps is None else options.steps
+    plain = replace(options, faithfulness=None, kl=None, steps=steps)
     return target.bisect_knob(task, options, lambda s: learn(task, replace(plain, target_sparsity=s)), 0.0, 1.0)
 
 
@@ -57,7 +58,7 @@ def learn(task: PreparedTask, options: EdgeOptions) -> Found:
     lambdas = torch.zeros(2, device=device, requires_grad=True)
     masks = torch.optim.Adam([edge_alpha, node_alpha] if options.node_masks else [edge_alpha], lr=options.lr)
     ascent = torch.optim.SGD([lambdas], lr=options.lambda_lr, maximize=True)
-    steps = options.steps
+    steps = STEPS if options.steps is None else options.steps
     bar = progress_bar(steps, "edge pruning" if options.progress else None)
     trace = []
     for step in range(steps):
@@ -104,7 +105,7 @@ def edge_prune(
     clean: "TaskData | dict",
     corrupted: "TaskData | dict",
     target_sparsity: float | None = None,
-    steps: int = 300,
+    steps: int | None = None,
     batch_size: int = 32,
     lr: float = 0.1,
     lambda_lr: float = 1.0,
@@ -126,13 +127,16 @@ def edge_prune(
     ``ramp`` fraction of ``steps``, and λ rises by gradient ascent (``lambda_lr``).
     Edges and (with ``node_masks``) writer nodes each carry a mask; an edge counts as
     present when both do. At the end the expected masks are rounded so the kept
-    fraction equals their mean. Without ``target_sparsity`` it is bisected over
-    ``search_runs`` whole runs for the sparsest circuit that reaches ``faithfulness``
-    (default 0.99) or ``kl``. ``init_scores`` (another method's ``circuit.scores``)
+    fraction equals their mean. ``steps`` defaults to 300 at a given ``target_sparsity``.
+
+    Without ``target_sparsity`` the sparsity is bisected over ``search_runs`` whole
+    runs of ``steps`` (default 100 each) for the sparsest circuit that reaches
+    ``faithfulness`` (default 0.99) or ``kl``: ``search_runs × steps`` forward+backward
+    passes (one batch each) and ``search_runs`` masked forwards per batch to judge the
+    probes (600 and 6 by default). ``init_scores`` (another method's ``circuit.scores``)
     starts the best-ranked edges' masks on and the worst off instead of all on.
-    ``clean`` and ``corrupted`` pair up row by
-    row (same lengths and padding); the corrupted run supplies the counterfactual
-    activations. With ``evaluate`` the result carries a report on the same batches.
+    ``clean`` and ``corrupted`` pair up row by row (same lengths and padding); the
+    corrupted run supplies the counterfactual activations. With ``evaluate`` the result carries a report on the same batches.
     """
     options = EdgeOptions(batch_size=batch_size, target_sparsity=target_sparsity, steps=steps, lr=lr,
                           lambda_lr=lambda_lr, ramp=ramp, init_log_alpha=init_log_alpha, node_masks=node_masks,

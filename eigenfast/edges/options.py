@@ -10,6 +10,12 @@ from ..errors import ArgumentError
 
 # The target when no knob (target_sparsity, threshold) and no other target is given.
 DEFAULT_FAITHFULNESS = 0.99
+# Edge Pruning's optimisation steps when ``steps`` is not given: a run at a given target_sparsity,
+# and each run of the target search. 100 per probe is the one setting measured (50, 100, 300 on
+# synthetic_task's seeds 0-2, docs/EDGES.md "Targets") that recovers the true heads with edge FPR
+# <= 0.25 wherever any method can; 300 per probe, the search's cost before, missed on two Llama seeds.
+STEPS = 300
+SEARCH_STEPS = 100
 
 
 @dataclass(frozen=True)
@@ -25,9 +31,11 @@ class EdgeOptions:
     for the smallest circuit that reaches a target (edges/target.py): ``faithfulness``
     (the answer's probability, normalised between the corrupted run and the full
     model) or ``kl`` (KL(f‖circuit) at most this), by default faithfulness
-    ``DEFAULT_FAITHFULNESS``. Edge Pruning and ACDC bisect their knob in
-    ``search_runs`` runs. ``init_scores`` ``(E,)`` starts Edge Pruning's masks from
-    another method's edge scores (higher means more important).
+    ``DEFAULT_FAITHFULNESS``. Edge Pruning and ACDC bisect their knob in at most
+    ``search_runs`` runs. Edge Pruning's ``steps`` left ``None`` means ``STEPS`` at a
+    given ``target_sparsity`` and ``SEARCH_STEPS`` per run of the search.
+    ``init_scores`` ``(E,)`` starts Edge Pruning's masks from another method's edge
+    scores (higher means more important).
     """
 
     batch_size: int = 32
@@ -37,7 +45,7 @@ class EdgeOptions:
     kl: float | None = None
     search_runs: int = 6
     ig_steps: int = 5
-    steps: int = 300
+    steps: int | None = None
     lr: float = 0.1
     lambda_lr: float = 1.0
     ramp: float = 0.5
@@ -52,6 +60,8 @@ class EdgeOptions:
         for name, meaning in (("batch_size", "examples per forward"), ("steps", "edge-pruning optimisation steps"),
                               ("search_runs", "runs of a knob bisection"), ("ig_steps", "integrated-gradients steps")):
             value = getattr(self, name)
+            if name == "steps" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ArgumentError(f"{name} must be an integer >= 1 ({meaning}), got {value!r}")
         if self.target_sparsity is not None and not 0.0 <= self.target_sparsity <= 1.0:  # NaN fails this too

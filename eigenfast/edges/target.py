@@ -4,8 +4,9 @@ Faithfulness is MIB's normalised score ``(m(C) − m(∅)) / (m(M) − m(∅))``
 mean probability of the clean answer, ``M`` the full model, ``∅`` the empty circuit
 (every edge takes its counterfactual: the corrupted run), ``C`` the circuit with the
 other edges patched. Score methods rank their edges once and bisect the number kept
-(about log2(E) masked forwards); Edge Pruning and ACDC bisect their knob, one whole
-run per probe, ``search_runs`` runs in all.
+(about log2(E) masked forwards); Edge Pruning bisects its sparsity here, one shorter
+run per probe (edge_prune.py), ACDC its τ in acdc.py, runs resuming one another; at
+most ``search_runs`` runs each.
 """
 from __future__ import annotations
 
