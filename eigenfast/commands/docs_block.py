@@ -39,11 +39,11 @@ def check_page(path: str | Path, name: str) -> None:
                             "restore the missing marker or delete both to have the block appended")
 
 
-def measured(command: Sequence[str], body: str, seconds: float) -> str:
-    """The command line, when, how long and under what load it ran, and its output, as Markdown."""
+def measured(command: Sequence[str], body: str, seconds: float, device: str = "cpu") -> str:
+    """The command line, when, how long, on which device and under what load it ran, and its output, as Markdown."""
     one, five, fifteen = os.getloadavg()
     return (f"```\n{shlex.join(command)}\n```\n\n"
-            f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {seconds:.0f} s on the CPU "
+            f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {seconds:.0f} s on {device} "
             f"({torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores; load average {one:.2f}, {five:.2f}, "
             f"{fifteen:.2f} at the end):\n\n```\n{body.rstrip()}\n```\n")
 

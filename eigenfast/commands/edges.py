@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {table}, {plot} and {curves}")
     if args.write_docs:
         distributed.on_main(lambda: write_block(args.write_docs, docs_block_name(args),
-                                                measured(command_line(args), tables, time.perf_counter() - start)))
+                                                measured(command_line(args), tables, time.perf_counter() - start,
+                                                         next(model.parameters()).device.type)))
         print(f"wrote the tables into {args.write_docs}")
     return 0

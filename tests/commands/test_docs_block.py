@@ -48,6 +48,6 @@ def test_a_folder_is_refused(tmp_path):
 def test_the_measured_text_holds_the_command_the_date_the_load_and_the_output():
     text = measured(["eigenfast", "edges", "--model", "a b"], "col1 col2\n1 2\n\n", 12.4)
     assert text.startswith("```\neigenfast edges --model 'a b'\n```\n")  # quoted so it pastes into a shell
-    assert re.search(r"Measured \d{4}-\d\d-\d\d \d\d:\d\d UTC in 12 s on the CPU \(\d+ torch thread\(s\), \d+ cores; "
+    assert re.search(r"Measured \d{4}-\d\d-\d\d \d\d:\d\d UTC in 12 s on cpu \(\d+ torch thread\(s\), \d+ cores; "
                      r"load average [\d.]+, [\d.]+, [\d.]+ at the end\)", text)
     assert text.endswith("```\ncol1 col2\n1 2\n```\n")
