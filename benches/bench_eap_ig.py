@@ -45,7 +45,7 @@ from eigenfast.edges import EdgeOptions, average_ranks, eap_ig, run  # noqa: E40
 from eigenfast.edges.corrupt import corrupt_by_shuffling  # noqa: E402
 from eigenfast.edges.eap import edge_attributions  # noqa: E402
 from eigenfast.edges.eap_ig import integrated_attributions  # noqa: E402
-from eigenfast.edges.evaluate import prepare  # noqa: E402
+from eigenfast.edges.evaluate import prepare, true_edges  # noqa: E402
 from eigenfast.edges.exact_patching import exact_patching, spearman  # noqa: E402
 from eigenfast.edges.target import Judge, top  # noqa: E402
 from eigenfast.runtime.forward import frozen_parameters  # noqa: E402
@@ -123,21 +123,24 @@ def builtin_task(args: argparse.Namespace, name: str = "int_sum_gpt2"):
 
 
 def agreement_tasks(args: argparse.Namespace):
-    """(description, model, clean, corrupted) of each task the agreement is measured on."""
+    """(description, model, clean, corrupted, true heads or None) of each task the agreement is measured on."""
     model, clean, corrupted = builtin_task(args)
     yield (f"built-in int_sum_gpt2, {args.n} int_sum prompts with shuffled same-length counterfactuals",
-           model, clean, corrupted)
+           model, clean, corrupted, None)
     for family in ("gpt2", "llama"):
         task = synthetic_task(family)
         rolled = task.val_data.subset(torch.roll(torch.arange(len(task.val_data)), 1))
         yield (f"synthetic_task({family!r}), {len(task.val_data)} prompts with rolled counterfactuals",
-               task.model, task.val_data, rolled)
+               task.model, task.val_data, rolled, task.true_heads)
 
 
 def bench_agreement(args: argparse.Namespace) -> str:
     lines = ["Spearman of each method's edge scores against exact single-edge patching (the change of the mean "
-             "cross-entropy when one edge alone takes its counterfactual), by |score| and signed"]
-    for description, model, clean, corrupted in agreement_tasks(args):
+             "cross-entropy when one edge alone takes its counterfactual), by |score| and signed; on the synthetic "
+             "task also over the edges that can matter only (true_edges: out of the embeddings, an MLP or a true "
+             "head, into what a true head or an MLP reads, or the logits), since the others' exact effects are "
+             "float rounding (~1e-7) where EAP's are exactly 0"]
+    for description, model, clean, corrupted, true_heads in agreement_tasks(args):
         with frozen_parameters(model):
             task = prepare(model, clean, corrupted, 32)
             exact = exact_patching(task)
@@ -146,9 +149,17 @@ def bench_agreement(args: argparse.Namespace) -> str:
                 scores[f"EAP-IG-inputs m={m}"] = integrated_attributions(task.forward, task.batches, "ig-inputs", m)
             scores[f"EAP-IG-activations m={args.steps}"] = integrated_attributions(task.forward, task.batches,
                                                                                    "ig-activations", args.steps)
-        lines += ["", f"{description}, {task.graph.n_edges} edges", f"  {'method':<28} {'|score|':>8} {'signed':>8}"]
-        lines += [f"  {name:<28} {spearman(s.abs(), exact.abs()):8.3f} {spearman(s, exact):8.3f}"
-                  for name, s in scores.items()]
+        subsets = [("all", torch.ones(len(exact), dtype=torch.bool))]
+        if true_heads is not None:
+            subsets.append(("true edges", true_edges(task.graph, true_heads)))
+        header = "".join(f"{f'|score| {name}':>20}{f'signed {name}':>20}" for name, _ in subsets)
+        lines += ["", f"{description}, {task.graph.n_edges} edges"
+                  + (f" ({int(subsets[1][1].sum())} true edges)" if true_heads is not None else ""),
+                  f"  {'method':<28}{header}"]
+        for name, s in scores.items():
+            cells = "".join(f"{spearman(s[m].abs(), exact[m].abs()):20.3f}{spearman(s[m], exact[m]):20.3f}"
+                            for _, m in subsets)
+            lines.append(f"  {name:<28}{cells}")
     return "\n".join(lines)
 
 
@@ -174,19 +185,25 @@ def bench_warm(args: argparse.Namespace) -> str:
                 f, kl = judge.measure(top(s, int(round(size * n_edges))))
                 cells.append(f"{f:8.3f} / {kl:7.4f}")
             lines.append(f"  {name:<34}" + "".join(f"{c:>18}" for c in cells))
+        size = int(round((1 - args.sparsity) * n_edges))
         lines.append(f"Edge Pruning at sparsity {args.sparsity} (lambda lr 1.0, lr 0.1, ramp 0.5), from all masks on vs "
-                     f"from EAP-IG-inputs' scores: faithfulness / KL of the rounded circuit after each step budget")
+                     f"from EAP-IG-inputs' scores, after each step budget: faithfulness / KL / edges of the rounded "
+                     f"circuit (its size is the masks' mean, above the target until the run converges), and "
+                     f"faithfulness / KL of the {size} edges (the target size) with the highest mask scores")
         budgets = args.budgets
-        lines.append(f"  {'start':<34}" + "".join(f"{f'{b} steps':>18}" for b in budgets))
+        lines.append(f"  {'start':<24}{'circuit':<10}" + "".join(f"{f'{b} steps':>24}" for b in budgets))
         for name, init in (("all masks on", None), ("EAP-IG-inputs scores", ig)):
-            cells = []
+            rounded, at_size = [], []
             for steps in budgets:
                 options = EdgeOptions(target_sparsity=args.sparsity, steps=steps, init_scores=init, progress=False,
                                       evaluate=False)
                 circuit = run(model, clean, corrupted, "edge_prune", options)
                 f, kl = judge.measure(circuit.kept)
-                cells.append(f"{f:8.3f} / {kl:7.4f}")
-            lines.append(f"  {name:<34}" + "".join(f"{c:>18}" for c in cells))
+                rounded.append(f"{f:.3f} / {kl:.4f} / {int(circuit.kept.sum())}")
+                f, kl = judge.measure(top(circuit.scores, size))
+                at_size.append(f"{f:.3f} / {kl:.4f}")
+            lines.append(f"  {name:<24}{'rounded':<10}" + "".join(f"{c:>24}" for c in rounded))
+            lines.append(f"  {'':<24}{f'top {size}':<10}" + "".join(f"{c:>24}" for c in at_size))
     return "\n".join(lines)
 
 
