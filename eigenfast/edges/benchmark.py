@@ -24,7 +24,7 @@ class FaithfulnessReport:
     curve: FaithfulnessCurve
     stability: Stability | None = None
 
-    HEADER = f"{'method':<24}{'CPR ↑':>8}{'CMD ↓':>8}{'CPR 95% CI':>18}{'CMD 95% CI':>18}{'IoU':>6}"
+    HEADER = f"{'method':<34}{'CPR ↑':>8}{'CMD ↓':>8}{'CPR 95% CI':>18}{'CMD 95% CI':>18}{'IoU':>6}"
 
     @property
     def cpr(self) -> float:
@@ -37,7 +37,7 @@ class FaithfulnessReport:
     def row(self) -> str:
         s = self.stability
         interval = lambda pair: "-" if s is None else f"[{pair[0]:.2f}, {pair[1]:.2f}]"  # noqa: E731
-        return (f"{self.curve.method:<24}{self.cpr:>8.3f}{self.cmd:>8.3f}"
+        return (f"{self.curve.method:<34}{self.cpr:>8.3f}{self.cmd:>8.3f}"
                 f"{interval(s and s.cpr_interval):>18}{interval(s and s.cmd_interval):>18}"
                 f"{'-' if s is None else f'{s.iou:.2f}':>6}")
 

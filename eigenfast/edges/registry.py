@@ -16,8 +16,10 @@ from .edge_prune import METHOD as EDGE_PRUNE
 from .evaluate import EdgeCircuit
 from .options import EdgeOptions
 from .runner import EdgeMethod, run_method
+from .warm_start import WARM_EDGE_PRUNE
 
-METHODS: Mapping[str, EdgeMethod] = {m.name: m for m in (EDGE_PRUNE, EAP, EAP_IG_INPUTS, EAP_IG_ACTIVATIONS, ENSEMBLE, ACDC)}
+METHODS: Mapping[str, EdgeMethod] = {m.name: m for m in (EDGE_PRUNE, EAP, EAP_IG_INPUTS, EAP_IG_ACTIVATIONS, ENSEMBLE,
+                                                          WARM_EDGE_PRUNE, ACDC)}
 
 
 def method_named(name: str, methods: Mapping[str, EdgeMethod] = METHODS) -> EdgeMethod:

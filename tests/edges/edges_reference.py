@@ -121,3 +121,17 @@ def naive_integrated(model, clean: TaskData, corrupted: TaskData, nodes: list[se
                 gradients[reader] = gradients.get(reader, 0) + x.grad / (len(nodes) * len(alphas))
     return torch.tensor([float(((cf[w] - full[w]) * gradients[r]).sum()) for w, r in graph.edge_names],
                         dtype=torch.float64)
+
+
+def naive_exact_patching(model, clean: TaskData, corrupted: TaskData) -> torch.Tensor:
+    """Per edge: the mean cross-entropy of the label with that edge alone at its counterfactual, minus the
+    unpatched one, each a whole hook-per-edge forward."""
+    graph = EdgeGraph.of(get_adapter(model))
+
+    def loss(edges: torch.Tensor) -> float:
+        logits = naive_masked_logits(model, clean, corrupted, edges)
+        return float(torch.nn.functional.cross_entropy(logits.double(), clean.labels))
+
+    full = loss(torch.ones(graph.n_edges))
+    return torch.tensor([loss(1.0 - torch.nn.functional.one_hot(torch.tensor(e), graph.n_edges).double()) - full
+                         for e in range(graph.n_edges)], dtype=torch.float64)
