@@ -26,8 +26,8 @@ from .arguments import comma_list, component, fraction, positive_int
 TABLE_TASKS = tuple(TASKS)
 # The default run's scope, narrowed so that every built-in, every rule, the fine-tuning rows and three seeds fit
 # in 40 minutes on a 2-core CPU (docs/EIGENPRUNING_TABLE.md): v is the component on which the mean over pairs
-# found conflict3_gpt2's planted interference, int_sum the task every built-in holds out and the two int_sum
-# models already do.
+# found conflict3_gpt2's planted interference, int_sum the task every built-in holds out and int_sum_gpt2,
+# int_sum_llama and mix_gpt2 already do.
 DEFAULT_TASKS = ("int_sum",)
 DEFAULT_COMPONENTS = ("v",)
 
@@ -93,8 +93,9 @@ def page(record: dict[str, Any], png_name: str) -> str:
         f"Written by `{record['command']}`.", "",
         f"Tasks: {', '.join(record.get('tasks', []))}; components: {', '.join(record.get('components', []))}"
         f"{_scope_note(record)}; candidates p: {', '.join(f'{p:g}' for p in record['candidates'])} (and p = 0, "
-        "the unpruned model). The sum of the cells' times (each cell timed alone; shared work counts once): "
-        f"{sum(c.get('seconds', 0.0) for r in record['rows'] for c in r['cells']) / 60:.1f} min.", "",
+        "the unpruned model). The cells' wall times add up to "
+        f"{sum(c.get('seconds', 0.0) for r in record['rows'] for c in r['cells']) / 60:.1f} min (at the machine's "
+        "load then; work a seed's settings share counts in the first cell that needs it).", "",
         "Test accuracy (%) mean ± standard deviation over split seeds "
         f"{', '.join(map(str, record['seeds']))}; p chosen on validation only; gain = chosen minus base "
         "(points, mean ± sd over seeds); works = a mean gain of at least one point and above twice its sd.",
@@ -108,7 +109,7 @@ def _scope_note(record: dict[str, Any]) -> str:
     if tuple(record.get("tasks", ())) == DEFAULT_TASKS and tuple(record.get("components", ())) == DEFAULT_COMPONENTS:
         return (" (the default run's scope, chosen to fit 40 minutes on a 2-core CPU: v is where the mean over pairs "
                 "found conflict3_gpt2's planted interference; int_sum is held out by every built-in and already "
-                "done by int_sum_gpt2 and int_sum_llama; other tasks and components: --tasks, --components)")
+                "done by int_sum_gpt2, int_sum_llama and mix_gpt2; other tasks and components: --tasks, --components)")
     return ""
 
 
