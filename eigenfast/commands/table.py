@@ -47,12 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=_names, default=",".join(BUILTIN_MODELS),
                         help="comma-separated built-in names or model directories")
     parser.add_argument("--tasks", type=_names, default=",".join(DEFAULT_TASKS),
-                        help=f"comma-separated, from {', '.join(TABLE_TASKS)} (default: {', '.join(DEFAULT_TASKS)})")
+                        help=f"comma-separated, from {', '.join(TABLE_TASKS)}")
     parser.add_argument("--seeds", type=_ints, default="0,1,2", help="seeds of the score/val/test split")
     parser.add_argument("--candidates", type=comma_list(fraction), default="0.01,0.05,0.1,0.3", help="p values")
     parser.add_argument("--components", type=comma_list(component), default=",".join(DEFAULT_COMPONENTS),
-                        help=f"component types to table, e.g. k,mlp_in (default: {','.join(DEFAULT_COMPONENTS)}; "
-                             "every one the model has is q,k,v,o,mlp_in,mlp_out)")
+                        help="component types to table, e.g. k,mlp_in (every one: q,k,v,o,mlp_in,mlp_out)")
     parser.add_argument("--estimates", type=comma_list(_estimate), default=",".join(ESTIMATES),
                         help="estimates tabled with the mean over pairs (the paper's max is always tabled)")
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
