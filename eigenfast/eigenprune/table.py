@@ -11,6 +11,7 @@ accuracy at the p that validation chose. Test numbers never choose anything.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -94,24 +95,56 @@ class Cell:
     val: dict[float, float]
     test: dict[float, float]
     chosen_p: float
+    seconds: float = field(default=0.0, compare=False)  # wall time of the cell (work shared with later cells included)
+
+
+class SeedWork:
+    """What every setting of one (model, task, seed) shares, each computed on first use and then reused:
+    the seed's three splits, the base model's val and test accuracy, and each fine-tuned model with its val
+    accuracy (the reference lr's run serves fine-tune alone, the tuned lr's choice and fine-tune then prune).
+    Every value is the one a setting computing it alone would get: the work is deterministic in the seed."""
+
+    def __init__(self, model: nn.Module, data: TaskData, seed: int, batch_size: int = 256) -> None:
+        self.model, self.seed, self.batch_size = model, seed, batch_size
+        self.score, self.val, self.test = protocol_splits(data, seed)
+        self._base: tuple[float, float] | None = None
+        self._tuned: dict[float, tuple[nn.Module, float]] = {}
+
+    def accuracies(self, model: nn.Module) -> tuple[float, float]:
+        return evaluate(model, self.val, self.batch_size).accuracy, evaluate(model, self.test, self.batch_size).accuracy
+
+    def base(self) -> tuple[float, float]:
+        if self._base is None:
+            self._base = self.accuracies(self.model)
+        return self._base
+
+    def finetuned(self, lr: float) -> tuple[nn.Module, float]:
+        """Every parameter fine-tuned at ``lr`` on the scoring third, and that model's val accuracy."""
+        if lr not in self._tuned:
+            tuned = finetune(self.model, self.score, lr=lr, seed=self.seed).model
+            self._tuned[lr] = (tuned, evaluate(tuned, self.val, self.batch_size).accuracy)
+        return self._tuned[lr]
 
 
 def run_cell(
     model: nn.Module, data: TaskData, setting: Setting, seed: int,
-    candidates: Sequence[float] = DEFAULT_CANDIDATES, batch_size: int = 256,
+    candidates: Sequence[float] = DEFAULT_CANDIDATES, batch_size: int = 256, work: SeedWork | None = None,
 ) -> Cell:
-    """One seed of one setting; base numbers are always the given model's, before any training."""
-    score, val, test = protocol_splits(data, seed)
-    base_val, base_test = evaluate(model, val, batch_size).accuracy, evaluate(model, test, batch_size).accuracy
+    """One seed of one setting; base numbers are always the given model's, before any training. ``work`` (of this
+    model, data, seed and batch size) carries what earlier settings of the seed computed; None starts afresh."""
+    started = time.perf_counter()
+    work = SeedWork(model, data, seed, batch_size) if work is None else work
+    base_val, base_test = work.base()
     if setting.train:
-        model = _trained(model, score, val, setting, seed, batch_size)
+        model = _trained(work, setting)
     if not setting.prune:  # the training alone: one "p", 0
-        tuned_val, tuned_test = evaluate(model, val, batch_size).accuracy, evaluate(model, test, batch_size).accuracy
-        return Cell(seed, base_val, base_test, {0.0: tuned_val}, {0.0: tuned_test}, 0.0)
+        tuned_val, tuned_test = work.accuracies(model)
+        return Cell(seed, base_val, base_test, {0.0: tuned_val}, {0.0: tuned_test}, 0.0,
+                    time.perf_counter() - started)
     result = prune(
-        model, score, p="auto", components=setting.components, pairs=setting.pairs, reduce=setting.reduce,
-        estimate=setting.estimate, candidates=candidates, val_data=val, test_data=test, batch_size=batch_size,
-        seed=seed, progress=False,
+        model, work.score, p="auto", components=setting.components, pairs=setting.pairs, reduce=setting.reduce,
+        estimate=setting.estimate, candidates=candidates, val_data=work.val, test_data=work.test,
+        batch_size=batch_size, seed=seed, progress=False,
     )
     report = result.report
     return Cell(
@@ -121,18 +154,19 @@ def run_cell(
         {c.p: c.evaluation.accuracy for c in report.candidates},
         {c.p: c.test.accuracy for c in report.candidates},
         report.p,
+        time.perf_counter() - started,
     )
 
 
-def _trained(model: nn.Module, score: TaskData, val: TaskData, setting: Setting, seed: int, batch_size: int) -> nn.Module:
+def _trained(work: SeedWork, setting: Setting) -> nn.Module:
     """The setting's training on the scoring third (fine-tunes use batches of 32, Adam, one pass)."""
     if setting.train == "ft":
-        return finetune(model, score, seed=seed).model
+        return work.finetuned(REFERENCE_LR)[0]
     if setting.train == "low-rank":
-        rank = matching_rank(model, setting.components, LOW_RANK_P)
-        return finetune_low_rank(model, score, setting.components, rank, seed=seed).model
-    tuned = [finetune(model, score, lr=lr, seed=seed).model for lr in TUNED_LRS]
-    return max(tuned, key=lambda m: evaluate(m, val, batch_size).accuracy)  # ties: the smallest lr
+        rank = matching_rank(work.model, setting.components, LOW_RANK_P)
+        return finetune_low_rank(work.model, work.score, setting.components, rank, seed=work.seed).model
+    tuned = [work.finetuned(lr) for lr in TUNED_LRS]
+    return max(tuned, key=lambda pair: pair[1])[0]  # the best val accuracy; ties: the smallest lr
 
 
 @dataclass
@@ -172,7 +206,7 @@ class Row:
                           record.get("estimate", "linear"), record.get("train", ""), record.get("prune", True))
         cells = [
             Cell(c["seed"], c["base_val"], c["base_test"], {float(p): v for p, v in c["val"].items()},
-                 {float(p): v for p, v in c["test"].items()}, c["chosen_p"])
+                 {float(p): v for p, v in c["test"].items()}, c["chosen_p"], c.get("seconds", 0.0))
             for c in record["cells"]
         ]
         return cls(record["model"], record["task"], setting, record["n_heldout"], cells)
@@ -184,7 +218,8 @@ class Row:
             "train": self.setting.train, "prune": self.setting.prune, "n_heldout": self.n_heldout,
             "cells": [
                 {"seed": c.seed, "base_val": c.base_val, "base_test": c.base_test, "chosen_p": c.chosen_p,
-                 "val": {str(p): v for p, v in c.val.items()}, "test": {str(p): v for p, v in c.test.items()}}
+                 "val": {str(p): v for p, v in c.val.items()}, "test": {str(p): v for p, v in c.test.items()},
+                 "seconds": c.seconds}
                 for c in self.cells
             ],
         }
@@ -209,11 +244,13 @@ def run_table(
         model, tokenizer = load(name)
         for task in tasks:
             data = heldout(name, task, tokenizer)
+            works = {seed: SeedWork(model, data, seed, batch_size) for seed in seeds}
             for setting in settings(get_adapter(model).components()):
                 row = Row(name, task, setting, len(data))
                 for seed in seeds:
-                    row.cells.append(run_cell(model, data, setting, seed, candidates, batch_size))
-                log(f"{name} {task} {setting.label}: base {_pm(row.base())} -> chosen {_pm(row.chosen())}")
+                    row.cells.append(run_cell(model, data, setting, seed, candidates, batch_size, works[seed]))
+                log(f"{name} {task} {setting.label}: base {_pm(row.base())} -> chosen {_pm(row.chosen())} "
+                    f"({sum(c.seconds for c in row.cells):.0f} s)")
                 rows.append(row)
     return rows
 

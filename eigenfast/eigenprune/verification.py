@@ -9,12 +9,16 @@ fraction would freeze) are each frozen alone, exactly as :func:`~.freezing.freez
 Cost: one forward of the data for the model plus one per candidate, no backward. The
 candidates are stacked along the batch (as circuit discovery stacks its ablations):
 replica ``c`` of a batch carries candidate ``c``'s change, so one forward of ``C × B``
-rows measures ``C`` candidates.
+rows measures ``C`` candidates. The layers below a candidate's own cannot see its change,
+so a stack holds candidates of one layer only and is formed at that layer's input: the
+layers below run on the ``B`` unstacked rows once per stack (the kept prefix), and only
+the candidate's layer and those above it run on ``C × B`` rows.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,26 +60,39 @@ def verify_lowest(
     data = model_data(data, model)
     adapter = get_adapter(model)
     lowest = select_frozen(attribution.scores, fraction)
-    candidates = [
-        _Candidate(key, int(h), int(i)) for key, mask in lowest.items() for h, i in mask.nonzero().tolist()
-    ]
+    candidates = sorted(  # by layer: a stack holds one layer's candidates
+        (_Candidate(key, int(h), int(i)) for key, mask in lowest.items() for h, i in mask.nonzero().tolist()),
+        key=lambda c: c.key[0],
+    )
     scores = {key: torch.full_like(s, torch.inf) for key, s in attribution.scores.items()}
     if not candidates:
         return Verification(scores, 0)
     vectors = _vectors(adapter.model, attribution, candidates)
-    means = {path: _mean_rows(attribution, key) for path, key in _module_keys(attribution, candidates).items()}
+    modules = _module_keys(attribution, candidates)
+    means = {path: _mean_rows(attribution, key) for path, key in modules.items()}
     sums = torch.zeros(len(candidates), dtype=torch.float64)
     chunk = max(1, STACK * batch_size // min(batch_size, len(data)))
+    stacks = [(layer, start, min(stop, start + chunk)) for layer, (first, stop) in _layer_runs(candidates).items()
+              for start in range(first, stop, chunk)]
     batches = list(data.batches(batch_size))
     with eval_mode(model):
         for batch in with_progress(batches, len(batches), "verify: exact forwards" if progress else None):
             base = _losses(adapter, batch).sum()
-            for start in range(0, len(candidates), chunk):
-                stop = min(len(candidates), start + chunk)
-                sums[start:stop] += _stacked_losses(adapter, batch, vectors, means, start, stop) - base
+            for layer, start, stop in stacks:
+                in_layer = {path: v for path, v in vectors.items() if modules[path][0] == layer}
+                sums[start:stop] += _stacked_losses(adapter, batch, in_layer, means, layer, start, stop) - base
     for candidate, total in zip(candidates, sums / len(data)):
         scores[candidate.key][candidate.head, candidate.index] = float(total)
     return Verification(scores, len(candidates))
+
+
+def _layer_runs(candidates: list[_Candidate]) -> dict[int, tuple[int, int]]:
+    """Per layer, the ``[start, stop)`` range its candidates fill in the layer-sorted list."""
+    runs: dict[int, tuple[int, int]] = {}
+    for c, candidate in enumerate(candidates):
+        start, _ = runs.get(candidate.key[0], (c, c))
+        runs[candidate.key[0]] = (start, c + 1)
+    return runs
 
 
 def _module_keys(attribution: Attribution, candidates: list[_Candidate]) -> dict[str, Key]:
@@ -110,31 +127,50 @@ def _vectors(
     return vectors
 
 
-def _losses(adapter: Adapter, batch: TaskData) -> torch.Tensor:
-    """Cross-entropy of each example's next token, float64 on the CPU."""
+def _losses(adapter: Adapter, batch: TaskData, replicas: int = 1) -> torch.Tensor:
+    """Cross-entropy of each example's next token, float64 on the CPU (``replicas`` stacked copies of ``batch``
+    come out of the forward when the hooks stack it)."""
     logits = last_logits(adapter, batch)
-    labels = batch.labels.to(logits.device)
+    labels = batch.labels.repeat(replicas).to(logits.device)
     return nn.functional.cross_entropy(logits, labels, reduction="none").double().cpu()
 
 
 def _stacked_losses(
     adapter: Adapter, batch: TaskData, vectors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    means: dict[str, torch.Tensor], start: int, stop: int,
+    means: dict[str, torch.Tensor], layer: int, start: int, stop: int,
 ) -> torch.Tensor:
-    """Summed loss over ``batch`` with candidate ``c`` frozen in replica ``c``, for ``c`` in ``[start, stop)``."""
+    """Summed loss over ``batch`` with candidate ``c`` frozen in replica ``c``, for ``c`` in ``[start, stop)``
+    (every one of them in ``layer``): the batch runs unstacked up to ``layer`` and ``C`` times from there."""
     C, B = stop - start, len(batch)
     mask = batch.mask
     trash = next(iter(means.values())).shape[0] - 1  # padding reads the extra zero row
     pos = batch.position_ids.masked_fill(~mask.bool(), trash)
-    stacked = TaskData(
-        batch.input_ids.repeat(C, 1), batch.labels.repeat(C),
-        None if batch.attention_mask is None else batch.attention_mask.repeat(C, 1),
-    )
     with Hooks(adapter.model) as hooks:
+        for later in adapter.layers()[layer:]:
+            hooks.pre(later, _stacker(B, C), with_kwargs=True)
         for path, (u, w) in vectors.items():
             hooks.post(path, _freezer(means[path], pos, mask, u[start:stop], w[start:stop]))
-        losses = _losses(adapter, stacked)
+        losses = _losses(adapter, batch, C)
     return losses.view(C, B).sum(1)
+
+
+def _stacker(B: int, C: int):
+    """A decoder-layer pre-hook repeating, replica-major, every per-example input still of ``B`` rows ``C`` times:
+    the residual stream at the stack's first layer, and at every layer the per-example attention mask and
+    position tensors (those of two or more dimensions; one-dimensional ones such as cache positions are not
+    per example, and those shared by the batch have one row and broadcast)."""
+
+    def repeat(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == B and C > 1:
+            return value.repeat(C, *([1] * (value.dim() - 1)))
+        if isinstance(value, tuple):
+            return tuple(repeat(v) for v in value)
+        return value
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        return tuple(repeat(a) for a in args), {name: repeat(v) for name, v in kwargs.items()}
+
+    return hook
 
 
 def _freezer(mean: torch.Tensor, pos: torch.Tensor, real: torch.Tensor, u: torch.Tensor, w: torch.Tensor):

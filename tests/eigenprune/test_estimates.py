@@ -148,14 +148,30 @@ def test_verified_measures_each_candidate_as_freezing_it_alone_does(family, monk
     model = make_model(family)
     data = make_data(n=7, length=5, padded=True)
     attribution = scoring.attribute(model, data, ("k", "o", "mlp_in"), reduce="mean", batch_size=3, progress=False)
-    monkeypatch.setattr(verification, "STACK", 2)  # several stacked forwards per batch
-    counter = Counter(model, monkeypatch)
-    checked = verification.verify_lowest(model, attribution, data, 0.1, batch_size=3, progress=False)
-    counter.hooks.remove()
+    monkeypatch.setattr(verification, "STACK", 2)  # several stacked forwards per batch: 2 candidates each
+    layers = get_adapter(model).layers()
+    rows = [0] * len(layers)
+
+    def count(j):
+        def hook(module, args, output):
+            rows[j] += (output[0] if isinstance(output, tuple) else output).shape[0]
+        return hook
+
+    with Hooks(model) as hooks:
+        for j, layer in enumerate(layers):
+            hooks.post(layer, count(j))
+        checked = verification.verify_lowest(model, attribution, data, 0.1, batch_size=3, progress=False)
     lowest = select_frozen(attribution.scores, 0.1)
     n = sum(int(m.sum()) for m in lowest.values())
     assert checked.checked == n > 3
-    assert counter.rows == (1 + n) * len(data)  # the cost: one forward of the data, plus one per candidate
+    per_layer = [sum(int(m.sum()) for (layer, _), m in lowest.items() if layer == j) for j in range(len(layers))]
+    assert min(per_layer) > 0  # both layers hold candidates: the stacks start at different layers
+    stacks = [-(-c // 2) for c in per_layer]
+    # The cost: one forward of the data plus one per candidate from the candidate's layer up; below it a stack's
+    # rows run once unstacked (the kept prefix).
+    for j in range(len(layers)):
+        assert rows[j] == len(data) * (1 + sum(per_layer[:j + 1]) + sum(stacks[j + 1:]))
+    assert rows[-1] == (1 + n) * len(data)
     for key, mask in lowest.items():
         assert torch.isinf(checked.scores[key][~mask]).all()
         for head, index in mask.nonzero().tolist():

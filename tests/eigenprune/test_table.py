@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from eigenfast import evaluate
-from eigenfast.builtin import heldout_task, load_builtin
-from eigenfast.cli import main
+from eigenfast.builtin import BUILTIN_MODELS, heldout_task, load_builtin
+from eigenfast.cli import build_parser, main
 from eigenfast.commands.table import page
 from eigenfast.eigenprune import prune
 from eigenfast.eigenprune.table import Row, Setting, default_settings, protocol_splits
@@ -111,3 +111,44 @@ def test_works_needs_a_point_of_gain_above_twice_its_spread():
     assert not row([0.005, 0.005, 0.005]).works()  # steady, but under one point
     assert not row([0.10, -0.02, 0.0]).works()  # a point on average, but within the seeds' spread
     assert not row([-0.03, -0.04, -0.035]).works()
+
+
+def test_shared_seed_work_gives_the_cells_each_setting_computes_alone(monkeypatch):
+    """run_table shares each seed's splits, base accuracies and fine-tunes across settings: every cell must equal
+    the one run_cell computes afresh, and the reference-lr fine-tune runs once per seed, not once per setting."""
+    from eigenfast.eigenprune import finetune as finetune_module
+    from eigenfast.eigenprune import table
+
+    model, tokenizer = load_builtin("int_sum_gpt2")
+    data = heldout_task("int_sum_gpt2", "int_sum", tokenizer).subset(range(96))
+    settings = default_settings(("v",), ("linear", "verified"))
+    runs = []
+    real_finetune = finetune_module.finetune
+
+    def counted(*args, **kwargs):
+        runs.append(kwargs.get("lr"))
+        return real_finetune(*args, **kwargs)
+
+    monkeypatch.setattr(table, "finetune", counted)
+    rows = table.run_table(["int_sum_gpt2"], ["int_sum"], lambda name: (model, tokenizer),
+                           lambda name, task, tok: data, seeds=(0, 1), candidates=(0.05, 0.3),
+                           settings=lambda components: settings, batch_size=32, log=lambda line: None)
+    assert sorted(runs) == sorted(list(table.TUNED_LRS) * 2)  # three lrs per seed, the reference one reused
+    runs.clear()
+    for row, setting in zip(rows, settings):
+        for cell in row.cells:
+            alone = table.run_cell(model, data, setting, cell.seed, (0.05, 0.3), batch_size=32)
+            assert alone == cell, setting.label
+    assert len(runs) == 2 * (1 + len(table.TUNED_LRS) + 1)  # alone, each fine-tuning setting trains afresh
+    assert any(cell.chosen_p > 0 for row in rows if row.setting.prune for cell in row.cells)  # a p was kept
+
+
+def test_default_run_is_every_builtin_with_every_rule_and_p_up_to_point_three():
+    args = build_parser().parse_args(["table"])
+    assert args.models == tuple(BUILTIN_MODELS) and len(args.models) == 6
+    assert args.tasks == ("int_sum",) and args.components == ("v",) and args.seeds == (0, 1, 2)
+    assert max(args.candidates) == 0.3 and args.baselines and set(args.estimates) == {"linear", "ig", "verified"}
+    record = {"command": "c", "tasks": list(args.tasks), "components": list(args.components), "seeds": [0],
+              "candidates": list(args.candidates), "rows": []}
+    assert "the default run's scope" in page(record, "t.png")
+    assert "the default run's scope" not in page({**record, "components": ["v", "k"]}, "t.png")
