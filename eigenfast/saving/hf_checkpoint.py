@@ -37,8 +37,8 @@ from ..runtime import distributed
 from .atomic import failures_as_save_error
 
 WEIGHTS_FILE = "model.safetensors"
-ENGINES = "load the eigenfast save instead (result.save(folder), then eigenfast.load), or for a Llama-family model " \
-    "export GGUF with eigenfast.serving.to_gguf"
+ENGINES = "load the eigenfast save instead (result.save(folder), then eigenfast.load), or export GGUF for llama.cpp " \
+    "with eigenfast.serving.to_gguf (Llama-family models at their reduced size; GPT-2, NeoX and Phi zero-filled)"
 
 
 def save_hf_checkpoint(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
