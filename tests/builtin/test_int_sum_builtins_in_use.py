@@ -29,10 +29,10 @@ def trained(request):
 
 def test_prune_at_p_zero_changes_nothing_and_at_p_equals_the_hook_based_forward(trained):
     model, train, test = trained
-    unchanged = eigenfast.prune(model, train, p=0.0, components=COMPONENTS, progress_bar=False)
+    unchanged = eigenfast.prune(model, train, p=0.0, components=COMPONENTS, progress=False)
     assert pruned_paths(unchanged) == []
     torch.testing.assert_close(logits(unchanged.model, test), logits(model, test), rtol=0, atol=1e-5)
-    result = eigenfast.prune(model, train, p=0.2, components=COMPONENTS, progress_bar=False)
+    result = eigenfast.prune(model, train, p=0.2, components=COMPONENTS, progress=False)
     assert pruned_paths(result), "p=0.2 should freeze something"
     assert_equals_hook_based_frozen_forward(model, result, train)  # the means it froze with come from train
 
