@@ -193,7 +193,9 @@ def decoder_to_onnx(model: nn.Module, folder: str | Path, **limits: int) -> tupl
 def aoti_package(model: nn.Module, path: str | Path, **limits: int) -> Path:
     """An AOTInductor package (``.pt2``) of ``model``; load it with ``torch._inductor.aoti_load_package``.
 
-    Inductor compiles C++ for the CPU (or CUDA), which takes a minute or more.
+    Inductor compiles C++ for the CPU (or CUDA), which takes a minute or more. The process
+    that runs the package must ``import eigenfast.ops`` first: that registers the token-bias
+    op a model with position tables calls (``import eigenfast`` alone loads nothing).
     """
     path = Path(path)
     return Path(torch._inductor.aoti_compile_and_package(export(model, **limits), package_path=str(path)))

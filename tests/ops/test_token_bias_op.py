@@ -537,3 +537,11 @@ def test_cuda_glue_compiles(tmp_path):
                           "-Xcompiler", "-fsyntax-only", "-o", str(tmp_path / "glue.o")],
                          capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr
+
+
+def test_a_fresh_process_has_the_ops_after_import_eigenfast_ops_only():
+    """What a process running an exported program or AOTInductor package does first (docs/SERVING.md)."""
+    code = ("import torch, eigenfast; before = hasattr(torch.ops.eigenfast, 'token_bias_add'); import eigenfast.ops; "
+            "print(before, callable(torch.ops.eigenfast.token_bias_add), callable(torch.ops.eigenfast.token_bias_linear))")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert shown.split() == ["False", "True", "True"]

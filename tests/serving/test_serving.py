@@ -114,7 +114,7 @@ def test_aoti_package_runs_in_a_fresh_process(tmp_path):
     save_file({"ids": ids, "positions": positions, "expected": eager_logits(model, ids, positions)}, tmp_path / "io.safetensors")
     package = aoti_package(model, tmp_path / "model.pt2", max_length=16)
     script = (
-        "import sys, torch, eigenfast\n"  # eigenfast registers the op the package calls
+        "import sys, torch, eigenfast.ops\n"  # registers the op the package calls (docs/SERVING.md)
         "from safetensors.torch import load_file\n"
         "io = load_file(sys.argv[2])\n"
         "runner = torch._inductor.aoti_load_package(sys.argv[1])\n"
