@@ -21,6 +21,7 @@ a circuit met twice is evaluated once.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from ..runtime.forward import eval_mode
 from ..runtime.progress import progress as progress_items
 from .evaluate import PreparedTask
 from .selection import SELECTIONS, select
+
+log = logging.getLogger(__name__)
 
 PERCENTAGES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)  # MIB's circuit sizes, percent of edges
 FRACTIONS = tuple(p / 100 for p in PERCENTAGES)
@@ -132,6 +135,12 @@ def faithfulness_curve(
                 f"the metric {metric} is {full:.6g} on the model and {empty:.6g} on the corrupted run, so faithfulness "
                 "(its share of that difference) is undefined; use counterfactual inputs whose answers differ from "
                 "the clean ones, or another metric"
+            )
+        if full < empty:
+            log.warning(
+                "the metric %s is %.4g on the model and %.4g on the corrupted run: the model does not favour the clean "
+                "answers on these examples, so faithfulness changes sign and CPR/CMD measure little; use examples the "
+                "model answers correctly", metric, full, empty,
             )
         measured: dict[bytes, float] = {}
 

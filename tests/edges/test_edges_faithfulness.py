@@ -150,6 +150,21 @@ def test_scores_never_negative_give_one_curve_each_circuit_evaluated_once(monkey
     assert len(forwards) == len(distinct) >= 2  # one batch: one forward per distinct circuit
 
 
+def test_a_model_that_favours_the_counterfactual_answers_is_named(caplog):
+    model = make_model("gpt2")
+    clean, corrupted = make_data(n=4, seed=0), make_data(n=4, seed=1)
+    curve = faithfulness_curve(prepare(model, clean, corrupted, batch_size=4), torch.ones(110), fractions=(0.5, 1.0))
+    if curve.full < curve.empty:  # swapping the answers (not the inputs) flips the sign of both metrics' difference
+        clean.labels, corrupted.labels = corrupted.labels, clean.labels
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="eigenfast.edges.faithfulness"):
+        faithfulness_curve(prepare(model, clean, corrupted, batch_size=4), torch.ones(110), fractions=(0.5, 1.0))
+        assert not caplog.records
+        clean.labels, corrupted.labels = corrupted.labels, clean.labels
+        faithfulness_curve(prepare(model, clean, corrupted, batch_size=4), torch.ones(110), fractions=(0.5, 1.0))
+    assert len(caplog.records) == 1 and "does not favour the clean answers" in caplog.text
+
+
 def test_a_counterfactual_that_changes_nothing_is_refused():
     model = make_model("gpt2")
     data = make_data(n=4)
