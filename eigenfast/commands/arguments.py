@@ -12,7 +12,7 @@ from ..errors import ArgumentError
 from ..rewrite.plain_bias import POSITIONS
 from ..saving.hf_checkpoint import check_new_directory
 from ..saving.serialization import FORMATS as SAVE_FORMATS
-from ..saving.serialization import check_output_directory
+from ..saving.serialization import prepare_output_directory
 
 MODEL_HELP = "built-in model name (int_sum_gpt2), eigenfast save, or Hugging Face model folder with its tokenizer"
 T = TypeVar("T")
@@ -116,4 +116,4 @@ def check_plain_options(args: argparse.Namespace) -> None:
             raise ArgumentError("--format hf writes a plain checkpoint, which cannot hold position tables: add --positions mean")
         check_new_directory(args.out)
     else:
-        check_output_directory(args.out)
+        prepare_output_directory(args.out)

@@ -39,7 +39,7 @@ def edge_attributions(forward: EdgeForward, batches: list[Prepared], desc: str |
 def search(task: PreparedTask, options: EdgeOptions) -> Found:
     """Rank edges by ``|attribution|``; keep a fraction of them or the fewest that reach the target."""
     attributions = edge_attributions(task.forward, task.batches, "EAP: batches" if options.progress else None)
-    return target.choose(task, attributions.abs().float(), options)
+    return target.choose(task, attributions.float(), options)
 
 
 METHOD = EdgeMethod("eap", "EAP", "target_sparsity", "s", search)
@@ -62,7 +62,8 @@ def eap(
 ) -> EdgeCircuit:
     """EAP (``method="eap"``) or EAP-IG (``"ig-inputs"``, ``"ig-activations"``, ``steps`` points on the path).
 
-    Edges are ranked by ``|score|``. With ``target_sparsity`` the ``(1 − target_sparsity)``
+    Edges are ranked by ``|score|``; the circuit's ``scores`` keep their sign (positive: patching the
+    edge raises the loss, it carries the answer). With ``target_sparsity`` the ``(1 − target_sparsity)``
     fraction is kept; otherwise the fewest top edges whose circuit reaches ``faithfulness``
     (default 0.99) or ``kl`` (docs/EDGES.md, "Targets").
     """

@@ -79,7 +79,7 @@ def _searcher(path: str, label: str):
         """Rank edges by ``|EAP-IG score|``; keep a fraction or the fewest that reach the target."""
         attributions = integrated_attributions(task.forward, task.batches, path, options.ig_steps,
                                                f"{label}: steps" if options.progress else None)
-        return target.choose(task, attributions.abs().float(), options)
+        return target.choose(task, attributions.float(), options)
 
     return search
 

@@ -27,11 +27,12 @@ def round_masks(edges: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 
 def initial_log_alpha(options: EdgeOptions, n_edges: int, generator: torch.Generator) -> torch.Tensor:
-    """``init_log_alpha`` for every edge (plus a little noise), or with ``init_scores`` from +a (best) to −a (worst)."""
+    """``init_log_alpha`` for every edge (plus a little noise), or with ``init_scores`` from +a (largest ``|score|``) to
+    −a (smallest)."""
     noise = 0.01 * torch.randn(n_edges, generator=generator)
     if options.init_scores is None:
         return options.init_log_alpha + noise
-    return options.init_log_alpha * (2 * rank_normalised(options.init_scores) - 1) + noise
+    return options.init_log_alpha * (2 * rank_normalised(options.init_scores.abs()) - 1) + noise
 
 
 def search(task: PreparedTask, options: EdgeOptions) -> Found:
@@ -134,7 +135,7 @@ def edge_prune(
     ``faithfulness`` (default 0.99) or ``kl``: ``search_runs × steps`` forward+backward
     passes (one batch each) and ``search_runs`` masked forwards per batch to judge the
     probes (600 and 6 by default). ``init_scores`` (another method's ``circuit.scores``)
-    starts the best-ranked edges' masks on and the worst off instead of all on.
+    starts the masks of the edges of largest ``|score|`` on and the smallest off instead of all on.
     ``clean`` and ``corrupted`` pair up row by row (same lengths and padding); the
     corrupted run supplies the counterfactual activations. With ``evaluate`` the result carries a report on the same batches.
     """

@@ -66,7 +66,9 @@ class EdgeCircuit:
     method: str
     graph: EdgeGraph
     kept: torch.Tensor  # (E,) bool
-    scores: torch.Tensor  # (E,) higher means more important: what ROC curves rank by
+    # (E,) higher means more important; EAP's and EAP-IG's keep their sign (negative: the edge works against the
+    # answer). ROC curves rank |scores|; MIB's CPR ranks them as they are.
+    scores: torch.Tensor
     seconds: float
     trace: list[dict[str, float]] = field(default_factory=list)
     report: EdgeReport | None = None
@@ -228,7 +230,7 @@ def judge(
         tpr = float((kept & truth).sum()) / max(1, int(truth.sum()))
         fpr = float((kept & ~truth).sum()) / max(1, int((~truth).sum()))
         scores = getattr(circuit, "scores", None)
-        auc = roc_auc(scores if isinstance(scores, torch.Tensor) else kept.double(), truth)
+        auc = roc_auc(scores.abs() if isinstance(scores, torch.Tensor) else kept.double(), truth)
     if seconds is None:
         seconds = float(getattr(circuit, "seconds", float("nan")))
     return EdgeReport(

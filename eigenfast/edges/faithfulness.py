@@ -13,10 +13,15 @@ axis), trapezoids give
     CPR = ∫ f dx           (higher is better)
     CMD = ∫ |1 − f| dx     (lower is better)
 
-between the smallest and the largest size (0.1% to 100% by default).
+between the smallest and the largest size (0.1% to 100% by default). As MIB does, the
+two areas come from two curves: CPR from the circuits of the highest scores as they
+are (an edge whose score says it works against the answer comes last), CMD from the
+circuits of the highest ``|score|``. Scores that are never negative give one curve;
+a circuit met twice is evaluated once.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +35,8 @@ from ..runtime.forward import eval_mode
 from ..runtime.progress import progress as progress_items
 from .evaluate import PreparedTask
 from .selection import SELECTIONS, select
+
+log = logging.getLogger(__name__)
 
 PERCENTAGES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)  # MIB's circuit sizes, percent of edges
 FRACTIONS = tuple(p / 100 for p in PERCENTAGES)
@@ -90,14 +97,16 @@ def mean_metric(task: PreparedTask, kept: torch.Tensor | str, metric: str) -> fl
 
 @dataclass
 class FaithfulnessCurve:
-    """One method's faithfulness at each circuit size, and the curve's areas."""
+    """One method's two faithfulness curves (highest scores: CPR; highest ``|score|``: CMD) and their areas."""
 
     method: str
     selection: str
     metric: str
     fractions: list[float]
-    edges: list[int]  # edges in each circuit after pruning dangling ones
-    faithfulness: list[float]
+    edges: list[int]  # edges in each circuit of the highest scores, after pruning dangling ones
+    faithfulness: list[float]  # of those circuits: CPR's curve
+    edges_abs: list[int]  # the same for the circuits of the highest |score|
+    faithfulness_abs: list[float]  # CMD's curve
     full: float  # m(full)
     empty: float  # m(∅)
     cpr: float
@@ -116,7 +125,7 @@ def faithfulness_curve(
     fractions: Sequence[float] = FRACTIONS,
     progress: bool = False,
 ) -> FaithfulnessCurve:
-    """The faithfulness curve of the circuits built from ``scores`` ``(E,)`` on an already prepared task."""
+    """The faithfulness curves of the circuits built from ``scores`` ``(E,)`` on an already prepared task."""
     check_curve_settings(fractions, selection, metric)
     graph = task.graph
     with eval_mode(task.model):
@@ -127,23 +136,45 @@ def faithfulness_curve(
                 "(its share of that difference) is undefined; use counterfactual inputs whose answers differ from "
                 "the clean ones, or another metric"
             )
-        edges, values = [], []
+        if full < empty:
+            log.warning(
+                "the metric %s is %.4g on the model and %.4g on the corrupted run: the model does not favour the clean "
+                "answers on these examples, so faithfulness changes sign and CPR/CMD measure little; use examples the "
+                "model answers correctly", metric, full, empty,
+            )
+        measured: dict[bytes, float] = {}
+
+        def faithfulness(kept: torch.Tensor) -> float:
+            key = kept.numpy().tobytes()
+            if key not in measured:
+                measured[key] = (mean_metric(task, kept, metric) - empty) / (full - empty)
+            return measured[key]
+
+        curves = {False: ([], []), True: ([], [])}  # absolute -> (edges, faithfulness)
         sizes = circuit_sizes(graph.n_edges, fractions)
         for n in progress_items(sizes, len(sizes), f"faithfulness of {method or 'circuit'}" if progress else None):
-            kept = select(graph, scores, n, selection)
-            edges.append(int(kept.sum()))
-            values.append((mean_metric(task, kept, metric) - empty) / (full - empty))
-    cpr, cmd = areas(fractions, values)
-    return FaithfulnessCurve(method, selection, metric, list(fractions), edges, values, full, empty, cpr, cmd)
+            for absolute, (edges, values) in curves.items():
+                kept = select(graph, scores, n, selection, absolute)
+                edges.append(int(kept.sum()))
+                values.append(faithfulness(kept))
+    (edges, values), (edges_abs, values_abs) = curves[False], curves[True]
+    cpr, cmd = areas(fractions, values)[0], areas(fractions, values_abs)[1]
+    return FaithfulnessCurve(method, selection, metric, list(fractions), edges, values, edges_abs, values_abs, full,
+                             empty, cpr, cmd)
 
 
 def plot_curves(curves: Sequence[FaithfulnessCurve], path: str | Path) -> Path:
-    """Faithfulness against the fraction of edges (log axis), one line per curve, CPR/CMD in the legend."""
+    """Faithfulness against the fraction of edges (log axis), one line per curve (dashed: its |score| circuits, where
+    they differ), CPR/CMD in the legend."""
     plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for curve in curves:
-        ax.plot([100 * f for f in curve.fractions], curve.faithfulness, marker="o",
-                label=f"{curve.method} (CPR {curve.cpr:.2f}, CMD {curve.cmd:.2f})")
+        x = [100 * f for f in curve.fractions]
+        (line,) = ax.plot(x, curve.faithfulness, marker="o",
+                          label=f"{curve.method} (CPR {curve.cpr:.2f}, CMD {curve.cmd:.2f})")
+        if curve.faithfulness_abs != curve.faithfulness:
+            ax.plot(x, curve.faithfulness_abs, marker=".", ls="--", color=line.get_color(),
+                    label=f"{curve.method}, by |score| (CMD's curve)")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set(xscale="log", xlabel="edges in the circuit (%)", ylabel="faithfulness",
            title=f"faithfulness against circuit size ({curves[0].selection}, {curves[0].metric})" if curves else "")

@@ -1,6 +1,9 @@
 """Circuits of a given size from a method's edge scores, as the MIB benchmark builds them.
 
-Two rules, both ranking edges by ``|score|``:
+Two rules, each ranking edges by their scores as they are (``absolute=False``) or by
+``|score|`` (``absolute=True``). MIB uses both: circuits of the signed scores for CPR,
+where an edge that works against the answer should come last, and of ``|score|`` for
+CMD, where any edge that moves the metric matters.
 
 * **top-n**: the ``n`` highest-scoring edges, then :func:`prune_dangling`;
 * **greedy**: grow the circuit from the logits backwards. The candidates are the
@@ -68,7 +71,7 @@ def prune_dangling(graph: EdgeGraph, kept: torch.Tensor) -> torch.Tensor:
         kept = pruned
 
 
-def _check(graph: EdgeGraph, scores: torch.Tensor, n: int) -> torch.Tensor:
+def _check(graph: EdgeGraph, scores: torch.Tensor, n: int, absolute: bool) -> torch.Tensor:
     if scores.shape != (graph.n_edges,):
         raise ArgumentError(f"got {tuple(scores.shape)} edge scores; this model's graph has {graph.n_edges} edges: "
                             "pass one score per edge, in the graph's edge order")
@@ -76,7 +79,8 @@ def _check(graph: EdgeGraph, scores: torch.Tensor, n: int) -> torch.Tensor:
         raise ArgumentError(f"a circuit of {n} edges is impossible: choose 0 to {graph.n_edges}")
     if not torch.isfinite(scores).all():
         raise ArgumentError("edge scores must be finite; replace NaN or infinite scores before building circuits")
-    return scores.detach().double().abs().cpu()
+    scores = scores.detach().double().cpu()
+    return scores.abs() if absolute else scores
 
 
 def top(scores: torch.Tensor, n: int) -> torch.Tensor:
@@ -86,19 +90,20 @@ def top(scores: torch.Tensor, n: int) -> torch.Tensor:
     return kept
 
 
-def top_n(graph: EdgeGraph, scores: torch.Tensor, n: int) -> torch.Tensor:
-    """``(E,)`` bool: the ``n`` edges of largest ``|score|`` (ties: the earlier edge), dangling ones pruned."""
-    return prune_dangling(graph, top(_check(graph, scores, n), n))
+def top_n(graph: EdgeGraph, scores: torch.Tensor, n: int, absolute: bool = True) -> torch.Tensor:
+    """``(E,)`` bool: the ``n`` edges of largest ``|score|`` (or score) (ties: the earlier edge), dangling ones pruned."""
+    return prune_dangling(graph, top(_check(graph, scores, n, absolute), n))
 
 
-def greedy(graph: EdgeGraph, scores: torch.Tensor, n: int) -> torch.Tensor:
-    """``(E,)`` bool: ``n`` edges taken best-first from the logits backwards, dangling ones pruned."""
-    magnitude = _check(graph, scores, n).tolist()
+def greedy(graph: EdgeGraph, scores: torch.Tensor, n: int, absolute: bool = True) -> torch.Tensor:
+    """``(E,)`` bool: ``n`` edges taken best-first (by ``|score|``, or score) from the logits backwards, dangling
+    ones pruned."""
+    rank_by = _check(graph, scores, n, absolute).tolist()
     of_edge, feeds, logits = _readers(graph)
     into_writer = feeds[of_edge].T  # (W, E): the edges whose reader feeds each writer node
     writers = graph.edge_writers.tolist()
     queued = (of_edge == logits).clone()
-    heap = [(-magnitude[e], e) for e in torch.nonzero(queued).flatten().tolist()]
+    heap = [(-rank_by[e], e) for e in torch.nonzero(queued).flatten().tolist()]
     heapq.heapify(heap)
     kept = torch.zeros(graph.n_edges, dtype=torch.bool)
     reached = torch.zeros(graph.n_writers, dtype=torch.bool)
@@ -113,14 +118,16 @@ def greedy(graph: EdgeGraph, scores: torch.Tensor, n: int) -> torch.Tensor:
             new = into_writer[writer] & ~queued
             queued |= new
             for e in torch.nonzero(new).flatten().tolist():
-                heapq.heappush(heap, (-magnitude[e], e))
+                heapq.heappush(heap, (-rank_by[e], e))
     return prune_dangling(graph, kept)
 
 
-def select(graph: EdgeGraph, scores: torch.Tensor, n: int, selection: str = "top_n") -> torch.Tensor:
-    """The circuit of ``n`` edges by ``selection`` ("top_n" or "greedy")."""
+def select(graph: EdgeGraph, scores: torch.Tensor, n: int, selection: str = "top_n",
+           absolute: bool = True) -> torch.Tensor:
+    """The circuit of ``n`` edges by ``selection`` ("top_n" or "greedy"), ranking ``|scores|`` or, with
+    ``absolute=False``, the scores as they are."""
     if selection == "top_n":
-        return top_n(graph, scores, n)
+        return top_n(graph, scores, n, absolute)
     if selection == "greedy":
-        return greedy(graph, scores, n)
+        return greedy(graph, scores, n, absolute)
     raise ArgumentError(f"unknown selection {selection!r}; choose from {', '.join(SELECTIONS)}")

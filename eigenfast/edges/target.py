@@ -69,23 +69,24 @@ class Judge:
 
 
 def smallest_top(task: PreparedTask, scores: torch.Tensor, options: EdgeOptions) -> Found:
-    """The fewest top-scored edges whose circuit reaches ``options.target``, by bisection over their number.
+    """The fewest edges of largest ``|score|`` whose circuit reaches ``options.target``, by bisection over their number.
 
     Bisection assumes that keeping more edges never loses the target; the full graph
     always reaches it (faithfulness 1, KL 0). Each probe is one masked forward per batch.
     """
+    magnitude = scores.abs()
     judge = Judge(task)
     judge.check(options.target[0])
     low, high = 0, len(scores)  # top(low) is not known to reach the target, top(high) does
     trace = []
     while high - low > 1:
         middle = (low + high) // 2
-        reached = judge.reaches(top(scores, middle), options)
+        reached = judge.reaches(top(magnitude, middle), options)
         trace.append({"kept": middle, "reached": float(reached)})
         low, high = (low, middle) if reached else (middle, high)
-    if low == 0 and judge.reaches(top(scores, 0), options):
+    if low == 0 and judge.reaches(top(magnitude, 0), options):
         high = 0
-    return Found(top(scores, high), scores, trace)
+    return Found(top(magnitude, high), scores, trace)
 
 
 def bisect_knob(
@@ -123,7 +124,8 @@ def bisect_knob(
 
 
 def choose(task: PreparedTask, scores: torch.Tensor, options: EdgeOptions) -> Found:
-    """A score method's circuit: the ``(1 − target_sparsity)`` best edges, or the fewest that reach the target."""
+    """A score method's circuit: the ``(1 − target_sparsity)`` edges of largest ``|score|``, or the fewest that reach
+    the target. The scores stay as they are (signed, for the faithfulness curves' CPR)."""
     if options.target_sparsity is not None:
-        return Found(top(scores, int(round((1.0 - options.target_sparsity) * len(scores)))), scores)
+        return Found(top(scores.abs(), int(round((1.0 - options.target_sparsity) * len(scores)))), scores)
     return smallest_top(task, scores, options)

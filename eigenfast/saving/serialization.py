@@ -92,8 +92,10 @@ def is_save_folder(directory: Path) -> bool:
     return (directory / SPEC_FILE).is_file() or atomic.has_state(directory)
 
 
-def check_output_directory(directory: str | Path) -> Path:
-    """Refuse, before any work, a directory that a save could not write or that holds someone else's files."""
+def prepare_output_directory(directory: str | Path) -> Path:
+    """Make ``directory`` ready for a save, before any work: finish or roll back a re-save that older eigenfast
+    releases left half-done there (the one change this may make), then refuse a directory that a save could not
+    write or that holds someone else's files."""
     directory = check_writable_directory(directory)
     recover_interrupted_resaves(directory)
     if directory.is_dir() and not is_save_folder(directory) and any(directory.iterdir()):
@@ -124,7 +126,7 @@ def save_model(
         raise ArgumentError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
     if format == "hf":
         return save_hf_checkpoint(model, directory, tokenizer)
-    directory = check_output_directory(directory)
+    directory = prepare_output_directory(directory)
     # FSDP2 holds a sharded model's weights in shards: gather them whole (a collective on every rank) first.
     state = _gathered_state(model) if distributed.is_sharded(model) else None
 

@@ -106,3 +106,20 @@ def test_eap_keyword_picks_the_variant_and_checks_it():
         eigenfast.eap(model, clean, corrupted, method="ig", progress=False)
     with pytest.raises(ArgumentError, match="ig_steps"):
         eigenfast.eap(model, clean, corrupted, method="ig-inputs", steps=0, progress=False)
+
+
+@pytest.mark.parametrize("method", ["eap", "ig-inputs"])
+def test_circuits_keep_the_largest_magnitudes_and_scores_keep_their_sign(method):
+    model = make_model("gpt2")
+    clean, corrupted = make_data(4, 5, seed=0), make_data(4, 5, seed=1)
+    circuit = eigenfast.eap(model, clean, corrupted, target_sparsity=0.7, method=method, steps=2, progress=False,
+                            evaluate=False)
+    forward = EdgeForward(model)
+    batches = prepare_batches(forward, clean, corrupted, 32)
+    signed = (edge_attributions(forward, batches) if method == "eap"
+              else integrated_attributions(forward, batches, method, 2)).float()
+    torch.testing.assert_close(circuit.scores, signed)
+    assert (circuit.scores < 0).any() and (circuit.scores > 0).any()
+    kept = torch.zeros_like(circuit.kept)
+    kept[torch.argsort(signed.abs(), descending=True, stable=True)[: int(round(0.3 * len(signed)))]] = True
+    assert torch.equal(circuit.kept, kept)

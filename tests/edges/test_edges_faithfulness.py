@@ -86,6 +86,23 @@ def test_top_n_and_greedy_by_hand():
         greedy(graph, scores, graph.n_edges + 1)
 
 
+def test_signed_rankings_put_edges_against_the_answer_last():
+    graph = EdgeGraph(n_layers=1, n_heads=1, n_kv_heads=1, parallel=False)
+    index = {name: i for i, name in enumerate(graph.edge_names)}
+    scores = torch.zeros(graph.n_edges)
+    # emb→logits helps a little (0.5); emb→H0.v→logits hurts a lot (−9, −8).
+    for name, s in {("emb", "logits"): 0.5, ("emb", "L0.H0.v"): -9.0, ("L0.H0", "logits"): -8.0}.items():
+        scores[index[name]] = s
+    by_magnitude = {("emb", "L0.H0.v"), ("L0.H0", "logits")}
+    assert _names(graph, top_n(graph, scores, 2)) == by_magnitude
+    assert _names(graph, top_n(graph, scores, 2, absolute=False)) == {("emb", "logits")}  # the rest score 0 or less
+    assert _names(graph, top_n(graph, scores, 1, absolute=False)) == {("emb", "logits")}
+    # Greedy from the logits: by |score| H0→logits (8) first, then H0's input emb→H0.v (9); signed: emb→logits.
+    assert _names(graph, greedy(graph, scores, 2)) == by_magnitude
+    assert _names(graph, greedy(graph, scores, 1, absolute=False)) == {("emb", "logits")}
+    assert _names(graph, select(graph, -scores, 2, "greedy", absolute=False)) == by_magnitude
+
+
 def _mean(logits, clean, corrupted, metric):
     return float(metric_values(logits, clean.labels, corrupted.labels, metric).mean())
 
@@ -101,14 +118,51 @@ def test_curve_points_equal_the_naive_masked_forward(selection, metric):
     full = _mean(model_logits(model, clean)[:, -1], clean, corrupted, metric)
     empty = _mean(model_logits(model, corrupted)[:, -1], clean, corrupted, metric)
     assert curve.full == pytest.approx(full, rel=1e-5) and curve.empty == pytest.approx(empty, rel=1e-5)
-    for n, f, kept_count in zip(circuit_sizes(task.graph.n_edges, fractions), curve.faithfulness, curve.edges):
-        kept = select(task.graph, scores, n, selection)
-        assert int(kept.sum()) == kept_count
-        m = _mean(naive_masked_logits(model, clean, corrupted, kept.float()), clean, corrupted, metric)
-        assert f == pytest.approx((m - empty) / (full - empty), abs=1e-4)
+    sizes = circuit_sizes(task.graph.n_edges, fractions)
+    # CPR's curve ranks the scores as they are, CMD's their magnitudes (MIB's abs-False and abs-True runs).
+    for absolute, values, counts in ((False, curve.faithfulness, curve.edges),
+                                     (True, curve.faithfulness_abs, curve.edges_abs)):
+        for n, f, kept_count in zip(sizes, values, counts):
+            kept = select(task.graph, scores, n, selection, absolute)
+            assert int(kept.sum()) == kept_count
+            m = _mean(naive_masked_logits(model, clean, corrupted, kept.float()), clean, corrupted, metric)
+            assert f == pytest.approx((m - empty) / (full - empty), abs=1e-4)
+    assert curve.faithfulness != curve.faithfulness_abs  # random signs: different circuits
+    assert curve.cpr == pytest.approx(areas(fractions, curve.faithfulness)[0])
+    assert curve.cmd == pytest.approx(areas(fractions, curve.faithfulness_abs)[1])
     assert curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-4)  # the full graph
     zero = faithfulness_curve(task, scores, fractions=(0.001, 1.0))  # 0.1% of 110 edges is no edge
     assert zero.edges[0] == 0 and zero.faithfulness[0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_scores_never_negative_give_one_curve_each_circuit_evaluated_once(monkeypatch):
+    model = make_model("gpt2")
+    task = prepare(model, make_data(n=4, seed=0), make_data(n=4, seed=1), batch_size=4)
+    scores = torch.rand(task.graph.n_edges, generator=torch.Generator().manual_seed(0))
+    fractions = (0.01, 0.05, 0.2, 1.0)
+    forwards = []
+    original = task.forward.logits
+    monkeypatch.setattr(task.forward, "logits", lambda batch, kept, *a, **k: forwards.append(1) or
+                        original(batch, kept, *a, **k))
+    curve = faithfulness_curve(task, scores, fractions=fractions)
+    assert curve.faithfulness == curve.faithfulness_abs and curve.edges == curve.edges_abs
+    distinct = {select(task.graph, scores, n).numpy().tobytes() for n in circuit_sizes(task.graph.n_edges, fractions)}
+    assert len(forwards) == len(distinct) >= 2  # one batch: one forward per distinct circuit
+
+
+def test_a_model_that_favours_the_counterfactual_answers_is_named(caplog):
+    model = make_model("gpt2")
+    clean, corrupted = make_data(n=4, seed=0), make_data(n=4, seed=1)
+    curve = faithfulness_curve(prepare(model, clean, corrupted, batch_size=4), torch.ones(110), fractions=(0.5, 1.0))
+    if curve.full < curve.empty:  # swapping the answers (not the inputs) flips the sign of both metrics' difference
+        clean.labels, corrupted.labels = corrupted.labels, clean.labels
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="eigenfast.edges.faithfulness"):
+        faithfulness_curve(prepare(model, clean, corrupted, batch_size=4), torch.ones(110), fractions=(0.5, 1.0))
+        assert not caplog.records
+        clean.labels, corrupted.labels = corrupted.labels, clean.labels
+        faithfulness_curve(prepare(model, clean, corrupted, batch_size=4), torch.ones(110), fractions=(0.5, 1.0))
+    assert len(caplog.records) == 1 and "does not favour the clean answers" in caplog.text
 
 
 def test_a_counterfactual_that_changes_nothing_is_refused():

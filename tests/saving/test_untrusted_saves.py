@@ -155,7 +155,7 @@ def test_an_output_nothing_can_be_written_in_is_refused_before_any_work(tmp_path
     (tmp_path / "file").write_text("x")
     for out in ("/proc/eigenfast-out", str(tmp_path / "file" / "out")):
         with pytest.raises(eigenfast.OutputExistsError, match="choose a directory you can write to"):
-            serialization.check_output_directory(out)
+            serialization.prepare_output_directory(out)
 
 
 def test_pickled_weights_are_never_loaded(tmp_path):
