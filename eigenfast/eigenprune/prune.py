@@ -22,7 +22,7 @@ from .freezing import check_foldable_in_place, freeze, select_frozen
 from .options import DEFAULT_CANDIDATES, DEFAULT_SIGNIFICANCE, PruneOptions
 from .scoring import Attribution, Key, attribute, select_sites
 from .significance import SignTest, per_candidate_level, sign_test
-from .verification import verify_lowest
+from .verification import recheck_dropped, verify_lowest
 
 NOTHING_BEAT_BASE = "no p beat the unpruned model; p=0 chosen"
 
@@ -214,8 +214,8 @@ def prune(
     layers (None: all). ``estimate`` is how a term's effect is estimated:
     "linear" (first-order), "ig" (integrated gradients over ``steps`` points) or
     "verified" (the lowest candidates for every p tried are each frozen and measured
-    on ``data``; those that raise the loss are never frozen, so p is then an upper
-    bound). ``positions`` is what the frozen terms become: ``"indexed"`` (default)
+    on ``data``; those that raise the loss stay unless, measured again with every
+    other accepted term frozen, they no longer do, so p is then an upper bound). ``positions`` is what the frozen terms become: ``"indexed"`` (default)
     their mean at each token position, a table past whose length ``extrapolate`` decides;
     ``"mean"`` their mean over all calibration tokens, folded into ordinary biases, so the
     result is a plain HF model (``result.save(folder, format="hf")``). The input model is left
@@ -229,12 +229,14 @@ def prune(
     _check_model(model, options)
     splits = _split(model, options, data, val_data, test_data)
     size_before = count_parameters(model)  # before an inplace prune changes it
-    attribution, scores, timings = _score(model, splits.data, options, progress)
+    attribution, scores, allowed, timings = _score(model, splits.data, options, progress)
     if baseline is None:
         baseline = _evaluate_both(model, splits, options.batch_size, progress and "base model", timings)
     else:
         baseline = _check_baseline(baseline, splits)
-    results, (pruned, frozen, chosen) = _sweep(model, attribution, scores, baseline, splits, options, progress, timings)
+    results, (pruned, frozen, chosen) = _sweep(
+        model, attribution, scores, allowed, baseline, splits, options, progress, timings
+    )
     report = PruneReport(
         chosen.p, tuple(dict.fromkeys(options.components)), options.pairs, attribution.calib_len, baseline[0], results,
         baseline[1], timings, options.estimate, size_before, count_parameters(pruned), options.positions,
@@ -308,21 +310,25 @@ def _check_baseline(
 
 def _score(
     model: nn.Module, data: TaskData, options: PruneOptions, progress: bool
-) -> tuple[Attribution, dict[Key, torch.Tensor], dict[str, float]]:
-    """The attribution (factors and means for freezing) and the scores the sweep ranks by."""
+) -> tuple[Attribution, dict[Key, torch.Tensor], dict[Key, torch.Tensor] | None, dict[str, float]]:
+    """The attribution (factors and means for freezing), the scores the sweep ranks by, and which terms may be
+    frozen (None: any; the verified estimate allows only those measured not to raise the loss)."""
     started = time.perf_counter()
     attribution = attribute(
         model, data, options.components, options.pairs, options.batch_size, options.layers, backend=options.backend,
         progress=progress, reduce=options.reduce, steps=options.steps if options.estimate == "ig" else 1,
     )
     timings = {"score": time.perf_counter() - started, **attribution.timings}
-    scores = attribution.scores
-    if options.estimate == "verified":
-        started = time.perf_counter()
-        # Every term any tried p could freeze is checked.
-        scores = verify_lowest(model, attribution, data, max(options.tried), options.batch_size, progress).scores
-        timings["verify"] = time.perf_counter() - started
-    return attribution, scores, timings
+    if options.estimate != "verified":
+        return attribution, attribution.scores, None, timings
+    started = time.perf_counter()
+    # Every term any tried p could freeze is checked.
+    verification = verify_lowest(model, attribution, data, max(options.tried), options.batch_size, progress)
+    timings["verify"] = time.perf_counter() - started
+    started = time.perf_counter()
+    verification = recheck_dropped(model, attribution, data, verification, options.batch_size, progress)
+    timings["recheck"] = time.perf_counter() - started
+    return attribution, verification.scores, verification.allowed, timings
 
 
 def _evaluate_both(
@@ -340,8 +346,8 @@ def _evaluate_both(
 
 def _sweep(
     model: nn.Module, attribution: Attribution, scores: dict[Key, torch.Tensor],
-    baseline: tuple[Evaluation | None, Evaluation | None], splits: _Splits, options: PruneOptions, progress: bool,
-    timings: dict[str, float],
+    allowed: dict[Key, torch.Tensor] | None, baseline: tuple[Evaluation | None, Evaluation | None],
+    splits: _Splits, options: PruneOptions, progress: bool, timings: dict[str, float],
 ) -> tuple[list[Candidate], tuple[nn.Module, dict[Key, torch.Tensor], Candidate]]:
     """Freeze and evaluate every p tried; every candidate and the best (model, frozen masks, candidate) among
     those the significance gate lets through (p = 0 always passes)."""
@@ -353,8 +359,8 @@ def _sweep(
     for value in options.tried:
         started = time.perf_counter()
         frozen = select_frozen(scores, value)
-        if options.estimate == "verified":  # a term measured to raise the loss (or never measured) stays
-            frozen = {key: mask & (scores[key] <= 0) for key, mask in frozen.items()}
+        if allowed is not None:  # verified: a term measured to raise the loss (or never measured) stays
+            frozen = {key: mask & allowed[key] for key, mask in frozen.items()}
         target = model if options.inplace else copy.deepcopy(model)
         freeze(target, attribution, frozen, options.extrapolate, options.positions)
         timings["freeze"] = timings.get("freeze", 0.0) + time.perf_counter() - started
