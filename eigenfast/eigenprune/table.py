@@ -97,6 +97,7 @@ class Cell:
     test: dict[float, float]
     chosen_p: float
     seconds: float = field(default=0.0, compare=False)  # wall time of the cell (work shared with later cells included)
+    sign: dict[float, float] = field(default_factory=dict)  # per pruned p: the sign test's p-value against p = 0 on val
 
 
 class SeedWork:
@@ -160,6 +161,7 @@ def run_cell(
         {c.p: c.test.accuracy for c in report.candidates},
         report.p,
         time.perf_counter() - started,
+        {c.p: c.sign.p_value for c in report.candidates if c.sign is not None},
     )
 
 
@@ -211,7 +213,8 @@ class Row:
                           record.get("estimate", "linear"), record.get("train", ""), record.get("prune", True))
         cells = [
             Cell(c["seed"], c["base_val"], c["base_test"], {float(p): v for p, v in c["val"].items()},
-                 {float(p): v for p, v in c["test"].items()}, c["chosen_p"], c.get("seconds", 0.0))
+                 {float(p): v for p, v in c["test"].items()}, c["chosen_p"], c.get("seconds", 0.0),
+                 {float(p): v for p, v in c.get("sign", {}).items()})
             for c in record["cells"]
         ]
         return cls(record["model"], record["task"], setting, record["n_heldout"], cells)
@@ -224,7 +227,7 @@ class Row:
             "cells": [
                 {"seed": c.seed, "base_val": c.base_val, "base_test": c.base_test, "chosen_p": c.chosen_p,
                  "val": {str(p): v for p, v in c.val.items()}, "test": {str(p): v for p, v in c.test.items()},
-                 "seconds": c.seconds}
+                 "seconds": c.seconds, "sign": {str(p): v for p, v in c.sign.items()}}
                 for c in self.cells
             ],
         }

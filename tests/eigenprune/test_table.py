@@ -54,6 +54,7 @@ def test_table_cell_is_a_direct_prune_and_evaluate(tmp_path):
     assert Row.from_dict(row).as_dict() == row  # the page can be rendered again from the record alone
     assert out.read_text() == page(record, "table.png")
     cell = row["cells"][0]
+    assert set(cell["sign"]) == {"0.3"} and 0.0 <= cell["sign"]["0.3"] <= 1.0  # the gate's p-value, recorded
 
     model, tokenizer = load_builtin("int_sum_gpt2")
     score, _, test = protocol_splits(heldout_task("int_sum_gpt2", "int_sum", tokenizer), seed=1)
