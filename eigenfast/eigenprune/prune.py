@@ -209,13 +209,14 @@ def prune(
     over the candidates (docs/MATH.md §3; None or 0: the most accurate is kept, whatever its
     margin). ``baseline`` is the unpruned model's evaluations on ``val_data`` and ``test_data``
     (from :func:`eigenfast.evaluate`) when the caller has them already; None evaluates it.
-    ``test_data``, if given, is evaluated for the report only, never to choose p. ``reduce`` is how scores pool over pairs ("max" or "mean",
-    see :func:`eigenfast.score`); ``layers`` limits scoring and freezing to those
-    layers (None: all). ``estimate`` is how a term's effect is estimated:
-    "linear" (first-order), "ig" (integrated gradients over ``steps`` points) or
-    "verified" (the lowest candidates for every p tried are each frozen and measured
-    on ``data``; those that raise the loss stay unless, measured again with every
-    other accepted term frozen, they no longer do, so p is then an upper bound). ``positions`` is what the frozen terms become: ``"indexed"`` (default)
+    ``test_data``, if given, is evaluated for the report only, never to choose p.
+    ``reduce`` is how scores pool over pairs ("max" or "mean", see :func:`eigenfast.score`);
+    ``layers`` limits scoring and freezing to those layers (None: all). ``estimate`` is how
+    a term's effect is estimated: "linear" (first-order), "ig" (integrated gradients over
+    ``steps`` points) or "verified" (the lowest candidates for every p tried are each frozen
+    and measured on ``data``; those that raise the loss stay unless, measured again with
+    every other accepted term frozen, they no longer do, so p is then an upper bound).
+    ``positions`` is what the frozen terms become: ``"indexed"`` (default)
     their mean at each token position, a table past whose length ``extrapolate`` decides;
     ``"mean"`` their mean over all calibration tokens, folded into ordinary biases, so the
     result is a plain HF model (``result.save(folder, format="hf")``). The input model is left
