@@ -58,6 +58,24 @@ def fraction(text: str) -> float:
     return value
 
 
+def significance(text: str) -> float:
+    """The level of p="auto"'s sign-test gate; 0 turns the gate off."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(
+            f"--significance must be a level in [0, 1), e.g. 0.05 (0: keep the p most accurate on validation, "
+            f"whatever its margin over the unpruned model), got {text!r}"
+        )
+    return value
+
+
+SIGNIFICANCE_HELP = ("keep a pruned p only if it beats the unpruned model on the validation examples at this level "
+                     "(exact one-sided sign test, family-wise over the candidates); 0 turns the test off")
+
+
 def p_or_auto(text: str) -> "float | str":
     if text == "auto":
         return text

@@ -12,11 +12,13 @@ import argparse
 from ..data.splits import task_parts
 from ..data.tasks import check_task, load_task
 from ..eigenprune.attribution import REDUCE
+from ..eigenprune.options import DEFAULT_SIGNIFICANCE
 from ..eigenprune.prune import DEFAULT_CANDIDATES, prune
 from ..eigenprune.scoring import ESTIMATES
 from ..rewrite.position_tables import EXTRAPOLATE
 from ..saving.loading import check_model_name, load_model
 from .arguments import (
+    SIGNIFICANCE_HELP,
     TASK_HELP,
     add_model_options,
     add_plain_options,
@@ -27,6 +29,7 @@ from .arguments import (
     p_or_auto,
     positive_int,
     print_parts,
+    significance,
 )
 
 
@@ -52,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what the position-indexed biases do past the scoring data's length")
     parser.add_argument("--candidates", type=comma_list(fraction), default=",".join(map(str, DEFAULT_CANDIDATES)),
                         help="p values tried by --p auto")
+    parser.add_argument("--significance", type=significance, default=DEFAULT_SIGNIFICANCE, help=SIGNIFICANCE_HELP)
     add_plain_options(parser, "frozen terms")
     parser.add_argument("--out", required=True, help="folder to save the pruned model in (new, empty, or an earlier save)")
 
@@ -75,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         extrapolate=args.extrapolate,
         candidates=args.candidates,
+        significance=args.significance,
         val_data=parts["val"].data,
         test_data=parts["test"].data,
         seed=args.seed,

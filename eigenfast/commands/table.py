@@ -16,12 +16,13 @@ from typing import Any
 from ..builtin import BUILTIN_MODELS
 from ..data.task_data import TaskData
 from ..data.tasks import TASKS, load_task
+from ..eigenprune.options import DEFAULT_SIGNIFICANCE
 from ..eigenprune.scoring import ESTIMATES
 from ..eigenprune.table import Row, default_settings, markdown, plot, run_table
 from ..runtime import distributed
 from ..saving.loading import load_model
 from ..saving.serialization import check_writable_directory
-from .arguments import comma_list, component, fraction, positive_int
+from .arguments import SIGNIFICANCE_HELP, comma_list, component, fraction, positive_int, significance
 
 TABLE_TASKS = tuple(TASKS)
 # The default run's scope, narrowed so that every built-in, every rule, the fine-tuning rows and three seeds fit
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="estimates tabled with the mean over pairs (the paper's max is always tabled)")
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                         help="also table the fine-tuning baselines (fine-tune alone, fine-tune then prune, low-rank)")
+    parser.add_argument("--significance", type=significance, default=DEFAULT_SIGNIFICANCE, help=SIGNIFICANCE_HELP)
     parser.add_argument("--batch-size", type=positive_int, default=256, help="examples per forward pass")
     parser.add_argument("--out", type=Path, default=Path("docs/eigenpruning_table/table.md"),
                         help="Markdown file to write; the .json record and .png plot go beside it")
@@ -82,6 +84,7 @@ def command_line(args: argparse.Namespace) -> str:
              "--seeds", ",".join(map(str, args.seeds)), "--candidates", ",".join(f"{p:g}" for p in args.candidates)]
     parts += ["--components", ",".join(args.components)]
     parts += ["--estimates", ",".join(args.estimates)] + ([] if args.baselines else ["--no-baselines"])
+    parts += ["--significance", f"{args.significance:g}"]
     return " ".join(shlex.quote(p) for p in [*parts, "--out", str(args.out)])
 
 
@@ -92,7 +95,7 @@ def page(record: dict[str, Any], png_name: str) -> str:
         f"Written by `{record['command']}`.", "",
         f"Tasks: {', '.join(record.get('tasks', []))}; components: {', '.join(record.get('components', []))}"
         f"{_scope_note(record)}; candidates p: {', '.join(f'{p:g}' for p in record['candidates'])} (and p = 0, "
-        "the unpruned model). The cells' wall times add up to "
+        f"the unpruned model){_gate_note(record)}. The cells' wall times add up to "
         f"{sum(c.get('seconds', 0.0) for r in record['rows'] for c in r['cells']) / 60:.1f} min (at the machine's "
         "load then; work a seed's settings share counts in the first cell that needs it).", "",
         "Test accuracy (%) mean ± standard deviation over split seeds "
@@ -101,6 +104,15 @@ def page(record: dict[str, Any], png_name: str) -> str:
         "", markdown(rows, record["candidates"]), "", f"![accuracy against p]({png_name})",
     ]
     return "\n".join(body) + "\n"
+
+
+def _gate_note(record: dict[str, Any]) -> str:
+    """How validation chose between p = 0 and a pruned p (records from before the gate have no level)."""
+    level = record.get("significance")
+    if not level:
+        return "; the p most accurate on validation is kept"
+    return (f"; a pruned p is kept only where it beats p = 0 on the validation examples beyond chance (exact one-sided "
+            f"sign test, family-wise level {level:g} over the candidates)")
 
 
 def _scope_note(record: dict[str, Any]) -> str:
@@ -131,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         return loaded.model, loaded.tokenizer
 
     rows = run_table(args.models, args.tasks, load, heldout, args.seeds, args.candidates, settings,
-                     args.batch_size)
+                     args.batch_size, significance=args.significance or None)
     out, png = Path(args.out), Path(args.out).with_suffix(".png")
     distributed.on_main(lambda: write(out, png, rows, args))
     print(f"wrote {out}, {out.with_suffix('.json')} and {png}")
@@ -143,6 +155,7 @@ def write(out: Path, png: Path, rows: list[Row], args: argparse.Namespace) -> No
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, args.candidates, png)
     record = {"command": command_line(args), "tasks": list(args.tasks), "components": list(args.components),
-              "seeds": list(args.seeds), "candidates": list(args.candidates), "rows": [r.as_dict() for r in rows]}
+              "seeds": list(args.seeds), "candidates": list(args.candidates), "significance": args.significance,
+              "rows": [r.as_dict() for r in rows]}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     out.write_text(page(record, png.name), encoding="utf-8")

@@ -8,8 +8,11 @@ from ..rewrite.plain_bias import validate_positions
 from ..rewrite.position_tables import validate_extrapolate
 from .freezing import validate_fraction
 from .scoring import check_settings
+from .significance import validate_significance
 
 DEFAULT_CANDIDATES = (0.01, 0.05, 0.10, 0.30)
+# The family-wise chance that p="auto" keeps a pruned model no better than the unpruned one (docs/MATH.md §3).
+DEFAULT_SIGNIFICANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,9 @@ class PruneOptions:
     ``estimate`` is how a term's effect is estimated ("linear", "ig" over ``steps`` points,
     or "verified": see :func:`eigenfast.score`). ``positions`` is what frozen terms become:
     ``"indexed"`` their mean at each token position (a table eigenfast serves), ``"mean"``
-    their mean over all positions (an ordinary bias: a plain HF model).
+    their mean over all positions (an ordinary bias: a plain HF model). ``significance`` is the
+    level at which p="auto" must find a pruned model better than the unpruned one on validation
+    before keeping it (None: the most accurate on validation is kept, whatever its margin).
     """
 
     p: float | str = 0.05
@@ -39,9 +44,11 @@ class PruneOptions:
     seed: int = 0
     backend: str = "auto"
     inplace: bool = False
+    significance: float | None = DEFAULT_SIGNIFICANCE
 
     def __post_init__(self) -> None:
         validate_extrapolate(self.extrapolate)
+        object.__setattr__(self, "significance", validate_significance(self.significance))
         validate_positions(self.positions)
         if isinstance(self.p, str):
             if self.p != "auto":
@@ -54,7 +61,8 @@ class PruneOptions:
                 raise ArgumentError("p='auto' needs at least one candidate p above 0; pass candidates=(0.01, 0.05, ...) "
                                     "or a fixed p")
             # p = 0 (the unpruned model) is always a choice, so p="auto" never picks a model
-            # that does worse on validation than the one it was given.
+            # that does worse on validation than the one it was given (and, under the significance
+            # gate, none that is not better beyond chance).
             candidates = (0.0, *(c for c in candidates if c > 0))
             object.__setattr__(self, "candidates", candidates)
         else:

@@ -19,9 +19,10 @@ from ..runtime.forward import Evaluation, evaluate
 from ..runtime.sizes import ParameterCount, count_parameters
 from ..saving.results import ModelResult
 from .freezing import check_foldable_in_place, freeze, select_frozen
-from .options import DEFAULT_CANDIDATES, PruneOptions
+from .options import DEFAULT_CANDIDATES, DEFAULT_SIGNIFICANCE, PruneOptions
 from .scoring import Attribution, Key, attribute, select_sites
-from .verification import verify_lowest
+from .significance import SignTest, per_candidate_level, sign_test
+from .verification import recheck_dropped, verify_lowest
 
 NOTHING_BEAT_BASE = "no p beat the unpruned model; p=0 chosen"
 
@@ -34,6 +35,7 @@ class Candidate:
     frozen: dict[str, int]
     evaluation: Evaluation | None = None
     test: Evaluation | None = None
+    sign: SignTest | None = None  # against the unpruned model on the validation examples (p > 0 under "auto")
 
 
 @dataclass
@@ -50,20 +52,48 @@ class PruneReport:
     size_before: ParameterCount | None = None
     size_after: ParameterCount | None = None  # the kept model: its bias tables are buffers the forward reads
     positions: str = "indexed"  # what the frozen terms became: per-position tables or ordinary biases
+    significance: float | None = None  # the sign-test gate's family-wise level under p="auto" (None: no gate)
 
     @property
     def note(self) -> str | None:
-        """Said when validation chose the unpruned model among several p."""
-        return NOTHING_BEAT_BASE if self.p == 0 and len(self.candidates) > 1 else None
+        """Said when validation chose the unpruned model among several p: why, naming a candidate the gate refused."""
+        if self.p != 0 or len(self.candidates) <= 1:
+            return None
+        refused = self.refused()
+        if refused is None or refused.sign is None or self.significance is None or self.baseline is None:
+            return NOTHING_BEAT_BASE
+        assert refused.evaluation is not None
+        tested = len(self.candidates) - 1
+        return (
+            f"no p beat the unpruned model beyond chance (sign test at level {self.significance:g} over {tested} "
+            f"candidates, {per_candidate_level(self.significance, tested):.3g} each); the best on val, "
+            f"p={refused.p:g}, gained {100 * (refused.evaluation.accuracy - self.baseline.accuracy):+.1f} points "
+            f"({refused.sign.describe()}); p=0 chosen"
+        )
+
+    def refused(self) -> Candidate | None:
+        """The pruned candidate validation ranks first, if it beat the unpruned model's val accuracy but was not kept."""
+        pruned = [c for c in self.candidates if c.p > 0 and c.evaluation is not None]
+        if not pruned or self.baseline is None or self.p != 0:
+            return None
+        best = pruned[0]
+        for candidate in pruned[1:]:
+            best = candidate if _better(candidate, best) else best
+        assert best.evaluation is not None
+        return best if best.evaluation.accuracy > self.baseline.accuracy else None
 
     def table(self) -> str:
-        """One row per p: what it froze, held-out accuracy/loss (chooses p) and test accuracy/loss (reported only)."""
-        lines = [f"{'p':>6}  {'frozen':<28} {'val acc':>8} {'val loss':>9} {'test acc':>9} {'test loss':>10}"]
-        lines.append(f"{'base':>6}  {'-':<28} {_cells(self.baseline)} {_cells(self.baseline_test, 1)}")
+        """One row per p: what it froze, held-out accuracy/loss (chooses p), the sign test against the unpruned
+        model on the held-out examples, and test accuracy/loss (reported only)."""
+        lines = [f"{'p':>6}  {'frozen':<28} {'val acc':>8} {'val loss':>9} {'sign p':>7} {'test acc':>9} "
+                 f"{'test loss':>10}"]
+        lines.append(f"{'base':>6}  {'-':<28} {_cells(self.baseline)} {'-':>7} {_cells(self.baseline_test, 1)}")
         for cand in self.candidates:
             frozen = ", ".join(f"{c}:{n}" for c, n in cand.frozen.items())
             mark = "  <- kept" if cand.p == self.p and len(self.candidates) > 1 else ""
-            lines.append(f"{cand.p:>6.2f}  {frozen:<28} {_cells(cand.evaluation)} {_cells(cand.test, 1)}{mark}")
+            sign = "-" if cand.sign is None else f"{cand.sign.p_value:.2g}"
+            lines.append(f"{cand.p:>6.2f}  {frozen:<28} {_cells(cand.evaluation)} {sign:>7} {_cells(cand.test, 1)}"
+                         f"{mark}")
         if self.size_before is not None and self.size_after is not None:
             lines.append(f"size before  {self.size_before.describe()}")
             lines.append(f"size after   {self.size_after.describe()}")
@@ -98,8 +128,10 @@ class PruneReport:
             "calib_len": self.calib_len,
             "baseline": _as_dict(self.baseline),
             "baseline_test": _as_dict(self.baseline_test),
+            "significance": self.significance,
             "candidates": [
-                {"p": c.p, "frozen": c.frozen, "evaluation": _as_dict(c.evaluation), "test": _as_dict(c.test)}
+                {"p": c.p, "frozen": c.frozen, "evaluation": _as_dict(c.evaluation), "test": _as_dict(c.test),
+                 "sign": None if c.sign is None else c.sign.as_dict()}
                 for c in self.candidates
             ],
             "timings": self.timings,
@@ -162,6 +194,8 @@ def prune(
     positions: str = "indexed",
     estimate: str = "linear",
     steps: int = 8,
+    significance: float | None = DEFAULT_SIGNIFICANCE,
+    baseline: "tuple[Evaluation | None, Evaluation | None] | None" = None,
 ) -> PruneResult:
     """Eigenprune ``model`` for the task in ``data`` (docs/MATH.md §2, §3).
 
@@ -169,14 +203,20 @@ def prune(
     ``"auto"``: score once, try every candidate p (plus the defaults) on held-out
     data (``val_data``, else a seeded ``val_fraction`` split of ``data``) and keep
     the most accurate; p = 0 (the unpruned model) is always among the choices, so
-    the kept model never does worse on validation than ``model``. ``test_data``, if given, is evaluated for the report only,
-    never to choose p. ``reduce`` is how scores pool over pairs ("max" or "mean",
-    see :func:`eigenfast.score`); ``layers`` limits scoring and freezing to those
-    layers (None: all). ``estimate`` is how a term's effect is estimated:
-    "linear" (first-order), "ig" (integrated gradients over ``steps`` points) or
-    "verified" (the lowest candidates for every p tried are each frozen and measured
-    on ``data``; those that raise the loss are never frozen, so p is then an upper
-    bound). ``positions`` is what the frozen terms become: ``"indexed"`` (default)
+    the kept model never does worse on validation than ``model``. A pruned p is kept only when
+    it beats the unpruned model on the validation examples beyond chance: an exact one-sided
+    sign test on the examples whose correctness changed, at family-wise level ``significance``
+    over the candidates (docs/MATH.md §3; None or 0: the most accurate is kept, whatever its
+    margin). ``baseline`` is the unpruned model's evaluations on ``val_data`` and ``test_data``
+    (from :func:`eigenfast.evaluate`) when the caller has them already; None evaluates it.
+    ``test_data``, if given, is evaluated for the report only, never to choose p.
+    ``reduce`` is how scores pool over pairs ("max" or "mean", see :func:`eigenfast.score`);
+    ``layers`` limits scoring and freezing to those layers (None: all). ``estimate`` is how
+    a term's effect is estimated: "linear" (first-order), "ig" (integrated gradients over
+    ``steps`` points) or "verified" (the lowest candidates for every p tried are each frozen
+    and measured on ``data``; those that raise the loss stay unless, measured again with
+    every other accepted term frozen, they no longer do, so p is then an upper bound).
+    ``positions`` is what the frozen terms become: ``"indexed"`` (default)
     their mean at each token position, a table past whose length ``extrapolate`` decides;
     ``"mean"`` their mean over all calibration tokens, folded into ordinary biases, so the
     result is a plain HF model (``result.save(folder, format="hf")``). The input model is left
@@ -185,17 +225,23 @@ def prune(
     options = PruneOptions(
         p=p, components=components, layers=layers, pairs=pairs, reduce=reduce, candidates=candidates,
         extrapolate=extrapolate, positions=positions, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
-        backend=backend, inplace=inplace, estimate=estimate, steps=steps,
+        backend=backend, inplace=inplace, estimate=estimate, steps=steps, significance=significance,
     )
     _check_model(model, options)
     splits = _split(model, options, data, val_data, test_data)
     size_before = count_parameters(model)  # before an inplace prune changes it
-    attribution, scores, timings = _score(model, splits.data, options, progress)
-    baseline = _evaluate_both(model, splits, options.batch_size, progress and "base model", timings)
-    results, (pruned, frozen, chosen) = _sweep(model, attribution, scores, baseline, splits, options, progress, timings)
+    attribution, scores, allowed, timings = _score(model, splits.data, options, progress)
+    if baseline is None:
+        baseline = _evaluate_both(model, splits, options.batch_size, progress and "base model", timings)
+    else:
+        baseline = _check_baseline(baseline, splits)
+    results, (pruned, frozen, chosen) = _sweep(
+        model, attribution, scores, allowed, baseline, splits, options, progress, timings
+    )
     report = PruneReport(
         chosen.p, tuple(dict.fromkeys(options.components)), options.pairs, attribution.calib_len, baseline[0], results,
         baseline[1], timings, options.estimate, size_before, count_parameters(pruned), options.positions,
+        options.significance if options.auto else None,
     )
     return PruneResult(pruned, scores, frozen, report, tokenizer)
 
@@ -243,23 +289,47 @@ def _split(
     return splits
 
 
+def _check_baseline(
+    baseline: "tuple[Evaluation | None, Evaluation | None]", splits: _Splits
+) -> tuple[Evaluation | None, Evaluation | None]:
+    """A caller's evaluations of the unpruned model, refused unless each fits the split it stands for."""
+    if not isinstance(baseline, tuple) or len(baseline) != 2:
+        raise ArgumentError("baseline must be a pair (val evaluation, test evaluation) of the unpruned model, from "
+                            "eigenfast.evaluate on val_data and test_data (None for a split not given)")
+    for name, evaluation, data in (("val", baseline[0], splits.val), ("test", baseline[1], splits.test)):
+        if (evaluation is None) != (data is None) or (evaluation is not None and evaluation.n != len(data)):
+            raise ArgumentError(
+                f"baseline's {name} evaluation does not fit {name}_data ({'none' if data is None else len(data)} "
+                f"examples, evaluation of {'none' if evaluation is None else evaluation.n}): pass the unpruned "
+                f"model's eigenfast.evaluate of exactly {name}_data, or baseline=None to evaluate it here"
+            )
+    if baseline[0] is not None and baseline[0].correct is None:
+        raise ArgumentError("baseline's val evaluation lacks per-example correctness, which the significance gate "
+                            "needs: pass an Evaluation returned by eigenfast.evaluate, or baseline=None")
+    return baseline
+
+
 def _score(
     model: nn.Module, data: TaskData, options: PruneOptions, progress: bool
-) -> tuple[Attribution, dict[Key, torch.Tensor], dict[str, float]]:
-    """The attribution (factors and means for freezing) and the scores the sweep ranks by."""
+) -> tuple[Attribution, dict[Key, torch.Tensor], dict[Key, torch.Tensor] | None, dict[str, float]]:
+    """The attribution (factors and means for freezing), the scores the sweep ranks by, and which terms may be
+    frozen (None: any; the verified estimate allows only those measured not to raise the loss)."""
     started = time.perf_counter()
     attribution = attribute(
         model, data, options.components, options.pairs, options.batch_size, options.layers, backend=options.backend,
         progress=progress, reduce=options.reduce, steps=options.steps if options.estimate == "ig" else 1,
     )
     timings = {"score": time.perf_counter() - started, **attribution.timings}
-    scores = attribution.scores
-    if options.estimate == "verified":
-        started = time.perf_counter()
-        # Every term any tried p could freeze is checked.
-        scores = verify_lowest(model, attribution, data, max(options.tried), options.batch_size, progress).scores
-        timings["verify"] = time.perf_counter() - started
-    return attribution, scores, timings
+    if options.estimate != "verified":
+        return attribution, attribution.scores, None, timings
+    started = time.perf_counter()
+    # Every term any tried p could freeze is checked.
+    verification = verify_lowest(model, attribution, data, max(options.tried), options.batch_size, progress)
+    timings["verify"] = time.perf_counter() - started
+    started = time.perf_counter()
+    verification = recheck_dropped(model, attribution, data, verification, options.batch_size, progress)
+    timings["recheck"] = time.perf_counter() - started
+    return attribution, verification.scores, verification.allowed, timings
 
 
 def _evaluate_both(
@@ -277,17 +347,21 @@ def _evaluate_both(
 
 def _sweep(
     model: nn.Module, attribution: Attribution, scores: dict[Key, torch.Tensor],
-    baseline: tuple[Evaluation | None, Evaluation | None], splits: _Splits, options: PruneOptions, progress: bool,
-    timings: dict[str, float],
+    allowed: dict[Key, torch.Tensor] | None, baseline: tuple[Evaluation | None, Evaluation | None],
+    splits: _Splits, options: PruneOptions, progress: bool, timings: dict[str, float],
 ) -> tuple[list[Candidate], tuple[nn.Module, dict[Key, torch.Tensor], Candidate]]:
-    """Freeze and evaluate every p tried; every candidate and the best (model, frozen masks, candidate)."""
+    """Freeze and evaluate every p tried; every candidate and the best (model, frozen masks, candidate) among
+    those the significance gate lets through (p = 0 always passes)."""
+    tested = len(options.tried) - 1  # under "auto" every pruned candidate is compared with p = 0, tried first
+    gated = options.auto and options.significance is not None
+    level = per_candidate_level(options.significance, tested) if gated else None
     results: list[Candidate] = []
     best: tuple[nn.Module, dict[Key, torch.Tensor], Candidate] | None = None
     for value in options.tried:
         started = time.perf_counter()
         frozen = select_frozen(scores, value)
-        if options.estimate == "verified":  # a term measured to raise the loss (or never measured) stays
-            frozen = {key: mask & (scores[key] <= 0) for key, mask in frozen.items()}
+        if allowed is not None:  # verified: a term measured to raise the loss (or never measured) stays
+            frozen = {key: mask & allowed[key] for key, mask in frozen.items()}
         target = model if options.inplace else copy.deepcopy(model)
         freeze(target, attribution, frozen, options.extrapolate, options.positions)
         timings["freeze"] = timings.get("freeze", 0.0) + time.perf_counter() - started
@@ -295,9 +369,11 @@ def _sweep(
             evaluation, test = baseline
         else:
             evaluation, test = _evaluate_both(target, splits, options.batch_size, progress and f"p={value:g}", timings)
-        candidate = Candidate(value, _count_by_component(frozen), evaluation, test)
+        sign = None if value == 0 or evaluation is None or baseline[0] is None else sign_test(baseline[0], evaluation)
+        candidate = Candidate(value, _count_by_component(frozen), evaluation, test, sign)
         results.append(candidate)
-        if best is None or _better(candidate, best[2]):
+        passes = level is None or sign is None or sign.p_value <= level
+        if passes and (best is None or _better(candidate, best[2])):
             best = (target, frozen, candidate)
     assert best is not None  # options.tried is never empty
     return results, best

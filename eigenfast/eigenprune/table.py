@@ -20,8 +20,9 @@ from torch import nn
 
 from ..data.task_data import TaskData
 from ..runtime import figures
-from ..runtime.forward import evaluate
+from ..runtime.forward import Evaluation, evaluate
 from .finetune import REFERENCE_LR, finetune, finetune_low_rank, matching_rank
+from .options import DEFAULT_SIGNIFICANCE
 from .prune import DEFAULT_CANDIDATES, prune
 
 REDUCES = ("max", "mean")
@@ -96,6 +97,7 @@ class Cell:
     test: dict[float, float]
     chosen_p: float
     seconds: float = field(default=0.0, compare=False)  # wall time of the cell (work shared with later cells included)
+    sign: dict[float, float] = field(default_factory=dict)  # per pruned p: the sign test's p-value against p = 0 on val
 
 
 class SeedWork:
@@ -107,15 +109,16 @@ class SeedWork:
     def __init__(self, model: nn.Module, data: TaskData, seed: int, batch_size: int = 256) -> None:
         self.model, self.seed, self.batch_size = model, seed, batch_size
         self.score, self.val, self.test = protocol_splits(data, seed)
-        self._base: tuple[float, float] | None = None
+        self._base: tuple[Evaluation, Evaluation] | None = None
         self._tuned: dict[float, tuple[nn.Module, float]] = {}
 
-    def accuracies(self, model: nn.Module) -> tuple[float, float]:
-        return evaluate(model, self.val, self.batch_size).accuracy, evaluate(model, self.test, self.batch_size).accuracy
+    def evaluations(self, model: nn.Module) -> tuple[Evaluation, Evaluation]:
+        return evaluate(model, self.val, self.batch_size), evaluate(model, self.test, self.batch_size)
 
-    def base(self) -> tuple[float, float]:
+    def base(self) -> tuple[Evaluation, Evaluation]:
+        """The given model's val and test evaluations (prune reuses them for its p = 0 instead of evaluating again)."""
         if self._base is None:
-            self._base = self.accuracies(self.model)
+            self._base = self.evaluations(self.model)
         return self._base
 
     def finetuned(self, lr: float) -> tuple[nn.Module, float]:
@@ -129,32 +132,36 @@ class SeedWork:
 def run_cell(
     model: nn.Module, data: TaskData, setting: Setting, seed: int,
     candidates: Sequence[float] = DEFAULT_CANDIDATES, batch_size: int = 256, work: SeedWork | None = None,
+    significance: float | None = DEFAULT_SIGNIFICANCE,
 ) -> Cell:
     """One seed of one setting; base numbers are always the given model's, before any training. ``work`` (of this
-    model, data, seed and batch size) carries what earlier settings of the seed computed; None starts afresh."""
+    model, data, seed and batch size) carries what earlier settings of the seed computed; None starts afresh.
+    ``significance`` is prune's gate on choosing a pruned p over the unpruned (or trained) model."""
     started = time.perf_counter()
     work = SeedWork(model, data, seed, batch_size) if work is None else work
-    base_val, base_test = work.base()
+    base = work.base()
     if setting.train:
         model = _trained(work, setting)
     if not setting.prune:  # the training alone: one "p", 0
-        tuned_val, tuned_test = work.accuracies(model)
-        return Cell(seed, base_val, base_test, {0.0: tuned_val}, {0.0: tuned_test}, 0.0,
-                    time.perf_counter() - started)
+        tuned_val, tuned_test = work.evaluations(model)
+        return Cell(seed, base[0].accuracy, base[1].accuracy, {0.0: tuned_val.accuracy}, {0.0: tuned_test.accuracy},
+                    0.0, time.perf_counter() - started)
     result = prune(
         model, work.score, p="auto", components=setting.components, pairs=setting.pairs, reduce=setting.reduce,
         estimate=setting.estimate, candidates=candidates, val_data=work.val, test_data=work.test,
-        batch_size=batch_size, seed=seed, progress=False,
+        batch_size=batch_size, seed=seed, progress=False, significance=significance,
+        baseline=None if setting.train else base,  # a trained model is not the one work.base() evaluated
     )
     report = result.report
     return Cell(
         seed,
-        base_val,
-        base_test,
+        base[0].accuracy,
+        base[1].accuracy,
         {c.p: c.evaluation.accuracy for c in report.candidates},
         {c.p: c.test.accuracy for c in report.candidates},
         report.p,
         time.perf_counter() - started,
+        {c.p: c.sign.p_value for c in report.candidates if c.sign is not None},
     )
 
 
@@ -206,7 +213,8 @@ class Row:
                           record.get("estimate", "linear"), record.get("train", ""), record.get("prune", True))
         cells = [
             Cell(c["seed"], c["base_val"], c["base_test"], {float(p): v for p, v in c["val"].items()},
-                 {float(p): v for p, v in c["test"].items()}, c["chosen_p"], c.get("seconds", 0.0))
+                 {float(p): v for p, v in c["test"].items()}, c["chosen_p"], c.get("seconds", 0.0),
+                 {float(p): v for p, v in c.get("sign", {}).items()})
             for c in record["cells"]
         ]
         return cls(record["model"], record["task"], setting, record["n_heldout"], cells)
@@ -219,7 +227,7 @@ class Row:
             "cells": [
                 {"seed": c.seed, "base_val": c.base_val, "base_test": c.base_test, "chosen_p": c.chosen_p,
                  "val": {str(p): v for p, v in c.val.items()}, "test": {str(p): v for p, v in c.test.items()},
-                 "seconds": c.seconds}
+                 "seconds": c.seconds, "sign": {str(p): v for p, v in c.sign.items()}}
                 for c in self.cells
             ],
         }
@@ -235,6 +243,7 @@ def run_table(
     settings: Callable[[Sequence[str]], list[Setting]] = default_settings,
     batch_size: int = 256,
     log: Callable[[str], None] = print,
+    significance: float | None = DEFAULT_SIGNIFICANCE,
 ) -> list[Row]:
     """Every model × task × setting × seed; ``heldout(model, task, tokenizer)`` gives the never-trained-on data."""
     from ..adapters import get_adapter
@@ -248,7 +257,8 @@ def run_table(
             for setting in settings(get_adapter(model).components()):
                 row = Row(name, task, setting, len(data))
                 for seed in seeds:
-                    row.cells.append(run_cell(model, data, setting, seed, candidates, batch_size, works[seed]))
+                    row.cells.append(run_cell(model, data, setting, seed, candidates, batch_size, works[seed],
+                                              significance))
                 log(f"{name} {task} {setting.label}: base {_pm(row.base())} -> chosen {_pm(row.chosen())} "
                     f"({sum(c.seconds for c in row.cells):.0f} s)")
                 rows.append(row)

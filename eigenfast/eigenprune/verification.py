@@ -13,9 +13,16 @@ rows measures ``C`` candidates. The layers below a candidate's own cannot see it
 so a stack holds candidates of one layer only and is formed at that layer's input: the
 layers below run on the ``B`` unstacked rows once per stack (the kept prefix), and only
 the candidate's layer and those above it run on ``C × B`` rows.
+
+Terms can help only together: one may raise the loss frozen alone and lower it once the others
+are frozen. So :func:`recheck_dropped` measures the checked terms round one would keep (measured
+ΔL > 0) again, each alone, on the model with every term round one accepted already frozen (the
+model the largest p would give), and lets those that then lower the loss (or leave it) be frozen
+too. Cost: one forward of the data plus one per re-checked term, on that frozen model.
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +35,7 @@ from ..data.task_data import TaskData, model_data
 from ..runtime.forward import eval_mode, last_logits
 from ..runtime.hooks import Hooks
 from ..runtime.progress import progress as with_progress
-from .freezing import select_frozen
+from .freezing import freeze, select_frozen
 from .scoring import Attribution, Key
 from .svd import placed_terms
 
@@ -38,10 +45,14 @@ STACK = 8
 
 @dataclass
 class Verification:
-    """Measured ΔL (mean loss change per scoring example) of each checked term, ``+inf`` for the rest."""
+    """Measured ΔL (mean loss change per scoring example) of each checked term, ``+inf`` for the rest, and which
+    terms may be frozen: those measured not to raise the loss alone (and, after :func:`recheck_dropped`, those
+    that do not raise it once the others are frozen)."""
 
     scores: dict[Key, torch.Tensor]
     checked: int
+    allowed: dict[Key, torch.Tensor]
+    rechecked: int = 0
 
 
 @dataclass
@@ -58,15 +69,50 @@ def verify_lowest(
 ) -> Verification:
     """Freeze each of the lowest ``fraction`` of every component type's terms alone and measure ΔL on ``data``."""
     data = model_data(data, model)
-    adapter = get_adapter(model)
-    lowest = select_frozen(attribution.scores, fraction)
-    candidates = sorted(  # by layer: a stack holds one layer's candidates
-        (_Candidate(key, int(h), int(i)) for key, mask in lowest.items() for h, i in mask.nonzero().tolist()),
+    candidates = _candidates(select_frozen(attribution.scores, fraction))
+    scores = {key: torch.full_like(s, torch.inf) for key, s in attribution.scores.items()}
+    for candidate, change in zip(candidates, _measure(model, attribution, data, candidates, batch_size, progress)):
+        scores[candidate.key][candidate.head, candidate.index] = change
+    return Verification(scores, len(candidates), {key: s <= 0 for key, s in scores.items()})
+
+
+@torch.no_grad()
+def recheck_dropped(
+    model: nn.Module, attribution: Attribution, data: "TaskData | dict", verification: Verification,
+    batch_size: int = 32, progress: bool = True,
+) -> Verification:
+    """Round two: each checked term round one keeps, frozen alone on ``model`` with every allowed term already
+    frozen, and allowed too where ΔL on ``data`` is then not positive. Scores (the ranking) stay round one's."""
+    data = model_data(data, model)
+    kept = {key: torch.isfinite(s) & ~verification.allowed[key] for key, s in verification.scores.items()}
+    dropped = _candidates(kept)
+    if not dropped:
+        return verification
+    frozen = copy.deepcopy(model)
+    freeze(frozen, attribution, verification.allowed)
+    allowed = {key: mask.clone() for key, mask in verification.allowed.items()}
+    changes = _measure(frozen, attribution, data, dropped, batch_size, progress, "recheck")
+    for candidate, change in zip(dropped, changes):
+        allowed[candidate.key][candidate.head, candidate.index] = change <= 0
+    return Verification(verification.scores, verification.checked, allowed, len(dropped))
+
+
+def _candidates(masks: dict[Key, torch.Tensor]) -> list[_Candidate]:
+    """The marked terms, sorted by layer: a stack holds one layer's candidates."""
+    return sorted(
+        (_Candidate(key, int(h), int(i)) for key, mask in masks.items() for h, i in mask.nonzero().tolist()),
         key=lambda c: c.key[0],
     )
-    scores = {key: torch.full_like(s, torch.inf) for key, s in attribution.scores.items()}
+
+
+def _measure(
+    model: nn.Module, attribution: Attribution, data: TaskData, candidates: list[_Candidate], batch_size: int,
+    progress: bool, what: str = "verify",
+) -> list[float]:
+    """The mean loss change over ``data`` of freezing each candidate alone in ``model``, in exact forwards."""
     if not candidates:
-        return Verification(scores, 0)
+        return []
+    adapter = get_adapter(model)
     vectors = _vectors(adapter.model, attribution, candidates)
     modules = _module_keys(attribution, candidates)
     means = {path: _mean_rows(attribution, key) for path, key in modules.items()}
@@ -76,14 +122,12 @@ def verify_lowest(
               for start in range(first, stop, chunk)]
     batches = list(data.batches(batch_size))
     with eval_mode(model):
-        for batch in with_progress(batches, len(batches), "verify: exact forwards" if progress else None):
+        for batch in with_progress(batches, len(batches), f"{what}: exact forwards" if progress else None):
             base = _losses(adapter, batch).sum()
             for layer, start, stop in stacks:
                 in_layer = {path: v for path, v in vectors.items() if modules[path][0] == layer}
                 sums[start:stop] += _stacked_losses(adapter, batch, in_layer, means, layer, start, stop) - base
-    for candidate, total in zip(candidates, sums / len(data)):
-        scores[candidate.key][candidate.head, candidate.index] = float(total)
-    return Verification(scores, len(candidates))
+    return (sums / len(data)).tolist()
 
 
 def _layer_runs(candidates: list[_Candidate]) -> dict[int, tuple[int, int]]:

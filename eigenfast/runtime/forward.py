@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -54,6 +54,8 @@ class Evaluation:
     accuracy: float
     loss: float
     n: int
+    # Per example, in the data's order: whether the argmax was the label (paired tests of two models need it).
+    correct: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict[str, float]:
         return {"accuracy": self.accuracy, "loss": self.loss, "n": self.n}
@@ -64,11 +66,12 @@ def evaluate(model: nn.Module, data: "TaskData | dict", batch_size: int = 64, de
     """Accuracy (argmax == label) and mean cross-entropy of the next token."""
     data = model_data(data, model)
     adapter = get_adapter(model)
-    correct, loss = 0, 0.0
+    correct, loss = [], 0.0
     with eval_mode(model):
         for batch in progress(data.batches(batch_size), total=-(-len(data) // batch_size), desc=desc):
             logits = last_logits(adapter, batch)
             labels = batch.labels.to(logits.device)
-            correct += int((logits.argmax(-1) == labels).sum())
+            correct.append((logits.argmax(-1) == labels).cpu())
             loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-    return Evaluation(correct / len(data), loss / len(data), len(data))
+    right = torch.cat(correct)
+    return Evaluation(int(right.sum()) / len(data), loss / len(data), len(data), right)

@@ -58,7 +58,8 @@ def test_prune_writes_a_plain_checkpoint(tmp_path, capsys):
     _, tokenizer = load_builtin()
     test = task_parts("int_mult", int_mult(tokenizer), None, seed=0)["test"].data
     # The plain checkpoint scores what the command reported for the pruned model on the test part.
-    assert eigenfast.evaluate(plain, test).accuracy == pytest.approx(float(row[4].rstrip("%")) / 100, abs=5e-5)
+    val_accuracy, test_accuracy = (cell for cell in row if cell.endswith("%"))
+    assert eigenfast.evaluate(plain, test).accuracy == pytest.approx(float(test_accuracy.rstrip("%")) / 100, abs=5e-5)
     assert AutoTokenizer.from_pretrained(out)("12 + 34 =").input_ids == tokenizer("12 + 34 =").input_ids
 
 
@@ -123,6 +124,11 @@ def test_a_pruned_save_keeps_the_training_record(tmp_path):
         (["prune", "--model", "int_sum_gpt2", "--task", "int_mult", "--components", "k,z"], "unknown component 'z'"),
         (["prune", "--model", "int_sum_gpt2", "--task", "int_mult", "--batch-size", "0"], "whole number >= 1"),
         (["prune", "--model", "int_sum_gpt2", "--task", "int_mult", "--candidates", "0.1,1.5"], "fraction in [0, 1]"),
+        (["prune", "--model", "int_sum_gpt2", "--task", "int_mult", "--significance", "1"],
+         "--significance must be a level in [0, 1)"),
+        (["prune", "--model", "int_sum_gpt2", "--task", "int_mult", "--significance", "often"],
+         "--significance must be a level in [0, 1)"),
+        (["table", "--significance", "-0.01"], "--significance must be a level in [0, 1)"),
         (["extract", "--model", "int_sum_gpt2", "--task", "int_mult", "--threshold", "-1"], "finite number >= 0"),
         (["extract", "--model", "int_sum_gpt2", "--task", "int_mult", "--threshold", "nan"], "finite number >= 0"),
         (["extract", "--model", "int_sum_gpt2", "--task", "int_mult", "--sweep", "0.1,-2"], "finite number >= 0"),
@@ -262,6 +268,10 @@ def test_prune_takes_reduce_and_every_task_table_takes(tmp_path, monkeypatch):
     assert main(["prune", "--model", "int_sum_gpt2", "--task", "induction", "--reduce", "mean",
                  "--out", str(tmp_path / "o")]) == 1
     assert seen["reduce"] == "mean" and seen["n"] == 1920  # 64% of the 3,000 induction prompts
+    assert seen["significance"] == 0.05  # the gate on p="auto" is on by default
+    assert main(["prune", "--model", "int_sum_gpt2", "--task", "induction", "--significance", "0",
+                 "--out", str(tmp_path / "o")]) == 1
+    assert seen["significance"] == 0.0  # off: prune keeps the most accurate p on validation
     assert build_parser().parse_args(["prune", "--model", "m", "--task", "t", "--out", "o"]).reduce == "max"
     for task in TASKS:
         assert task in build_parser()._subparsers._group_actions[0].choices["table"].format_help()

@@ -179,18 +179,63 @@ def test_verified_measures_each_candidate_as_freezing_it_alone_does(family, monk
             assert checked.scores[key][head, index].item() == pytest.approx(expected, abs=2e-5, rel=1e-3)
 
 
-def test_verified_prune_never_freezes_a_term_measured_to_raise_the_loss():
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_recheck_measures_each_dropped_term_with_the_accepted_ones_frozen(family, monkeypatch):
+    model = make_model(family)
+    data = make_data(n=10, length=5, padded=family == "llama")
+    # Ranked by the paper's max, a third of the checked terms raise the loss when frozen alone.
+    attribution = scoring.attribute(model, data, ("k", "v"), reduce="max", batch_size=4, progress=False)
+    first = verification.verify_lowest(model, attribution, data, 0.3, batch_size=4, progress=False)
+    dropped = {key: torch.isfinite(s) & (s > 0) for key, s in first.scores.items()}
+    assert sum(int(m.sum()) for m in dropped.values()) > 0
+    calls = []
+    measure = verification._measure
+
+    def recorded(model, attribution, data, candidates, *args):
+        changes = measure(model, attribution, data, candidates, *args)
+        calls.append((candidates, changes))
+        return changes
+
+    monkeypatch.setattr(verification, "_measure", recorded)
+    second = verification.recheck_dropped(model, attribution, data, first, batch_size=4, progress=False)
+    # The cost: one measuring pass over exactly the dropped terms (one forward of the data plus one per term,
+    # counted by the test above), on the model with the accepted terms frozen.
+    [(candidates, changes)] = calls
+    assert len(candidates) == second.rechecked == sum(int(m.sum()) for m in dropped.values())
+    accepted = copy.deepcopy(model)
+    freeze(accepted, attribution, first.allowed)
+    base = eigenfast.evaluate(accepted, data).loss
+    for candidate, change in zip(candidates, changes):
+        key, head, index = candidate.key, candidate.head, candidate.index
+        assert dropped[key][head, index]
+        both = {k: m.clone() for k, m in first.allowed.items()}
+        both[key][head, index] = True
+        again = copy.deepcopy(model)
+        freeze(again, attribution, both)
+        assert change == pytest.approx(eigenfast.evaluate(again, data).loss - base, abs=2e-5, rel=1e-3)
+        assert bool(second.allowed[key][head, index]) == (change <= 0)
+    for key, mask in first.allowed.items():  # round one's verdicts on the other terms stand, and its ranking
+        assert torch.equal(second.allowed[key] & ~dropped[key], mask)
+        assert second.scores[key] is first.scores[key]
+
+
+def test_verified_prune_freezes_only_terms_measured_not_to_raise_the_loss():
     model = make_model("gpt2")
     data = make_data(n=10, length=5)
-    # Ranked by the paper's max, a third of the checked terms raise the loss when frozen alone.
     result = eigenfast.prune(model, data, p=0.3, components=("k", "v"), reduce="max", estimate="verified",
                              progress=False)
-    frozen = sum(int(m.sum()) for m in result.frozen.values())
+    attribution = scoring.attribute(model, data, ("k", "v"), reduce="max", progress=False)
+    first = verification.verify_lowest(model, attribution, data, 0.3, progress=False)
+    second = verification.recheck_dropped(model, attribution, data, first, progress=False)
     measured = torch.cat([s.flatten() for s in result.scores.values()])
     raises = torch.isfinite(measured) & (measured > 0)
-    assert 0 < frozen == int((measured <= 0).sum()) and bool(raises.any())  # some checked terms were kept
+    frozen = sum(int(m.sum()) for m in result.frozen.values())
+    readmitted = sum(int((second.allowed[k] & ~first.allowed[k]).sum()) for k in first.allowed)
+    assert bool(raises.any()) and 0 < frozen == int((measured <= 0).sum()) + readmitted
+    assert int(raises.sum()) > readmitted  # some checked terms still raise the loss with the rest frozen: kept
     for key, mask in result.frozen.items():
-        assert (result.scores[key][mask] <= 0).all()
+        assert torch.equal(mask, second.allowed[key])  # p = 0.3 freezes every checked term allowed
+    assert result.report.timings["recheck"] > 0
 
 
 def test_auto_counts_the_unpruned_model_and_says_when_nothing_beat_it():
@@ -204,7 +249,7 @@ def test_auto_counts_the_unpruned_model_and_says_when_nothing_beat_it():
     assert report.candidates[1].evaluation.accuracy < report.baseline.accuracy
     assert report.p == 0.0 and report.note == NOTHING_BEAT_BASE and NOTHING_BEAT_BASE in report.table()
     assert not any(bool(m.any()) for m in result.frozen.values())
-    assert eigenfast.evaluate(result.model, val).loss == report.baseline.loss
+    assert eigenfast.evaluate(result.model, val, batch_size=32).loss == report.baseline.loss  # prune's batches
 
 
 @pytest.mark.parametrize("estimate", ["linear", "verified"])

@@ -54,6 +54,7 @@ def test_table_cell_is_a_direct_prune_and_evaluate(tmp_path):
     assert Row.from_dict(row).as_dict() == row  # the page can be rendered again from the record alone
     assert out.read_text() == page(record, "table.png")
     cell = row["cells"][0]
+    assert set(cell["sign"]) == {"0.3"} and 0.0 <= cell["sign"]["0.3"] <= 1.0  # the gate's p-value, recorded
 
     model, tokenizer = load_builtin("int_sum_gpt2")
     score, _, test = protocol_splits(heldout_task("int_sum_gpt2", "int_sum", tokenizer), seed=1)
@@ -61,6 +62,24 @@ def test_table_cell_is_a_direct_prune_and_evaluate(tmp_path):
     assert cell["test"]["0.3"] == evaluate(pruned, test).accuracy
     assert cell["base_test"] == evaluate(model, test).accuracy
     assert cell["test"]["0.3"] != cell["base_test"]  # p=0.3 of mlp_in moves this model: the cell is not a copy of base
+
+
+def test_table_passes_its_significance_to_prune_and_records_it(tmp_path, monkeypatch):
+    from eigenfast.commands import table as command
+
+    seen = {}
+
+    def stop(*args, **kwargs):
+        seen.update(kwargs)
+        return []
+
+    monkeypatch.setattr(command, "run_table", stop)
+    monkeypatch.setattr(command, "write", lambda out, png, rows, args: seen.update(line=command.command_line(args)))
+    assert main(["table", "--significance", "0.01", "--out", str(tmp_path / "t.md")]) == 0
+    assert seen["significance"] == 0.01 and "--significance 0.01" in seen["line"]
+    assert main(["table", "--significance", "0", "--out", str(tmp_path / "t.md")]) == 0
+    assert seen["significance"] is None  # 0: the gate is off, the most accurate p on val is kept
+    assert build_parser().parse_args(["table"]).significance == 0.05
 
 
 def test_table_rejects_unknown_task(capsys):
@@ -132,12 +151,13 @@ def test_shared_seed_work_gives_the_cells_each_setting_computes_alone(monkeypatc
     monkeypatch.setattr(table, "finetune", counted)
     rows = table.run_table(["int_sum_gpt2"], ["int_sum"], lambda name: (model, tokenizer),
                            lambda name, task, tok: data, seeds=(0, 1), candidates=(0.05, 0.3),
-                           settings=lambda components: settings, batch_size=32, log=lambda line: None)
+                           settings=lambda components: settings, batch_size=32, log=lambda line: None,
+                           significance=None)  # 32 val examples: the gate would keep p = 0 everywhere
     assert sorted(runs) == sorted(list(table.TUNED_LRS) * 2)  # three lrs per seed, the reference one reused
     runs.clear()
     for row, setting in zip(rows, settings):
         for cell in row.cells:
-            alone = table.run_cell(model, data, setting, cell.seed, (0.05, 0.3), batch_size=32)
+            alone = table.run_cell(model, data, setting, cell.seed, (0.05, 0.3), batch_size=32, significance=None)
             assert alone == cell, setting.label
     assert len(runs) == 2 * (1 + len(table.TUNED_LRS) + 1)  # alone, each fine-tuning setting trains afresh
     assert any(cell.chosen_p > 0 for row in rows if row.setting.prune for cell in row.cells)  # a p was kept
