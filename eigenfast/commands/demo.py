@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", choices=("all", "shift"), default=DEMO_PAIRS, help="partners x' of each score")
     parser.add_argument("--reduce", choices=REDUCE, default=DEMO_REDUCE, help="how scores pool over pairs")
     parser.add_argument("--candidates", type=comma_list(fraction), default=",".join(map(str, DEFAULT_CANDIDATES)),
-                        help="p values tried; the most accurate on val is kept")
+                        help="p values tried; the most accurate on val is kept if it beats p=0 beyond chance")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +72,7 @@ def run_demo(
     print(f"model   {model_name}: {type(loaded.model).__name__}, {n_params / 1e6:.2f} M parameters")
     print_parts(score, val, test)
     print(f"method  eigenpruning of {', '.join(components)} (pairs {pairs}, {reduce} over pairs); "
-          f"scored on {score.name}, p chosen on val, reported on test\n")
+          f"scored on {score.name}, p chosen on val (beyond chance), reported on test\n")
 
     result = prune(
         loaded.model, score.data, p="auto", components=components, pairs=pairs, reduce=reduce, candidates=candidates,
