@@ -46,6 +46,8 @@ from .spec_schema import check_spec
 
 log = logging.getLogger(__name__)
 
+PROBE_PREFIX = ".eigenfast-probe."  # the empty folder check_writable_directory makes to test for write access
+
 FORMAT = "eigenfast"
 VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)  # 1 kept the HF config in config.json; 1 and 2 were written flat, without hashes
@@ -79,12 +81,17 @@ def check_writable_directory(directory: str | Path) -> Path:
         raise OutputExistsError(f"{directory} is a file; choose a directory to save into")
     existing = next((p for p in [directory, *directory.parents] if p.exists()), Path("."))
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".eigenfast-probe.", dir=existing))
+        probe = tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=existing)
     except OSError as err:
         raise OutputExistsError(
             f"cannot write to {directory}: {existing} refuses new files ({err.strerror or err}); "
             "choose a directory you can write to"
         ) from None
+    # A process killed between making its probe and removing it leaves the empty folder behind: the next
+    # check removes every empty probe there, and another check running at once may remove this one first.
+    for leftover in {Path(probe), *existing.glob(PROBE_PREFIX + "*")}:
+        with contextlib.suppress(OSError):  # gone already, or not an empty folder: not ours to remove
+            os.rmdir(leftover)
     return directory
 
 

@@ -158,6 +158,25 @@ def test_an_output_nothing_can_be_written_in_is_refused_before_any_work(tmp_path
             serialization.prepare_output_directory(out)
 
 
+def test_a_probe_left_by_a_killed_check_is_removed_and_one_taken_by_another_check_is_no_error(tmp_path, monkeypatch):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / ".eigenfast-probe.killed").mkdir()  # a check killed between making its probe and removing it
+    (folder / ".eigenfast-probe.full").mkdir()
+    (folder / ".eigenfast-probe.full" / "x").write_text("not an empty probe: not ours to remove")
+    assert serialization.check_writable_directory(folder) == folder
+    assert sorted(p.name for p in folder.iterdir()) == [".eigenfast-probe.full"]
+    make = serialization.tempfile.mkdtemp
+
+    def made_then_taken(*args, **kwargs):  # a check running at once removes this probe before it does
+        path = make(*args, **kwargs)
+        os.rmdir(path)
+        return path
+
+    monkeypatch.setattr(serialization.tempfile, "mkdtemp", made_then_taken)
+    assert serialization.check_writable_directory(folder) == folder
+
+
 def test_pickled_weights_are_never_loaded(tmp_path):
     folder = tmp_path / "hf"
     folder.mkdir()
