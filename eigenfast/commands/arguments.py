@@ -72,6 +72,8 @@ def significance(text: str) -> float:
     return value
 
 
+SELECT_HELP = ("what --p auto ranks candidates by: accuracy on val, or pooled over both folds of a 2-fold cross-fit "
+               "(each p also scored on val and judged on the scoring data: twice the evidence, twice the scoring)")
 SIGNIFICANCE_HELP = ("keep a pruned p only if it beats the unpruned model on the validation examples at this level "
                      "(exact one-sided sign test, family-wise over the candidates); 0 turns the test off")
 

@@ -12,12 +12,13 @@ import argparse
 from ..data.splits import task_parts
 from ..data.tasks import check_task, load_task
 from ..eigenprune.attribution import REDUCE
-from ..eigenprune.options import DEFAULT_SIGNIFICANCE
+from ..eigenprune.options import DEFAULT_SIGNIFICANCE, SELECTIONS
 from ..eigenprune.prune import DEFAULT_CANDIDATES, prune
 from ..eigenprune.scoring import ESTIMATES
 from ..rewrite.position_tables import EXTRAPOLATE
 from ..saving.loading import check_model_name, load_model
 from .arguments import (
+    SELECT_HELP,
     SIGNIFICANCE_HELP,
     TASK_HELP,
     add_model_options,
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=comma_list(fraction), default=",".join(map(str, DEFAULT_CANDIDATES)),
                         help="p values tried by --p auto")
     parser.add_argument("--significance", type=significance, default=DEFAULT_SIGNIFICANCE, help=SIGNIFICANCE_HELP)
+    parser.add_argument("--select", choices=SELECTIONS, default="val", help=SELECT_HELP)
     add_plain_options(parser, "frozen terms")
     parser.add_argument("--out", required=True, help="folder to save the pruned model in (new, empty, or an earlier save)")
 
@@ -80,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         extrapolate=args.extrapolate,
         candidates=args.candidates,
         significance=args.significance,
+        select=args.select,
         val_data=parts["val"].data,
         test_data=parts["test"].data,
         seed=args.seed,

@@ -13,6 +13,9 @@ from .significance import validate_significance
 DEFAULT_CANDIDATES = (0.01, 0.05, 0.10, 0.30)
 # The family-wise chance that p="auto" keeps a pruned model no better than the unpruned one (docs/MATH.md §3).
 DEFAULT_SIGNIFICANCE = 0.05
+# How p="auto" judges a candidate: on the validation data alone, or pooled with the other fold of a 2-fold
+# cross-fit (scored on the validation data, judged on the scoring data; docs/MATH.md §3).
+SELECTIONS = ("val", "crossfit")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,10 @@ class PruneOptions:
     their mean over all positions (an ordinary bias: a plain HF model). ``significance`` is the
     level at which p="auto" must find a pruned model better than the unpruned one on validation
     before keeping it (None: the most accurate on validation is kept, whatever its margin).
+    ``select`` is what p="auto" ranks candidates by: accuracy on the validation data (``"val"``), or
+    pooled over both folds of a 2-fold cross-fit (``"crossfit"``: each p is also scored on the
+    validation data and judged on the scoring data, twice the evidence for the choice at twice the
+    scoring cost; the kept model is still the one scored on the scoring data).
     """
 
     p: float | str = 0.05
@@ -45,9 +52,16 @@ class PruneOptions:
     backend: str = "auto"
     inplace: bool = False
     significance: float | None = DEFAULT_SIGNIFICANCE
+    select: str = "val"
 
     def __post_init__(self) -> None:
         validate_extrapolate(self.extrapolate)
+        if self.select not in SELECTIONS:
+            raise ArgumentError(f"select must be one of {SELECTIONS} (what p='auto' ranks candidates by), "
+                                f"got {self.select!r}")
+        if self.select == "crossfit" and self.p != "auto":
+            raise ArgumentError(f"select='crossfit' chooses p among candidates, but p={self.p!r} is fixed: "
+                                "pass p='auto', or leave select at 'val'")
         object.__setattr__(self, "significance", validate_significance(self.significance))
         validate_positions(self.positions)
         if isinstance(self.p, str):

@@ -81,7 +81,12 @@ class Attribution:
         return total.double() / self.counts.to(total.device).double().unsqueeze(1)
 
 
-@renamed_keywords(progress_bar="progress")
+# The share of each component type's terms, lowest by the linear estimate, that the verified estimate checks and
+# the integrated-gradients path moves when no p says how many could be frozen.
+DEFAULT_FRACTION = 0.3
+
+
+@renamed_keywords(progress_bar="progress", verify="fraction")
 def score(
     model: nn.Module,
     data: "TaskData | dict",
@@ -94,30 +99,48 @@ def score(
     reduce: str = "max",
     estimate: str = "linear",
     steps: int = 8,
-    verify: float = 0.3,
+    fraction: float = DEFAULT_FRACTION,
 ) -> dict[Key, torch.Tensor]:
     """ΔL of every rank-one term: ``{(layer, component): (heads, rank)}``, singular values descending.
 
     ``reduce="max"`` (the paper's) takes the max over examples, positions and partners;
     ``reduce="mean"`` the mean over all those (example, position, partner) pairs.
     ``estimate="linear"`` is the first-order estimate at the model; ``"ig"`` integrates the
-    gradient over ``steps`` points of the path from every term's value to its frozen value
-    (``reduce="mean"``, ``pairs="all"``; costs ``steps`` forward+backward passes where
-    ``"linear"`` costs one); ``"verified"`` measures the true ΔL (mean loss change per
-    example) of freezing each of the lowest-scored ``verify`` fraction of every component's
-    terms alone, in exact forwards, and scores the terms it did not check ``+inf``.
+    gradient over ``steps`` points of the path on which the candidates, the lowest-scored
+    ``fraction`` of every component's terms by the linear estimate, move from their values to
+    their frozen values together, and scores the other terms ``+inf`` (``reduce="mean"``,
+    ``pairs="all"``; costs the linear estimate's pass plus ``steps`` forward+backward passes;
+    with ``steps=1`` the candidates' scores are the linear estimate's); ``"verified"`` measures
+    the true ΔL (mean loss change per example) of freezing each candidate alone, in exact
+    forwards, and scores the terms it did not check ``+inf``.
     """
     check_settings(pairs, reduce, batch_size, estimate, steps)
     if estimate == "verified":
         from .verification import verify_lowest  # it runs on the attribution this module makes
 
         attribution = attribute(model, data, components, pairs, batch_size, layers, backend, progress, reduce=reduce)
-        return verify_lowest(model, attribution, data, verify, batch_size, progress).scores
+        return verify_lowest(model, attribution, data, fraction, batch_size, progress).scores
     # Scores alone need pass 1 only for the all-pairs statistics, never for the means.
-    return attribute(
+    linear = attribute(
         model, data, components, pairs, batch_size, layers, backend, progress, need_means=False, reduce=reduce,
-        steps=steps if estimate == "ig" else 1,
+    )
+    if estimate == "linear":
+        return linear.scores
+    moving = path_candidates(linear.scores, fraction)
+    if steps == 1:  # the path's first point is the model itself
+        return {key: s.masked_fill(~moving[key], torch.inf) for key, s in linear.scores.items()}
+    return attribute(
+        model, data, components, pairs, batch_size, layers, backend, progress, reduce=reduce, steps=steps,
+        moving=moving,
     ).scores
+
+
+def path_candidates(linear: dict[Key, torch.Tensor], fraction: float) -> dict[Key, torch.Tensor]:
+    """The terms the integrated-gradients path moves: the ``fraction`` of each component type's terms that the
+    linear estimate scores lowest, the terms any p up to ``fraction`` could freeze (docs/MATH.md §2)."""
+    from .freezing import select_frozen  # freezing builds on this module's Attribution
+
+    return select_frozen(linear, fraction)
 
 
 @renamed_keywords(progress_bar="progress")
@@ -133,12 +156,16 @@ def attribute(
     need_means: bool = True,
     reduce: str = "max",
     steps: int = 1,
+    moving: dict[Key, torch.Tensor] | None = None,
 ) -> Attribution:
     """Run both passes and keep the statistics (``prune`` needs the means as well as the scores).
 
     ``steps > 1`` is the integrated-gradients estimate: pass 2 runs at ``steps`` points
-    ``alpha = k / steps`` (k = 0..steps-1, a left Riemann sum) of the path on which every
-    selected term moves from its value to its frozen value together, and the scores average them.
+    ``alpha = k / steps`` (k = 0..steps-1, a left Riemann sum) of the path on which the terms
+    marked in ``moving`` (``{key: bool (heads, rank)}``; None: every selected term) move from
+    their values to their frozen values together, and the scores average them. The terms that
+    stand still score ``+inf``: the path integral is a moving term's share of the change, and
+    a standing term has none, so none is ever frozen on its strength.
     """
     check_settings(pairs, reduce, batch_size, "ig" if steps > 1 else "linear", steps)
     data = model_data(data, model)
@@ -185,7 +212,7 @@ def attribute(
         if pairs == "all" and reduce == "mean":
             _set_mean_projections(stats, input_sums, counts)
         if steps > 1:
-            scorer.path = _path_tables(adapter, stats, input_sums, counts)
+            scorer.path = _path_tables(adapter, stats, input_sums, counts, moving)
         start = time.perf_counter()
         desc = "pass 2: forward+backward scores" if progress else None
         points = [(k / steps, i) for k in range(steps) for i in range(len(batches))]
@@ -204,6 +231,9 @@ def attribute(
     if reduce == "mean":
         for st in stats.values():
             st.scores /= total.to(st.scores.device)
+    if moving is not None:
+        for key, st in stats.items():
+            st.scores.masked_fill_(~moving[key].to(st.scores.device), torch.inf)
     for st in stats.values():
         st.pmax, st.pmin, st.pmean = (None if t is None else t[:calib_len] for t in (st.pmax, st.pmin, st.pmean))
     input_sums = {path: t[:calib_len] for path, t in input_sums.items()}
@@ -465,7 +495,7 @@ def _pass2_batch(
 @dataclass
 class _PathTable:
     """One module on the integrated-gradients path: at ``alpha`` its output gains
-    ``alpha (x̄[t] - x) D``, ``D`` being the sum of every selected term in it (its heads' blocks)."""
+    ``alpha (x̄[t] - x) D``, ``D`` being the sum of the moving terms in it (blocks of its heads)."""
 
     mean: torch.Tensor  # (calib_len + 1, d_in): x̄[t]; the trash row is never read (padding carries weight 0)
     D: torch.Tensor  # (d_in, d_out)
@@ -482,7 +512,8 @@ class _PathTable:
 
 
 def _path_tables(
-    adapter: Adapter, stats: dict[Key, SiteStats], input_sums: dict[str, torch.Tensor], counts: torch.Tensor
+    adapter: Adapter, stats: dict[Key, SiteStats], input_sums: dict[str, torch.Tensor], counts: torch.Tensor,
+    moving: dict[Key, torch.Tensor] | None = None,
 ) -> dict[str, _PathTable]:
     tables = {}
     for path, sites in _sites_by_module(stats).items():
@@ -492,7 +523,12 @@ def _path_tables(
         D = torch.zeros(d_in, d_out, dtype=torch.float64, device=mean.device)
         for st in sites:
             for head in range(st.factors.s.shape[0]):
-                index = torch.arange(st.factors.s.shape[1], device=st.factors.s.device)
+                if moving is None:
+                    index = torch.arange(st.factors.s.shape[1], device=st.factors.s.device)
+                else:
+                    index = moving[st.site.key][head].nonzero().flatten().to(st.factors.s.device)
+                if not len(index):
+                    continue
                 u, w = placed_terms(st.site, st.factors, head, index, d_in, d_out)
                 D += (u.T @ w).to(D.device)
         tables[path] = _PathTable(mean, D.float())

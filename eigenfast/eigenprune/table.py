@@ -6,7 +6,9 @@ and *test* (reported only). Every scoring setting (component set, pairing,
 aggregation) is scored once per seed, each candidate p is frozen and evaluated
 with :func:`eigenfast.evaluate` through :func:`eigenfast.prune`, and the table
 gives test accuracy mean ± standard deviation over the seeds, plus the test
-accuracy at the p that validation chose. Test numbers never choose anything.
+accuracy at the p that held-out data chose: validation alone, or (``select="crossfit"``)
+validation pooled with the other fold of a 2-fold cross-fit over the score and val
+thirds. Test numbers never choose anything.
 """
 from __future__ import annotations
 
@@ -19,17 +21,18 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from ..data.task_data import TaskData
+from ..errors import ArgumentError
 from ..runtime import figures
 from ..runtime.forward import Evaluation, evaluate
 from .finetune import REFERENCE_LR, finetune, finetune_low_rank, matching_rank
-from .options import DEFAULT_SIGNIFICANCE
+from .options import DEFAULT_SIGNIFICANCE, SELECTIONS
 from .prune import DEFAULT_CANDIDATES, prune
 
 REDUCES = ("max", "mean")
 MIN_GAIN = 0.01  # one point of accuracy
 # Training before (or instead of) pruning, on the scoring third: the same data pruning gets.
 TRAININGS = ("", "ft", "ft-tuned", "low-rank")
-TUNED_LRS = (1e-4, 1e-3, REFERENCE_LR)  # the tuned fine-tune's choices, chosen on val
+TUNED_LRS = (1e-4, 1e-3, REFERENCE_LR)  # the tuned fine-tune's choices, chosen on held-out data
 LOW_RANK_P = 0.05  # the low-rank fine-tune trains as many values as the terms p = 0.05 freezes
 
 
@@ -98,12 +101,16 @@ class Cell:
     chosen_p: float
     seconds: float = field(default=0.0, compare=False)  # wall time of the cell (work shared with later cells included)
     sign: dict[float, float] = field(default_factory=dict)  # per pruned p: the sign test's p-value against p = 0 on val
+    # select="crossfit": per p, the other fold's accuracy on the scoring third, and the p val alone would have kept.
+    cross: dict[float, float] = field(default_factory=dict)
+    val_p: float | None = None
 
 
 class SeedWork:
     """What every setting of one (model, task, seed) shares, each computed on first use and then reused:
     the seed's three splits, the base model's val and test accuracy, and each fine-tuned model with its val
-    accuracy (the reference lr's run serves fine-tune alone, the tuned lr's choice and fine-tune then prune).
+    accuracy (the reference lr's run serves fine-tune alone, the tuned lr's choice and fine-tune then prune), and
+    for a cross-fit choice of lr, the accuracy on the scoring third of each lr's fine-tune on the val third.
     Every value is the one a setting computing it alone would get: the work is deterministic in the seed."""
 
     def __init__(self, model: nn.Module, data: TaskData, seed: int, batch_size: int = 256) -> None:
@@ -111,6 +118,7 @@ class SeedWork:
         self.score, self.val, self.test = protocol_splits(data, seed)
         self._base: tuple[Evaluation, Evaluation] | None = None
         self._tuned: dict[float, tuple[nn.Module, float]] = {}
+        self._crossed: dict[float, float] = {}
 
     def evaluations(self, model: nn.Module) -> tuple[Evaluation, Evaluation]:
         return evaluate(model, self.val, self.batch_size), evaluate(model, self.test, self.batch_size)
@@ -128,20 +136,33 @@ class SeedWork:
             self._tuned[lr] = (tuned, evaluate(tuned, self.val, self.batch_size).accuracy)
         return self._tuned[lr]
 
+    def crossed(self, lr: float) -> float:
+        """The cross-fit's other fold for the fine-tune's lr: every parameter fine-tuned at ``lr`` on the val
+        third, its accuracy on the scoring third."""
+        if lr not in self._crossed:
+            tuned = finetune(self.model, self.val, lr=lr, seed=self.seed).model
+            self._crossed[lr] = evaluate(tuned, self.score, self.batch_size).accuracy
+        return self._crossed[lr]
+
 
 def run_cell(
     model: nn.Module, data: TaskData, setting: Setting, seed: int,
     candidates: Sequence[float] = DEFAULT_CANDIDATES, batch_size: int = 256, work: SeedWork | None = None,
-    significance: float | None = DEFAULT_SIGNIFICANCE,
+    significance: float | None = DEFAULT_SIGNIFICANCE, select: str = "val",
 ) -> Cell:
     """One seed of one setting; base numbers are always the given model's, before any training. ``work`` (of this
     model, data, seed and batch size) carries what earlier settings of the seed computed; None starts afresh.
-    ``significance`` is prune's gate on choosing a pruned p over the unpruned (or trained) model."""
+    ``significance`` is prune's gate on choosing a pruned p over the unpruned (or trained) model; ``select`` what
+    ranks the candidates (and the tuned fine-tune's lrs): validation, or both folds of a cross-fit. A model
+    trained on the scoring third is pruned with p chosen on validation alone: the cross-fit's other fold would
+    judge it on its own training data."""
+    if select not in SELECTIONS:
+        raise ArgumentError(f"select must be one of {SELECTIONS} (what ranks the candidates), got {select!r}")
     started = time.perf_counter()
     work = SeedWork(model, data, seed, batch_size) if work is None else work
     base = work.base()
     if setting.train:
-        model = _trained(work, setting)
+        model = _trained(work, setting, select)
     if not setting.prune:  # the training alone: one "p", 0
         tuned_val, tuned_test = work.evaluations(model)
         return Cell(seed, base[0].accuracy, base[1].accuracy, {0.0: tuned_val.accuracy}, {0.0: tuned_test.accuracy},
@@ -151,6 +172,7 @@ def run_cell(
         estimate=setting.estimate, candidates=candidates, val_data=work.val, test_data=work.test,
         batch_size=batch_size, seed=seed, progress=False, significance=significance,
         baseline=None if setting.train else base,  # a trained model is not the one work.base() evaluated
+        select="val" if setting.train else select,
     )
     report = result.report
     return Cell(
@@ -162,18 +184,27 @@ def run_cell(
         report.p,
         time.perf_counter() - started,
         {c.p: c.sign.p_value for c in report.candidates if c.sign is not None},
+        {c.p: c.cross.accuracy for c in report.candidates if c.cross is not None},
+        report.kept_by("val") if report.select == "crossfit" else None,
     )
 
 
-def _trained(work: SeedWork, setting: Setting) -> nn.Module:
+def _trained(work: SeedWork, setting: Setting, select: str) -> nn.Module:
     """The setting's training on the scoring third (fine-tunes use batches of 32, Adam, one pass)."""
     if setting.train == "ft":
         return work.finetuned(REFERENCE_LR)[0]
     if setting.train == "low-rank":
         rank = matching_rank(work.model, setting.components, LOW_RANK_P)
         return finetune_low_rank(work.model, work.score, setting.components, rank, seed=work.seed).model
-    tuned = [work.finetuned(lr) for lr in TUNED_LRS]
-    return max(tuned, key=lambda pair: pair[1])[0]  # the best val accuracy; ties: the smallest lr
+    n_val, n_score = len(work.val), len(work.score)
+
+    def held_out(lr: float) -> float:  # val accuracy, or pooled over both cross-fit folds
+        accuracy = work.finetuned(lr)[1]
+        if select == "val":
+            return accuracy
+        return (accuracy * n_val + work.crossed(lr) * n_score) / (n_val + n_score)
+
+    return work.finetuned(max(TUNED_LRS, key=held_out))[0]  # the best held-out accuracy; ties: the smallest lr
 
 
 @dataclass
@@ -214,7 +245,8 @@ class Row:
         cells = [
             Cell(c["seed"], c["base_val"], c["base_test"], {float(p): v for p, v in c["val"].items()},
                  {float(p): v for p, v in c["test"].items()}, c["chosen_p"], c.get("seconds", 0.0),
-                 {float(p): v for p, v in c.get("sign", {}).items()})
+                 {float(p): v for p, v in c.get("sign", {}).items()},
+                 {float(p): v for p, v in c.get("cross", {}).items()}, c.get("val_p"))
             for c in record["cells"]
         ]
         return cls(record["model"], record["task"], setting, record["n_heldout"], cells)
@@ -227,7 +259,8 @@ class Row:
             "cells": [
                 {"seed": c.seed, "base_val": c.base_val, "base_test": c.base_test, "chosen_p": c.chosen_p,
                  "val": {str(p): v for p, v in c.val.items()}, "test": {str(p): v for p, v in c.test.items()},
-                 "seconds": c.seconds, "sign": {str(p): v for p, v in c.sign.items()}}
+                 "seconds": c.seconds, "sign": {str(p): v for p, v in c.sign.items()},
+                 "cross": {str(p): v for p, v in c.cross.items()}, "val_p": c.val_p}
                 for c in self.cells
             ],
         }
@@ -244,6 +277,7 @@ def run_table(
     batch_size: int = 256,
     log: Callable[[str], None] = print,
     significance: float | None = DEFAULT_SIGNIFICANCE,
+    select: str = "val",
 ) -> list[Row]:
     """Every model × task × setting × seed; ``heldout(model, task, tokenizer)`` gives the never-trained-on data."""
     from ..adapters import get_adapter
@@ -258,7 +292,7 @@ def run_table(
                 row = Row(name, task, setting, len(data))
                 for seed in seeds:
                     row.cells.append(run_cell(model, data, setting, seed, candidates, batch_size, works[seed],
-                                              significance))
+                                              significance, select))
                 log(f"{name} {task} {setting.label}: base {_pm(row.base())} -> chosen {_pm(row.chosen())} "
                     f"({sum(c.seconds for c in row.cells):.0f} s)")
                 rows.append(row)
@@ -271,9 +305,9 @@ def _pm(values: Sequence[float], sign: str = "") -> str:
 
 
 def markdown(rows: Sequence[Row], candidates: Sequence[float]) -> str:
-    """The table: test accuracy (%) mean ± sd over seeds at the base, every p, and the p chosen on val."""
+    """The table: test accuracy (%) mean ± sd over seeds at the base, every p, and the p chosen on held-out data."""
     ps = sorted(p for p in candidates if p > 0)  # p = 0 is the base column
-    head = ["model", "task", "scoring", "base", *(f"p={p:g}" for p in ps), "p chosen on val", "gain", "works"]
+    head = ["model", "task", "scoring", "base", *(f"p={p:g}" for p in ps), "p chosen", "gain", "works"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         chosen = ", ".join(f"{c.chosen_p:g}" for c in row.cells)

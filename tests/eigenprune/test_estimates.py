@@ -28,14 +28,22 @@ def test_ig_with_one_step_is_the_linear_estimate_exactly():
     data = make_data(n=7, length=5, padded=True)
     linear = eigenfast.score(model, data, ("k", "o"), reduce="mean", batch_size=3, progress=False)
     ig = eigenfast.score(model, data, ("k", "o"), reduce="mean", batch_size=3, progress=False, estimate="ig", steps=1)
+    moving = scoring.path_candidates(linear, scoring.DEFAULT_FRACTION)
     for key in linear:
-        assert torch.equal(ig[key], linear[key])
+        assert torch.equal(ig[key][moving[key]], linear[key][moving[key]])
+        assert torch.isinf(ig[key][~moving[key]]).all()  # off the path: never frozen
+    # So a prune at any p up to the path's fraction freezes what the linear estimate's does.
+    pruned = {estimate: eigenfast.prune(model, data, p=0.2, components=("k", "o"), reduce="mean", batch_size=3,
+                                        estimate=estimate, steps=1, progress=False) for estimate in ("linear", "ig")}
+    for key, mask in pruned["linear"].frozen.items():
+        assert torch.equal(pruned["ig"].frozen[key], mask)
 
 
-def naive_path_integral(model, data, points: int) -> dict:
-    """(1 / (N T)) ∫_0^1 ∂L/∂c_i dα at c = α·1, every term's coefficient c_i written out: a module's output
-    gains Σ_i c_i (x̄[t] - x) E_i; midpoint rule over ``points`` in float64. Unpadded data: every
-    position has all N partners, so the mean-over-pairs score is this over N·T."""
+def naive_path_integral(model, data, points: int, moving: dict) -> dict:
+    """(1 / (N T)) ∫_0^1 ∂L/∂c_i dα at c = α·m (m_i = 1 for the terms ``moving`` marks, 0 for the rest), every
+    term's coefficient c_i written out: a module's output gains Σ_i c_i (x̄[t] - x) E_i; midpoint rule over
+    ``points`` in float64. Unpadded data: every position has all N partners, so the mean-over-pairs score is
+    this over N·T."""
     model = copy.deepcopy(model).double()
     adapter = get_adapter(model)
     sites = [adapter.site(layer, component) for layer, component in SITES]
@@ -52,7 +60,7 @@ def naive_path_integral(model, data, points: int) -> dict:
     totals = {key: torch.zeros(len(E), dtype=torch.float64) for key, E in terms.items()}
     for k in range(points):
         alpha = (k + 0.5) / points
-        c = {key: torch.full((len(E),), alpha, dtype=torch.float64, requires_grad=True) for key, E in terms.items()}
+        c = {key: (alpha * moving[key].reshape(-1).double()).requires_grad_() for key in terms}
         with Hooks(model) as hooks:
             for site in sites:
                 def shift(module, args, output, site=site):
@@ -71,15 +79,21 @@ def naive_path_integral(model, data, points: int) -> dict:
 def test_ig_approaches_the_exact_path_integral():
     model = make_model("gpt2")
     data = make_data(n=6, length=5)
-    reference = naive_path_integral(model, data, points=32)  # midpoint rule: error O(1/points²)
     components = ("k", "mlp_out")
+    linear = eigenfast.score(model, data, components, reduce="mean", batch_size=4, progress=False)
+    moving = scoring.path_candidates(linear, scoring.DEFAULT_FRACTION)  # the lowest 30% of each type move
+    assert 0 < sum(int(m.sum()) for m in moving.values()) < sum(m.numel() for m in moving.values())
+    reference = naive_path_integral(model, data, 32, moving)  # midpoint rule: error O(1/points²)
 
     def error(steps: int) -> float:
         ig = eigenfast.score(model, data, components, reduce="mean", batch_size=4, progress=False, estimate="ig",
                              steps=steps)
-        return max(float((ig[key].double().view(-1) - reference[key]).abs().max()) for key in reference)
+        for key in ig:  # the terms that stand still are no candidates
+            assert torch.isinf(ig[key][~moving[key]]).all() and torch.isfinite(ig[key][moving[key]]).all()
+        on_path = {key: moving[key].reshape(-1) for key in moving}
+        return max(float((ig[key].double().view(-1) - reference[key])[on_path[key]].abs().max()) for key in reference)
 
-    scale = max(float(r.abs().max()) for r in reference.values())
+    scale = max(float(r[moving[key].reshape(-1)].abs().max()) for key, r in reference.items())
     coarse, fine = error(1), error(8)
     assert coarse > 0.02 * scale  # the path bends: the first-order estimate is not already the integral
     assert fine < coarse / 3  # a left Riemann sum converges as 1/steps
@@ -129,8 +143,10 @@ def test_ig_costs_steps_forward_backward_passes(monkeypatch, steps):
     linear, ig = runs["linear"], runs["ig"]
     batches = 3
     (linear_forwards, linear_backwards), (ig_forwards, ig_backwards) = linear, ig
-    assert linear_backwards == batches and ig_backwards == steps * batches
-    assert ig_forwards == linear_forwards + (steps - 1) * batches  # pass 1's kept graphs serve step 0
+    # The linear estimate's pass (it picks the terms the path moves), then the path's steps; pass 1's kept graphs
+    # serve step 0 of each.
+    assert linear_backwards == batches and ig_backwards == (1 + steps) * batches
+    assert ig_forwards == 2 * linear_forwards + (steps - 1) * batches
     assert ig_forwards + ig_backwards <= (steps + 1) * (linear_forwards + linear_backwards)
 
 
@@ -262,3 +278,26 @@ def test_auto_is_never_worse_on_validation_than_the_unpruned_model(estimate):
     base = report.baseline
     assert (chosen.evaluation.accuracy, -chosen.evaluation.loss) >= (base.accuracy, -base.loss)
     assert report.candidates[0].p == 0.0 and report.candidates[0].evaluation == base
+
+
+def test_prune_moves_the_terms_the_largest_tried_p_could_freeze_along_the_ig_path():
+    model = make_model("gpt2")
+    data = make_data(n=8, length=5)
+    common = dict(components=("k", "v"), reduce="mean", batch_size=4, progress=False)
+    linear = eigenfast.score(model, data, **common)
+    for p, tried in ((0.2, 0.2), ("auto", 0.3)):
+        result = eigenfast.prune(model, data, p=p, estimate="ig", steps=3, candidates=(0.1, 0.3),
+                                 val_data=make_data(n=6, length=5, seed=1), **common)
+        moving = scoring.path_candidates(linear, tried)
+        expected = scoring.attribute(model, data, ("k", "v"), "all", 4, progress=False, reduce="mean", steps=3,
+                                     moving=moving).scores
+        for key in expected:
+            torch.testing.assert_close(result.scores[key], expected[key], rtol=1e-5, atol=1e-7)
+    moved_all = scoring.attribute(model, data, ("k", "v"), "all", 4, progress=False, reduce="mean", steps=3).scores
+    assert any(torch.isinf(expected[key]).any() for key in expected)  # off the path: never frozen
+    # The path matters: on it, every term moving gives other scores.
+    assert any(not torch.allclose(moved_all[key][moving[key]], expected[key][moving[key]]) for key in expected)
+    with pytest.warns(DeprecationWarning, match="use fraction="):
+        old = eigenfast.score(model, data, estimate="ig", steps=2, verify=0.2, **common)
+    new = eigenfast.score(model, data, estimate="ig", steps=2, fraction=0.2, **common)
+    assert all(torch.equal(old[key], new[key]) for key in new)
