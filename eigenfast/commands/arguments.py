@@ -8,6 +8,7 @@ from typing import Callable, TypeVar
 from ..adapters import COMPONENTS
 from ..data.splits import Part
 from ..data.tasks import TASKS
+from ..eigenprune.significance import validate_significance
 from ..errors import ArgumentError
 from ..rewrite.plain_bias import POSITIONS
 from ..saving.hf_checkpoint import check_new_directory
@@ -59,16 +60,15 @@ def fraction(text: str) -> float:
 
 
 def significance(text: str) -> float:
-    """The level of p="auto"'s sign-test gate; 0 turns the gate off."""
+    """The level of p="auto"'s sign-test gate; 0 turns the gate off (the API's rule, in the option's words)."""
     try:
         value = float(text)
+        validate_significance(value)  # an ArgumentError is a ValueError
     except ValueError:
-        value = math.nan
-    if not 0.0 <= value < 1.0:  # also refuses NaN
         raise argparse.ArgumentTypeError(
             f"--significance must be a level in [0, 1), e.g. 0.05 (0: keep the p most accurate on validation, "
             f"whatever its margin over the unpruned model), got {text!r}"
-        )
+        ) from None
     return value
 
 
